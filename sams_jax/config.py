@@ -1,0 +1,154 @@
+"""Configuration: every field with its default, and validation before any compilation.
+
+Config files in ``configs/`` start from :func:`base_config` and change what they need;
+``python -m sams_jax.train --config configs/x.py --config.<field>=<value>`` overrides
+single fields (unknown fields are rejected by ml_collections).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sams_jax.data import DATA_SOURCES, NORMALIZATIONS
+from sams_jax.data.simulation import OBSERVATIONS
+from sams_jax.likelihoods import LIKELIHOODS
+from sams_jax.models import GUIDES, MODELS
+from sams_jax.objective import OBJECTIVES, ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields, at the defaults of the paper's code (SPEC 1-3, 5)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # model initialisation, particles and mini-batch order
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "simulation"
+    # simulation (SPEC 6)
+    config.data.n_latent = 15
+    config.data.n_perturbations = 100
+    config.data.n_genes = 100
+    config.data.mask_prob = 2 / 15
+    config.data.exponentiate = False
+    config.data.noise_fraction = 0.2
+    config.data.cells_per_perturbation = (500, 100, 100)  # train, val, test
+    config.data.observation = "normal"  # or "library_nb" (counts)
+    config.data.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "sams_vae"
+    config.model.n_latent = 15
+    config.model.likelihood = "normal"
+    config.model.guide = "correlated"
+    config.model.mean_field_encoder = False
+    config.model.normalization = "log_standardize"
+    config.model.decoder_n_layers = 1
+    config.model.decoder_n_hidden = 400
+    config.model.basal_encoder_n_layers = 1
+    config.model.basal_encoder_n_hidden = 400
+    config.model.embedding_encoder_n_layers = 2
+    config.model.embedding_encoder_n_hidden = 200
+    config.model.mask_prior_prob = 0.01
+    config.model.embedding_prior_scale = 1.0
+    config.model.mask_init_logits = 0.0
+    config.model.gs_temperature = 1.0
+    config.model.embedding_loc_init_scale = 0.0
+
+    config.objective = ml_collections.ConfigDict()
+    config.objective.kind = "elbo"  # or "iwelbo"
+    config.objective.n_particles = 5
+    # "name=multiplier,..." on (log p - log q) of named variables, e.g. "mask=0.5"
+    config.objective.variable_weights = ""
+    # "name,...": plated variables counted once per cell that received t (extra weight N_t)
+    config.objective.per_cell_variables = ""
+
+    config.train = ml_collections.ConfigDict()
+    config.train.learning_rate = 3e-4
+    config.train.weight_decay = 1e-6  # PyTorch-style L2 added to the gradient
+    config.train.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+    config.train.batch_size = 512
+    config.train.max_steps = 20_000
+    config.train.eval_every = 1_000  # validation loss, history row and checkpoint
+    config.train.steps_per_dispatch = 100  # training steps per jitted lax.scan call
+    config.train.eval_batch_size = 2_048  # cells per chunk in validation / IWELBO
+    config.train.progress = True  # tqdm bar
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.iwelbo_n_particles = 100
+    return config
+
+
+def _check_choice(config, path: str, allowed):
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _check_number(config, path: str, low=None, high=None, integer=False, low_open=False):
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    kind = "an integer" if integer else "a number"
+    if integer and (isinstance(value, bool) or int(value) != value):
+        raise ConfigError(f"{path}={value!r} must be {kind}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and value > high
+    if bad_low or bad_high:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{path}={value!r} is out of range; it must be {kind} in {bracket}{lo}, {hi}]")
+
+
+def validate_config(config) -> None:
+    """Check every field that does not need the data; raise :class:`ConfigError`."""
+    _check_choice(config, "data.source", DATA_SOURCES)
+    if config.data.source == "simulation":
+        _check_choice(config, "data.observation", OBSERVATIONS)
+        for field in ("n_latent", "n_perturbations", "n_genes"):
+            _check_number(config, f"data.{field}", 1, integer=True)
+        _check_number(config, "data.mask_prob", 0.0, 1.0)
+        if len(config.data.cells_per_perturbation) != 3 or min(config.data.cells_per_perturbation) < 1:
+            raise ConfigError("data.cells_per_perturbation must be three positive integers (train, val, test); "
+                              f"got {config.data.cells_per_perturbation!r}")
+    _check_choice(config, "model.name", MODELS)
+    _check_choice(config, "model.likelihood", LIKELIHOODS)
+    _check_choice(config, "model.guide", GUIDES)
+    _check_choice(config, "model.normalization", NORMALIZATIONS)
+    for prefix in ("decoder", "basal_encoder", "embedding_encoder"):
+        _check_number(config, f"model.{prefix}_n_layers", 1, integer=True)
+        _check_number(config, f"model.{prefix}_n_hidden", 1, integer=True)
+    _check_number(config, "model.n_latent", 1, integer=True)
+    _check_number(config, "model.mask_prior_prob", 0.0, 1.0, low_open=True)
+    if config.model.mask_prior_prob >= 1.0:
+        raise ConfigError(f"model.mask_prior_prob={config.model.mask_prior_prob!r} must be below 1")
+    _check_number(config, "model.embedding_prior_scale", 0.0, low_open=True)
+    _check_number(config, "model.gs_temperature", 0.0, low_open=True)
+    _check_number(config, "model.embedding_loc_init_scale", 0.0)
+    _check_choice(config, "objective.kind", OBJECTIVES)
+    _check_number(config, "objective.n_particles", 1, integer=True)
+    try:
+        ObjectiveConfig.from_config(config.objective)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _check_number(config, "train.learning_rate", 0.0, low_open=True)
+    _check_number(config, "train.weight_decay", 0.0)
+    _check_number(config, "train.grad_clip_norm", 0.0)
+    _check_number(config, "train.batch_size", 1, integer=True)
+    _check_number(config, "train.max_steps", 0, integer=True)
+    for field in ("eval_every", "steps_per_dispatch", "eval_batch_size"):
+        _check_number(config, f"train.{field}", 1, integer=True)
+    _check_number(config, "eval.iwelbo_n_particles", 1, integer=True)
+
+
+def validate_against_data(config, data) -> None:
+    """Checks that need the data (sizes), still before any compilation."""
+    n_train = int((data.split == "train").sum())
+    if config.train.batch_size > n_train:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the training set "
+                          f"({n_train} cells); choose train.batch_size <= {n_train}")

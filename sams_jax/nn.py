@@ -1,0 +1,110 @@
+"""Neural-network building blocks shared by every model.
+
+* :class:`ResidualMLP` -- LeakyReLU MLP with residual connections between equal-width
+  hidden layers (SPEC 1). Its first layer takes *several* inputs, each with its own
+  kernel, which is mathematically the same as one dense layer on their concatenation but
+  lets ``jax.vmap`` over particles keep the particle-independent part (the observation)
+  unbatched, so it is computed once per cell rather than once per particle.
+* :class:`NormalHead` -- mean and log-variance heads giving a ``numpyro`` ``Normal`` with
+  variance ``exp(logvar) + 1e-4`` (SPEC 1-2).
+
+Parameters are initialised like PyTorch's ``nn.Linear`` (uniform on
+``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` for kernel and bias), the convention of the
+authors' code, with ``fan_in`` the total input width of the layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpyro.distributions as dist
+
+VARIANCE_FLOOR = 1e-4
+
+
+def torch_uniform_init(fan_in: int):
+    """Initializer ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (PyTorch ``nn.Linear``)."""
+    bound = 1.0 / float(max(fan_in, 1)) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class TorchDense(nn.Module):
+    """Dense layer with PyTorch's default initialisation."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):  # [..., d_in] -> [..., features]
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform_init(fan_in), (fan_in, self.features))
+        y = x @ kernel
+        if self.use_bias:
+            y = y + self.param("bias", torch_uniform_init(fan_in), (self.features,))
+        return y
+
+
+class ResidualMLP(nn.Module):
+    """``n_layers`` hidden layers of width ``n_hidden`` with LeakyReLU activations.
+
+    ``h_1 = act(sum_j W_j x_j + b)``; ``h_l = h_{l-1} + act(W_l h_{l-1} + b_l)`` for
+    ``l >= 2`` (residual connections between equal-width hidden layers, no batch norm).
+
+    Call with one or more input arrays (all ``[..., d_j]`` with broadcastable leading
+    dimensions). ``row_one_hot=True`` adds a learned row per position of the leading
+    axis, which equals appending ``one_hot(row index)`` to the inputs (used by the
+    correlated embedding encoder, whose rows are perturbations) without the matrix
+    product by an identity matrix.
+    """
+
+    n_hidden: int
+    n_layers: int
+    negative_slope: float = 0.01
+    row_one_hot: bool = False
+
+    @nn.compact
+    def __call__(self, *inputs):  # each [..., d_j] -> [..., n_hidden]
+        if self.n_layers < 1:
+            raise ValueError(f"ResidualMLP needs n_layers >= 1, got {self.n_layers}")
+        inputs = [x for x in inputs if x is not None]
+        n_rows = inputs[0].shape[-2] if self.row_one_hot else 0
+        fan_in = sum(x.shape[-1] for x in inputs) + n_rows
+        init = torch_uniform_init(fan_in)
+        h = self.param("bias_0", init, (self.n_hidden,))
+        for j, x in enumerate(inputs):
+            h = h + x @ self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden))
+        if self.row_one_hot:
+            h = h + self.param("kernel_0_rows", init, (n_rows, self.n_hidden))
+        h = nn.leaky_relu(h, self.negative_slope)
+        for layer in range(1, self.n_layers):
+            h = h + nn.leaky_relu(TorchDense(self.n_hidden, name=f"dense_{layer}")(h), self.negative_slope)
+        return h
+
+
+class NormalHead(nn.Module):
+    """Linear mean and log-variance heads: ``Normal(mean, sqrt(exp(logvar) + 1e-4))``."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, h):  # [..., d] -> Normal with batch shape [..., features]
+        loc = TorchDense(self.features, name="loc")(h)
+        logvar = TorchDense(self.features, name="logvar")(h)
+        return dist.Normal(loc, jnp.sqrt(jnp.exp(logvar) + VARIANCE_FLOOR))
+
+
+def straight_through_bernoulli(key, logits, temperature):
+    """Gumbel-softmax straight-through sample of ``Bernoulli(sigmoid(logits))``.
+
+    Forward value: the hard 0/1 sample; gradient: that of the relaxed sample
+    ``sigmoid((logits + logistic noise) / temperature)``.
+    """
+    soft = dist.RelaxedBernoulliLogits(temperature, logits).rsample(key)
+    hard = (soft > 0.5).astype(soft.dtype)
+    return soft + jax.lax.stop_gradient(hard - soft)
+

@@ -1,0 +1,184 @@
+"""The one objective all models share (SPEC 3) and the predictive IWELBO (SPEC 5).
+
+For particle ``s`` and cell ``i``::
+
+    elbo[s, i] = log p(x_i | z[s, i])
+               + sum_local_v  c_v * (log p_v[s, i] - log q_v[s, i])
+               + sum_global_v c_v * sum_t w_v[i, t] * (log p_v[s, t] - log q_v[s, t])
+
+with plate weight ``w_v[i, t] = 1[D[i, t] != 0] / N_t`` (0 where ``N_t = 0``), so that over
+a full pass of the training set each perturbation's global term is counted once and the
+mini-batch mean is an unbiased estimate of ``ELBO / n_train``. ``c_v`` are optional
+custom weights (default 1). Variables listed in ``per_cell_variables`` instead get
+``w_v[i, t] = 1[D[i, t] != 0]`` (their term is counted once per cell that received ``t``,
+i.e. an extra weight ``N_t``).
+
+``kind="elbo"``: loss = ``-mean_{s,i} elbo[s, i]``.
+``kind="iwelbo"``: loss = ``-mean_i (logsumexp_s elbo[s, i] - log S)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sams_jax.models.base import ParticleTerms
+
+OBJECTIVES = ("elbo", "iwelbo")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    kind: str = "elbo"
+    n_particles: int = 5
+    variable_weights: tuple[tuple[str, float], ...] = ()  # ((name, multiplier), ...)
+    per_cell_variables: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, objective_config) -> "ObjectiveConfig":
+        """From ``config.objective``; ``variable_weights`` is a string ``"mask=0.5,..."``
+        and ``per_cell_variables`` a string ``"mask,embedding"``."""
+        weights = []
+        for item in _split_list(objective_config.variable_weights):
+            name, _, value = item.partition("=")
+            try:
+                weights.append((name.strip(), float(value)))
+            except ValueError:
+                raise ValueError(f"objective.variable_weights: cannot parse {item!r}; "
+                                 "expected 'name=number,...', e.g. 'mask=0.5'") from None
+        return cls(kind=objective_config.kind, n_particles=int(objective_config.n_particles),
+                   variable_weights=tuple(sorted(weights)),
+                   per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)))
+
+    def weight(self, name: str) -> float:
+        return dict(self.variable_weights).get(name, 1.0)
+
+
+def _split_list(spec: str) -> list[str]:
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
+def particle_keys(rng, n_particles: int):
+    """``(global_keys, local_keys)``, each ``[n_particles]``, from one key."""
+    global_keys, local_keys = jax.random.split(rng, (2, n_particles))
+    return global_keys, local_keys
+
+
+def sample_particles(apply_fn: Callable, variables, batch, global_keys, local_keys) -> ParticleTerms:
+    """One particle per key pair; every leaf of the result gains a leading ``[S]`` axis.
+
+    ``apply_fn(variables, x, dosages, library_size, rngs=...)`` is the model's ``apply``;
+    ``global_keys`` / ``local_keys`` are ``[S]`` keys for the ``"globals"`` / ``"local"``
+    streams. The batch is not batched over particles, so work that depends only on the
+    cell (the observation part of the encoder's first layer) runs once, not once per
+    particle.
+    """
+
+    def one(global_key, local_key):
+        return apply_fn(variables, batch["x"], batch["dosages"], batch["library_size"],
+                        rngs={"globals": global_key, "local": local_key})
+
+    return jax.vmap(one)(global_keys, local_keys)
+
+
+def elbo_per_cell(terms: ParticleTerms, dosages, plate_scale, config: ObjectiveConfig):
+    """``elbo[s, i]`` (``[S, n]``) from particle terms (leaves ``[S, ...]``)."""
+    elbo = terms.log_likelihood
+    for name in terms.local_log_p:
+        elbo = elbo + config.weight(name) * (terms.local_log_p[name] - terms.local_log_q[name])
+    if not terms.global_log_p:
+        return elbo
+    global_term = 0.0  # [S, T]: sum_v c_v * (log p_v - log q_v) * (1/N_t, or 1 if per-cell)
+    for name in terms.global_log_p:
+        scale = 1.0 if name in config.per_cell_variables else plate_scale
+        global_term = global_term + config.weight(name) * scale * (
+            terms.global_log_p[name] - terms.global_log_q[name])
+    received = (dosages != 0).astype(global_term.dtype)  # [n, T]
+    elbo = elbo + global_term @ received.T
+    return elbo
+
+
+def reduce_objective(elbo, kind: str):
+    """Per-cell objective ``[n]`` from ``elbo[s, i]``: the particle mean or the IWELBO."""
+    if kind == "elbo":
+        return elbo.mean(0)
+    if kind == "iwelbo":
+        return jax.nn.logsumexp(elbo, axis=0) - jnp.log(elbo.shape[0])
+    raise ValueError(f"unknown objective kind {kind!r}; allowed: {OBJECTIVES}")
+
+
+def loss_fn(apply_fn: Callable, config: ObjectiveConfig, variables, rng, batch, plate_scale):
+    """Scalar training loss (minus the mean per-cell objective) for one mini-batch.
+
+    batch: ``{"x": [n, G], "dosages": [n, T], "library_size": [n]}``; plate_scale ``[T]``
+    (``1 / N_t`` of the split, 0 where ``N_t = 0``).
+    """
+    terms = sample_particles(apply_fn, variables, batch, *particle_keys(rng, config.n_particles))
+    elbo = elbo_per_cell(terms, batch["dosages"], plate_scale, config)
+    return -reduce_objective(elbo, config.kind).mean()
+
+
+def predictive_log_weights(terms: ParticleTerms):
+    """``[S, n]`` log importance weights of the predictive IWELBO (SPEC 5): likelihood
+    plus local ``log p - log q``; global variables are not scored against their priors."""
+    log_w = terms.log_likelihood
+    for name in terms.local_log_p:
+        log_w = log_w + terms.local_log_p[name] - terms.local_log_q[name]
+    return log_w
+
+
+def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int):
+    """Apply ``fn(batch, chunk_index) -> [chunk]`` to fixed-size chunks of the cells in
+    ``arrays`` (leaves ``[n, ...]``; zero-padded to a multiple of the chunk) with
+    ``lax.map``, so memory stays bounded by one chunk; returns ``[n]``. Jittable."""
+    n = arrays["x"].shape[0]
+    chunk = min(chunk_size, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+
+    def to_chunks(v):
+        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+        return v.reshape(n_chunks, chunk, *v.shape[1:])
+
+    chunks = jax.tree.map(to_chunks, arrays)
+    out = jax.lax.map(lambda args: fn(*args), (chunks, jnp.arange(n_chunks)))
+    return out.reshape(-1)[:n]
+
+
+def score_split(apply_fn: Callable, variables, rng, arrays, n_particles: int, score: Callable,
+                chunk_size: int = 1024):
+    """Per-cell scores ``[n]`` over a whole split, in chunks of cells.
+
+    ``n_particles`` global draws are shared by every chunk (and so by every cell); local
+    draws differ per chunk. ``score(terms, batch) -> [chunk]`` reduces the particles.
+    """
+    global_keys, _ = particle_keys(rng, n_particles)
+    local_key = jax.random.fold_in(rng, 1)
+
+    def per_chunk(batch, index):
+        local_keys = jax.random.split(jax.random.fold_in(local_key, index), n_particles)
+        return score(sample_particles(apply_fn, variables, batch, global_keys, local_keys), batch)
+
+    return chunked_per_cell(per_chunk, arrays, chunk_size)
+
+
+def split_objective(apply_fn: Callable, config: ObjectiveConfig, variables, rng, arrays, plate_scale,
+                    chunk_size: int = 1024):
+    """Per-cell training objective ``[n]`` on a whole split (e.g. the validation loss),
+    with the split's own ``plate_scale`` (``1 / N_t``)."""
+    def score(terms, batch):
+        return reduce_objective(elbo_per_cell(terms, batch["dosages"], plate_scale, config), config.kind)
+
+    return score_split(apply_fn, variables, rng, arrays, config.n_particles, score, chunk_size)
+
+
+def predictive_iwelbo(apply_fn: Callable, variables, rng, arrays, n_particles: int, chunk_size: int = 1024):
+    """Per-cell predictive IWELBO ``[n]`` (SPEC 5): ``n_particles`` global draws from the
+    guide shared by all cells; ``logsumexp_s log_w[s, i] - log S``."""
+    def score(terms, batch):
+        return reduce_objective(predictive_log_weights(terms), "iwelbo")
+
+    return score_split(apply_fn, variables, rng, arrays, n_particles, score, chunk_size)

@@ -1,0 +1,306 @@
+"""Training: ``python -m sams_jax.train --config configs/simulation.py --workdir runs/simulation``.
+
+The training data sit on the device; each jitted dispatch runs
+``train.steps_per_dispatch`` steps in a ``lax.scan``, gathering mini-batches on the
+device from host-computed indices. Mini-batch order and per-step random keys are pure
+functions of ``(seed, step)``, so a run that is interrupted and resumed from its latest
+checkpoint ends with exactly the parameters of an uninterrupted run.
+
+Every ``train.eval_every`` steps: validation loss (fixed particles, the validation
+split's own ``N_t``), a row of ``<workdir>/history.csv``, and a checkpoint (the latest
+and the best by validation loss are kept). At the end the best checkpoint is scored:
+predictive IWELBO on the validation and test splits and, for simulations, mask
+precision / recall / F1; written to ``<workdir>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+from flax import struct
+from tqdm.auto import tqdm
+
+from sams_jax import metrics as metrics_lib
+from sams_jax.checkpoint import Checkpointer
+from sams_jax.config import ConfigError, validate_against_data, validate_config
+from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
+from sams_jax.models import create_model
+from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
+
+HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the message names the step and the last good checkpoint."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jnp.ndarray  # [] int32, number of completed steps
+    params: Any
+    opt_state: Any
+    normalization: Any  # {"mean": [G], "scale": [G]}, not trained
+
+    @property
+    def variables(self):
+        return {"params": self.params, "normalization": self.normalization}
+
+
+def create_optimizer(train_config) -> optax.GradientTransformation:
+    """Optional global-norm clipping, PyTorch-style weight decay (L2 added to the
+    gradient before Adam, as ``torch.optim.Adam(weight_decay=...)``), then Adam."""
+    parts = []
+    if train_config.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+    if train_config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(train_config.weight_decay))
+    parts.append(optax.adam(train_config.learning_rate))
+    return optax.chain(*parts)
+
+
+def create_train_state(model, optimizer, normalization_stats: dict, rng) -> TrainState:
+    """Initial parameters (shapes come from the model's sizes, not from data values)."""
+    dummy = (jnp.zeros((2, model.n_genes)), jnp.zeros((2, model.n_perturbations)), jnp.ones((2,)))
+    param_key, globals_key, local_key = jax.random.split(rng, 3)
+    variables = model.init({"params": param_key, "globals": globals_key, "local": local_key}, *dummy)
+    params = variables["params"]
+    normalization = jax.tree.map(jnp.asarray, dict(normalization_stats))
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=optimizer.init(params),
+                      normalization=normalization)
+
+
+class BatchSchedule:
+    """Mini-batch indices as a pure function of ``(seed, step)``.
+
+    The training cells are read as one stream of epochs, each a fresh permutation seeded
+    by ``(seed, epoch)``; step ``s`` takes positions ``[s * B, (s + 1) * B)`` of the
+    stream, so every cell is used once per epoch and no batch is ragged.
+    """
+
+    def __init__(self, n_train: int, batch_size: int, seed: int):
+        self.n_train, self.batch_size, self.seed = n_train, batch_size, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
+        return self._cache[epoch]
+
+    def indices(self, start_step: int, n_steps: int) -> np.ndarray:  # [n_steps, B] int32
+        positions = np.arange(start_step * self.batch_size, (start_step + n_steps) * self.batch_size)
+        epochs, offsets = np.divmod(positions, self.n_train)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self._permutation(int(epoch))[offsets[where]]
+        return out.reshape(n_steps, self.batch_size).astype(np.int32)
+
+
+def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
+    """Jitted ``(state, train_arrays, plate_scale, train_key, indices [n, B]) ->
+    (state, losses [n])``: ``n`` steps in one ``lax.scan``."""
+
+    def step(carry, batch_indices, train_arrays, scale, train_key):
+        state = carry
+        batch = jax.tree.map(lambda v: jnp.take(v, batch_indices, axis=0), train_arrays)
+        rng = jax.random.fold_in(train_key, state.step)
+
+        def loss_of(params):
+            return loss_fn(apply_fn, objective, {"params": params, "normalization": state.normalization},
+                           rng, batch, scale)
+
+        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+        return state, loss
+
+    @jax.jit
+    def train_chunk(state, train_arrays, scale, train_key, indices):
+        body = partial(step, train_arrays=train_arrays, scale=scale, train_key=train_key)
+        return jax.lax.scan(body, state, indices)
+
+    return train_chunk
+
+
+def _compatible(saved: dict, config) -> list[str]:
+    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run."""
+    current = json.loads(config.to_json_best_effort())
+    return [key for key in current if key not in ("train", "eval") and saved.get(key) != current[key]]
+
+
+def _read_history(path: str, upto_step: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["step"] <= upto_step].to_dict("records")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+
+
+def train_and_evaluate(config, workdir: str, data: PerturbationData | None = None) -> dict[str, float]:
+    """Train (or resume) the configured model in ``workdir`` and return final metrics.
+
+    ``data`` may be given directly (Python API); otherwise it is built from
+    ``config.data``. All input checks run before anything is compiled or written.
+    """
+    validate_config(config)
+    if data is None:
+        data = load_data(config.data)
+    data.validate(config.model.likelihood)
+    validate_against_data(config, data)
+    objective = ObjectiveConfig.from_config(config.objective)
+
+    os.makedirs(workdir, exist_ok=True)
+    model = create_model(config.model, data.n_genes, data.n_perturbations)
+    optimizer = create_optimizer(config.train)
+    metadata = data.metadata(config.model.normalization)
+    config_dict = json.loads(config.to_json_best_effort())
+    init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
+
+    checkpointer = Checkpointer(workdir)
+    history_path = os.path.join(workdir, "history.csv")
+    history: list[dict] = []
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_config, _ = checkpointer.restore_json(latest)
+        differing = _compatible(saved_config, config)
+        if differing:
+            raise ConfigError(f"{workdir} holds a run with a different configuration ({', '.join(differing)} "
+                              "differ); use a new --workdir or the original config")
+        state = checkpointer.restore_state(latest, state)
+        history = _read_history(history_path, latest)
+
+    train_arrays = jax.device_put(data.arrays("train"))
+    val_arrays = jax.device_put(data.arrays("val"))
+    train_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
+    val_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("val")))
+    train_chunk = make_train_chunk(model.apply, objective, optimizer)
+    chunk_size = config.train.eval_batch_size
+
+    @jax.jit
+    def validation_loss_fn(variables, arrays, scale):
+        return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
+
+    def validation_loss(variables):
+        return validation_loss_fn(variables, val_arrays, val_scale)
+
+    schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
+    max_steps, eval_every = config.train.max_steps, config.train.eval_every
+    step = int(state.step)
+    window_losses: list[np.ndarray] = []
+    window_start, run_start = time.perf_counter(), time.perf_counter()
+    window_first_step = step
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not config.train.progress,
+               dynamic_ncols=True)
+    last_val = history[-1]["val_loss"] if history else float("nan")
+    try:
+        while step < max_steps:
+            next_eval = min((step // eval_every + 1) * eval_every, max_steps)
+            n_steps = min(config.train.steps_per_dispatch, next_eval - step)
+            indices = jnp.asarray(schedule.indices(step, n_steps))
+            new_state, losses = train_chunk(state, train_arrays, train_scale, train_key, indices)
+            losses = np.asarray(losses)
+            if not np.all(np.isfinite(losses)):
+                bad = step + int(np.argmax(~np.isfinite(losses)))
+                raise TrainingDiverged(
+                    f"non-finite training loss at step {bad}; the last good checkpoint is step "
+                    f"{checkpointer.latest_step()} in {checkpointer.directory}. Try a lower train.learning_rate "
+                    "or set train.grad_clip_norm")
+            state, step = new_state, step + n_steps
+            window_losses.append(losses)
+            bar.update(n_steps)
+            elapsed = time.perf_counter() - window_start
+            cells_per_s = (step - window_first_step) * config.train.batch_size / max(elapsed, 1e-9)
+            train_loss = float(np.concatenate(window_losses).mean())
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
+            if step == next_eval:
+                last_val = float(validation_loss(state.variables))
+                if not np.isfinite(last_val):
+                    raise TrainingDiverged(f"non-finite validation loss at step {step}; the last good checkpoint "
+                                           f"is step {checkpointer.latest_step()} in {checkpointer.directory}")
+                history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
+                                "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start})
+                checkpointer.save(step, state, last_val, config_dict, metadata)
+                pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(history_path, index=False)
+                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
+                window_losses, window_start, window_first_step = [], time.perf_counter(), step
+        bar.close()
+        if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
+            checkpointer.save(step, state, float(validation_loss(state.variables)), config_dict, metadata)
+
+        best = checkpointer.best_step()
+        best_state = checkpointer.restore_state(best, state)
+        results = final_metrics(model, config, data, best_state.variables, eval_key)
+        results["best_step"] = int(best)
+        results["steps"] = int(step)
+    finally:
+        bar.close()
+        checkpointer.close()
+    _write_json(os.path.join(workdir, "metrics.json"), results)
+    return results
+
+
+def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict[str, float]:
+    """Predictive IWELBO per held-out split and, for simulations, mask recovery."""
+    n_particles = config.eval.iwelbo_n_particles
+    results: dict[str, float] = {}
+
+    @jax.jit
+    def iwelbo(variables, arrays):
+        return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles,
+                                 config.train.eval_batch_size).mean()
+
+    for split in ("val", "test"):
+        if data.mask(split).any():
+            results[f"{split}/IWELBO"] = float(iwelbo(variables, jax.device_put(data.arrays(split))))
+    if data.truth is not None and "mask" in data.truth and hasattr(model, "mask_probs"):
+        mask_probs = np.asarray(model.apply(variables, method="mask_probs"))
+        results.update(metrics_lib.mask_scores(data.truth["mask"], mask_probs > 0.5))
+        results["mask_density"] = float((mask_probs > 0.5).mean())
+    return results
+
+
+def main(argv) -> None:
+    from absl import flags, logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    try:
+        results = train_and_evaluate(config, workdir)
+    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
+def cli() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, history.csv and metrics.json.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
