@@ -292,6 +292,51 @@ def main(argv) -> None:
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
+def _config_path(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _parse_flags(argv):
+    """absl flag parsing with clean errors (no traceback, exit code 2): a config file that
+    cannot be loaded, or an unknown / mistyped ``--config.<field>`` (named, with the known
+    fields beside it)."""
+    import importlib.util
+
+    from absl import flags
+
+    try:
+        remaining = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # raises if the config file failed to load
+        return remaining
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+    except OSError as error:
+        print(f"error: {str(error).splitlines()[0]}: {_config_path(argv)!r} (a path to a configs/*.py file)",
+              file=sys.stderr)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        overrides = [arg.split("=", 1)[0][len("--config."):] for arg in argv if arg.startswith("--config.")]
+        missing = str(error).strip("\"'")
+        culprit = next((o for o in overrides if o.split(".")[-1] == missing), None)
+        if culprit is None:
+            print(f"error: bad --config override: {error}", file=sys.stderr)
+        else:
+            section = culprit.rsplit(".", 1)[0] if "." in culprit else ""
+            spec = importlib.util.spec_from_file_location("user_config", _config_path(argv))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            config = module.get_config()
+            for key in filter(None, section.split(".")):
+                config = config.get(key, {})
+            print(f"error: unknown config field {culprit!r}; fields of {section or 'config'}: "
+                  f"{sorted(config.keys()) if hasattr(config, 'keys') else []}", file=sys.stderr)
+    sys.exit(2)
+
+
 def cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -299,7 +344,7 @@ def cli() -> None:
     config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, history.csv and metrics.json.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Log-densities of the likelihood heads and guide pieces against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from scipy import stats
+
+from sams_jax.likelihoods import LikelihoodHead
+from sams_jax.nn import NormalHead, ResidualMLP, straight_through_bernoulli
+
+
+def _head(likelihood, hidden, library_size, n_genes=4):
+    module = LikelihoodHead(likelihood, n_genes)
+    variables = module.init(jax.random.key(0), hidden, library_size)
+    return module, variables
+
+
+def _dense(params, h):
+    return np.asarray(h) @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
+
+
+def test_normal_head_log_prob_matches_closed_form():
+    h = jax.random.normal(jax.random.key(1), (3, 5))
+    module, variables = _head("normal", h, jnp.ones(3))
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    p = variables["params"]["normal"]
+    loc, logvar = _dense(p["loc"], h), _dense(p["logvar"], h)
+    expected = stats.norm(loc, np.sqrt(np.exp(logvar) + 1e-4)).logpdf(x)
+    got = module.apply(variables, h, jnp.ones(3)).log_prob(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_poisson_head_rate_is_softplus():
+    h = jax.random.normal(jax.random.key(2), (3, 5))
+    module, variables = _head("poisson", h, jnp.ones(3))
+    x = np.array([[0, 1, 2, 5]] * 3, np.float32)
+    rate = np.log1p(np.exp(_dense(variables["params"]["rate"], h)))
+    got = module.apply(variables, h, jnp.ones(3)).log_prob(x)
+    np.testing.assert_allclose(got, stats.poisson(rate).logpmf(x), rtol=1e-5, atol=1e-5)
+
+
+def test_library_nb_matches_scipy_negative_binomial():
+    h = jax.random.normal(jax.random.key(3), (3, 5))
+    library = jnp.array([100.0, 2000.0, 50.0])
+    module, variables = _head("library_nb", h, library)
+    variables = jax.tree.map(lambda v: v, variables)
+    variables["params"]["log_theta"] = jnp.array([0.5, -1.0, 2.0, 0.0])
+    logits = _dense(variables["params"]["logits"], h)
+    rho = np.exp(logits - logits.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    mu = np.asarray(library)[:, None] * rho
+    theta = np.exp(np.asarray(variables["params"]["log_theta"]))
+    x = np.array([[0, 3, 10, 40], [200, 800, 0, 5], [1, 1, 1, 1]], np.float32)
+    # Gamma-Poisson(concentration theta, rate theta / (mu + 1e-4)) = NB(n = theta, p = theta / (theta + mu + 1e-4))
+    expected = stats.nbinom(theta, theta / (theta + mu + 1e-4)).logpmf(x)
+    got = module.apply(variables, h, library).log_prob(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(module.apply(variables, h, library).mean, mu + 1e-4, rtol=1e-5)
+
+
+def test_unknown_likelihood_raises():
+    with pytest.raises(ValueError, match="allowed"):
+        _head("gaussian", jnp.ones((2, 3)), jnp.ones(2))
+
+
+def test_normal_head_variance_floor():
+    head = NormalHead(2)
+    variables = head.init(jax.random.key(0), jnp.ones((1, 3)))
+    variables = jax.tree.map(jnp.zeros_like, variables)
+    variables["params"]["logvar"]["bias"] = jnp.full((2,), -50.0)
+    q = head.apply(variables, jnp.ones((1, 3)))
+    np.testing.assert_allclose(q.scale, np.sqrt(np.exp(-50.0) + 1e-4), rtol=1e-6)
+
+
+def test_residual_mlp_multi_input_equals_concatenation():
+    """Separate first-layer kernels per input (and a per-row kernel) are exactly one
+    dense layer on [x, offset, one_hot(row)]; later layers are residual."""
+    x = jax.random.normal(jax.random.key(0), (7, 5))
+    offset = jax.random.normal(jax.random.key(1), (7, 3))
+    mlp = ResidualMLP(n_hidden=6, n_layers=2, row_one_hot=True)
+    variables = mlp.init(jax.random.key(2), x, offset)
+    p = variables["params"]
+    kernel = np.concatenate([p["kernel_0_0"], p["kernel_0_1"], p["kernel_0_rows"]], axis=0)
+    inputs = np.concatenate([x, offset, np.eye(7)], axis=1)
+    leaky = lambda v: np.where(v > 0, v, 0.01 * v)
+    h1 = leaky(inputs @ kernel + p["bias_0"])
+    h2 = h1 + leaky(h1 @ p["dense_1"]["kernel"] + p["dense_1"]["bias"])
+    np.testing.assert_allclose(mlp.apply(variables, x, offset), h2, rtol=1e-5, atol=1e-6)
+    # PyTorch-style init: bound 1/sqrt(total fan-in) = 1/sqrt(5 + 3 + 7)
+    assert np.abs(kernel).max() <= 1 / np.sqrt(15) + 1e-7
+
+
+def test_straight_through_sample_is_hard_with_relaxed_gradient():
+    logits = jnp.array([[-2.0, 0.0, 3.0]] * 200)
+    key = jax.random.key(0)
+    sample = straight_through_bernoulli(key, logits, 1.0)
+    assert set(np.unique(np.asarray(sample)).tolist()) <= {0.0, 1.0}
+    # frequency of ones follows sigmoid(logits)
+    np.testing.assert_allclose(np.asarray(sample).mean(0), jax.nn.sigmoid(logits[0]), atol=0.1)
+    # the gradient is that of the relaxed sample sigmoid((logits + L) / temperature)
+    soft = dist.RelaxedBernoulliLogits(0.5, logits).rsample(key)
+    grad_st = jax.grad(lambda l: straight_through_bernoulli(key, l, 0.5).sum())(logits)
+    grad_soft = jax.grad(lambda l: dist.RelaxedBernoulliLogits(0.5, l).rsample(key).sum())(logits)
+    np.testing.assert_allclose(grad_st, grad_soft, rtol=1e-6)
+    assert np.all(np.asarray(grad_st) > 0)
+    np.testing.assert_array_equal(np.asarray(straight_through_bernoulli(key, logits, 0.5)),
+                                  (np.asarray(soft) > 0.5).astype(np.float32))

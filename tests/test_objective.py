@@ -1,0 +1,197 @@
+"""The shared objective (SPEC 3): plate weights, IWELBO, custom weights, and the
+SAMS-VAE particle terms that feed it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+from sams_jax.data import plate_scale, simulate
+from sams_jax.models import SAMSVAE, ParticleTerms
+from sams_jax.objective import (ObjectiveConfig, elbo_per_cell, loss_fn, particle_keys, predictive_iwelbo,
+                                reduce_objective, sample_particles)
+
+
+def _terms(n_cells, n_perturbations, n_particles=1, seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return ParticleTerms(
+        log_likelihood=f(n_particles, n_cells),
+        local_log_p={"z_basal": f(n_particles, n_cells)},
+        local_log_q={"z_basal": f(n_particles, n_cells)},
+        global_log_p={"mask": f(n_particles, n_perturbations), "embedding": f(n_particles, n_perturbations)},
+        global_log_q={"mask": f(n_particles, n_perturbations), "embedding": f(n_particles, n_perturbations)},
+    )
+
+
+def test_plate_weights_count_each_global_term_once_per_pass():
+    """Summed over a full pass of the training cells (in any mini-batches), the global
+    term of every perturbation with N_t > 0 is counted exactly once, pairs included."""
+    rng = np.random.default_rng(0)
+    n, t = 60, 5
+    dosages = np.zeros((n, t), np.float32)
+    dosages[np.arange(n), rng.integers(0, t - 1, n)] = 1.0  # perturbation t-1 never seen: N_t = 0
+    dosages[:10, 2] = 1.0  # some pairs
+    dosages[10:15] = 0.0  # controls
+    scale = jnp.asarray(plate_scale((dosages != 0).sum(0)))
+    terms = _terms(n, t)
+    config = ObjectiveConfig()
+    full = elbo_per_cell(terms, jnp.asarray(dosages), scale, config).sum()
+    batches = sum(elbo_per_cell(jax.tree.map(lambda v: v[:, idx] if v.shape[-1] == n else v, terms),
+                                jnp.asarray(dosages[idx]), scale, config).sum()
+                  for idx in np.array_split(rng.permutation(n), 7))
+    local = (terms.log_likelihood + terms.local_log_p["z_basal"] - terms.local_log_q["z_basal"]).sum()
+    seen = (dosages != 0).any(0)
+    global_once = sum((terms.global_log_p[v] - terms.global_log_q[v])[0, seen].sum() for v in ("mask", "embedding"))
+    np.testing.assert_allclose(full, local + global_once, rtol=1e-5)
+    np.testing.assert_allclose(batches, full, rtol=1e-5)
+
+
+def test_plate_scale_zero_where_unseen():
+    np.testing.assert_array_equal(plate_scale([4, 0, 1]), np.array([0.25, 0.0, 1.0], np.float32))
+
+
+def test_custom_variable_weights_and_per_cell_variables():
+    n, t = 8, 3
+    dosages = jnp.asarray(np.eye(t, dtype=np.float32)[np.arange(n) % t])
+    scale = jnp.asarray(plate_scale(np.asarray(dosages).sum(0)))
+    terms = _terms(n, t)
+    base = elbo_per_cell(terms, dosages, scale, ObjectiveConfig())
+    mask_term = (terms.global_log_p["mask"] - terms.global_log_q["mask"]) @ (scale * np.asarray(dosages)).T
+    weighted = elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("mask", 3.0),)))
+    np.testing.assert_allclose(weighted, base + 2.0 * mask_term, rtol=1e-5, atol=1e-5)
+    per_cell = elbo_per_cell(terms, dosages, scale, ObjectiveConfig(per_cell_variables=("mask",)))
+    mask_per_cell = (terms.global_log_p["mask"] - terms.global_log_q["mask"]) @ np.asarray(dosages).T
+    np.testing.assert_allclose(per_cell, base - mask_term + mask_per_cell, rtol=1e-5, atol=1e-5)
+    z_weighted = elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("z_basal", 0.0),)))
+    kl = terms.local_log_p["z_basal"] - terms.local_log_q["z_basal"]
+    np.testing.assert_allclose(z_weighted, base - kl, rtol=1e-5, atol=1e-5)
+
+
+def test_iwelbo_bounds_elbo_and_equals_it_for_one_particle():
+    elbo = jnp.asarray(np.random.default_rng(1).normal(size=(7, 20)) * 3)
+    assert np.all(reduce_objective(elbo, "iwelbo") >= reduce_objective(elbo, "elbo") - 1e-6)
+    np.testing.assert_allclose(reduce_objective(elbo[:1], "iwelbo"), reduce_objective(elbo[:1], "elbo"), rtol=1e-6)
+    with pytest.raises(ValueError, match="allowed"):
+        reduce_objective(elbo, "vae")
+
+
+def test_objective_config_parses_weights():
+    from ml_collections import ConfigDict
+    cfg = ObjectiveConfig.from_config(ConfigDict(dict(kind="iwelbo", n_particles=3,
+                                                      variable_weights="mask=0.5, embedding=2",
+                                                      per_cell_variables="mask")))
+    assert cfg.weight("mask") == 0.5 and cfg.weight("embedding") == 2.0 and cfg.weight("z_basal") == 1.0
+    assert cfg.per_cell_variables == ("mask",) and cfg.kind == "iwelbo"
+    with pytest.raises(ValueError, match="variable_weights"):
+        ObjectiveConfig.from_config(ConfigDict(dict(kind="elbo", n_particles=1, variable_weights="mask:2",
+                                                    per_cell_variables="")))
+
+
+# --- SAMS-VAE particle terms -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small():
+    data = simulate(n_latent=3, n_perturbations=4, n_genes=6, mask_prob=0.5, cells_per_perturbation=(8, 2, 2))
+    batch = {k: jnp.asarray(v) for k, v in data.arrays("train").items()}
+    return data, batch
+
+
+def _init(model, batch):
+    keys = {"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)}
+    return model.init(keys, batch["x"], batch["dosages"], batch["library_size"])
+
+
+def test_sams_vae_terms_match_hand_computation(small):
+    """Rebuild one particle by hand from the same random streams: masks, embeddings,
+    z_basal and every log-density (SPEC 1-2)."""
+    data, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, guide="mean_field", mask_prior_prob=0.2,
+                    embedding_prior_scale=1.5, normalization="none", embedding_loc_init_scale=0.3)
+    variables = _init(model, batch)
+    rngs = {"globals": jax.random.key(5), "local": jax.random.key(6)}
+    terms = model.apply(variables, batch["x"], batch["dosages"], batch["library_size"], rngs=rngs)
+
+    def capture(module):
+        shift, _, _ = module.sample_globals()
+        return shift
+    shift = model.apply(variables, method=capture, rngs={"globals": jax.random.key(5)})
+    p = variables["params"]
+    mask = (shift != 0)
+    # mask log-probabilities of the hard sample
+    mask_values = np.asarray(mask, np.float32)
+    np.testing.assert_allclose(
+        terms.global_log_q["mask"],
+        dist.BernoulliLogits(p["mask_logits"]).log_prob(mask_values).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(terms.global_log_p["mask"],
+                               (mask_values * np.log(0.2) + (1 - mask_values) * np.log(0.8)).sum(-1), rtol=1e-5)
+    # all masks on: the shift is the embedding sample itself, scored under q and p
+    variables["params"]["mask_logits"] = jnp.full((4, 3), 30.0)
+    terms = model.apply(variables, batch["x"], batch["dosages"], batch["library_size"], rngs=rngs)
+    embedding = model.apply(variables, method=capture, rngs={"globals": jax.random.key(5)})
+    q = dist.Normal(p["embedding_loc"], np.exp(p["embedding_log_scale"]) + 1e-4)
+    np.testing.assert_allclose(terms.global_log_q["embedding"], q.log_prob(embedding).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(terms.global_log_p["embedding"],
+                               dist.Normal(0.0, 1.5).log_prob(embedding).sum(-1), rtol=1e-5)
+    assert np.abs(np.asarray(p["embedding_loc"])).max() > 0  # embedding_loc_init_scale > 0
+
+
+def test_offset_enters_encoder_unless_mean_field_encoder(small):
+    """With mean_field_encoder=True, q(z_basal) ignores D @ (E * M)."""
+    _, batch = small
+    for mean_field_encoder, should_change in ((False, True), (True, False)):
+        model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, mean_field_encoder=mean_field_encoder,
+                        normalization="none")
+        variables = _init(model, batch)
+
+        def q_z(module, dosages):
+            shift, _, _ = module.sample_globals()
+            offset = None if module.mean_field_encoder else dosages @ shift
+            return module.basal_head(module.basal_encoder(batch["x"], offset)).loc
+
+        variables["params"]["mask_logits"] = jnp.full((4, 3), 20.0)  # masks on
+        a = model.apply(variables, batch["dosages"], method=q_z, rngs={"globals": jax.random.key(0)})
+        b = model.apply(variables, jnp.zeros_like(batch["dosages"]), method=q_z, rngs={"globals": jax.random.key(0)})
+        assert (not np.allclose(a, b)) == should_change
+        assert ("kernel_0_1" in variables["params"]["basal_encoder"]) == (not mean_field_encoder)
+
+
+def test_gradient_reaches_mask_logits_and_encoders(small):
+    data, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, mask_prior_prob=0.1, normalization="standardize")
+    variables = _init(model, batch)
+    scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
+    grads = jax.grad(lambda p: loss_fn(model.apply, ObjectiveConfig(n_particles=3),
+                                       {**variables, "params": p}, jax.random.key(3), batch, scale))(
+        variables["params"])
+    assert float(jnp.abs(grads["mask_logits"]).sum()) > 0
+    for name in ("embedding_encoder", "basal_encoder", "decoder"):
+        assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))) > 0
+
+
+def test_particles_share_globals_across_cells_and_differ_between_particles(small):
+    _, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, normalization="none")
+    variables = _init(model, batch)
+    g, l = particle_keys(jax.random.key(0), 4)
+    terms = sample_particles(model.apply, variables, batch, g, l)
+    assert terms.global_log_q["mask"].shape == (4, 4)
+    assert terms.log_likelihood.shape == (4, batch["x"].shape[0])
+    assert not np.allclose(terms.global_log_q["embedding"][0], terms.global_log_q["embedding"][1])
+    # same keys -> same numbers
+    again = sample_particles(model.apply, variables, batch, g, l)
+    np.testing.assert_array_equal(terms.log_likelihood, again.log_likelihood)
+
+
+def test_predictive_iwelbo_chunking_is_invariant(small):
+    """Chunking the cells must not change the predictive IWELBO (globals are shared)."""
+    data, _ = small
+    arrays = {k: jnp.asarray(v) for k, v in data.arrays("train").items()}
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, normalization="none")
+    variables = _init(model, arrays)
+    whole = predictive_iwelbo(model.apply, variables, jax.random.key(1), arrays, 8, chunk_size=1000)
+    # the same global draws, chunk size 5: local draws differ, so compare the mean loosely
+    chunked = predictive_iwelbo(model.apply, variables, jax.random.key(1), arrays, 8, chunk_size=5)
+    assert whole.shape == chunked.shape == (arrays["x"].shape[0],)
+    np.testing.assert_allclose(whole.mean(), chunked.mean(), rtol=0.05)
