@@ -11,11 +11,16 @@ from sams_jax.data.dataset import (
 )
 from sams_jax.data.simulation import simulate
 
-DATA_SOURCES = ("simulation",)
+DATA_SOURCES = ("simulation", "anndata")
 
 
-def load_data(data_config) -> PerturbationData:
-    """Build the data set named by ``data_config.source`` (see ``configs/``)."""
+def load_data(data_config, likelihood: str | None = None) -> PerturbationData:
+    """Build the data set named by ``data_config.source`` (see ``configs/``). ``likelihood``
+    (``config.model.likelihood``) selects the count checks of AnnData input."""
+    if data_config.source == "anndata":
+        from sams_jax.data.anndata_io import from_config
+
+        return from_config(data_config, likelihood)
     if data_config.source == "simulation":
         return simulate(
             n_latent=data_config.n_latent,

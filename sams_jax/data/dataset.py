@@ -4,8 +4,9 @@ A data set is a cell-by-gene matrix ``x`` (``[n_cells, n_genes]``), a dosage mat
 ``dosages`` (``[n_cells, n_perturbations]``; a control cell's row is all zeros, a pair has
 two non-zeros), a split label per cell (``train`` / ``val`` / ``test``), per-cell library
 sizes, and names for genes and perturbations. Simulations also carry their ground truth.
-Loaders (the simulation here; AnnData files elsewhere) fill this class; training,
-checkpoints and evaluation read only from it and from :meth:`PerturbationData.metadata`.
+Loaders (the simulation; AnnData files in :mod:`sams_jax.data.anndata_io`) fill this
+class; training, checkpoints and evaluation read only from it and from
+:meth:`PerturbationData.metadata`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class PerturbationData:
     control: str | None = None  # reference intervention for ATEs ("control" = all zeros)
     truth: dict[str, np.ndarray] | None = None  # simulation ground truth
     name: str = "data"
+    registration: dict[str, Any] | None = None  # how an AnnData was read (sams_jax.data.anndata_io)
+
+    @classmethod
+    def from_anndata(cls, adata_or_path, **kwargs) -> "PerturbationData":
+        """Register an AnnData or ``.h5ad`` path; see
+        :func:`sams_jax.data.anndata_io.from_anndata` for the arguments and checks."""
+        from sams_jax.data.anndata_io import from_anndata
+
+        return from_anndata(adata_or_path, **kwargs)
 
     @property
     def n_genes(self) -> int:
@@ -108,6 +118,7 @@ class PerturbationData:
             "normalization_stats": {k: v.tolist() for k, v in self.normalization_stats(normalization).items()},
             "cells_per_perturbation": {s: self.cells_per_perturbation(s).tolist() for s in SPLITS},
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
+            "registration": self.registration,
         }
 
 

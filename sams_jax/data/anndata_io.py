@@ -1,0 +1,512 @@
+"""Perturbation screens stored as AnnData (``.h5ad``) -> :class:`PerturbationData`.
+
+Registration, as scvi-tools and CPA users know it: name the perturbation column of
+``obs``, the control label, the combination delimiter, the counts layer and (optionally)
+a split column and a library-size column::
+
+    data = PerturbationData.from_anndata("screen.h5ad", perturbation_key="perturbation",
+                                         control="control", delimiter="+",
+                                         counts_layer="counts")
+
+Conditions are read in one of two ways:
+
+* **labels** (default): ``obs[perturbation_key]`` holds ``"A"``, ``"A+B"`` or the control
+  label. A pair's members are sorted (``"B+A"`` is ``"A+B"``); a member equal to the control
+  label is dropped (``"A+ctrl"`` is the single ``"A"``, ``"ctrl+ctrl"`` the control), as in
+  GEARS-style files. ``delimiter=None`` (or ``""``) treats every label as one perturbation.
+* **guide columns** (``guide_column_pattern="guide_"``, the curated Norman file): every obs
+  column whose name contains the pattern (besides ``guide_identity`` / ``guide_ids`` and
+  the perturbation key) is a 0/1 indicator of one targeted gene; a cell with none is a
+  control; ``obs[perturbation_key]`` (``guide_identity``) names the condition.
+
+Dosages: ``encode_combinations="additive"`` (default) has one column per single
+perturbation, sorted by name, and a pair is the sum of its two one-hot rows;
+``"unique"`` has one column per distinct condition (a pair is a perturbation of its own).
+Control cells have all-zero rows in both. All checks below raise :class:`DataError` with
+the problem and the fix, before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sams_jax.data import splits as splits_lib
+from sams_jax.data.dataset import SPLITS, DataError, PerturbationData
+
+ENCODINGS = ("additive", "unique")
+CONTROL_MATCHES = ("exact", "contains")
+COUNT_LIKELIHOODS = ("poisson", "library_nb")
+# obs columns that contain "guide_" in the curated Norman file but are not indicators
+NON_INDICATOR_COLUMNS = ("guide_identity", "guide_ids")
+_SHOW = 10  # names shown in an error message
+
+
+class DataWarning(UserWarning):
+    """Data that can be trained on but that limits what can be evaluated."""
+
+
+def _show(names, limit: int = _SHOW) -> str:
+    names = [str(n) for n in names]
+    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_anndata(adata_or_path):
+    """An in-memory AnnData, from itself or from a ``.h5ad`` path (``DataError`` when the
+    path is missing or not a readable ``.h5ad``)."""
+    if isinstance(adata_or_path, (str, os.PathLike)):
+        path = os.fspath(adata_or_path)
+        if not path:
+            raise DataError("no AnnData path given; set --config.data.path=/path/to/file.h5ad "
+                            "(or pass the path to PerturbationData.from_anndata)")
+        if not os.path.isfile(path):
+            raise DataError(f"no file at {path!r}; give the path to an AnnData .h5ad file "
+                            "(check the spelling and the working directory)")
+        import anndata
+
+        try:
+            return anndata.read_h5ad(path)
+        except Exception as error:  # h5py / anndata raise many types for a bad file
+            raise DataError(f"{path!r} is not a readable .h5ad file ({type(error).__name__}: {error}); "
+                            "pass an AnnData written with adata.write_h5ad(...), and if it was downloaded "
+                            "check that the download is complete") from None
+    if not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
+        raise DataError(f"expected an AnnData or the path to a .h5ad file, got {type(adata_or_path).__name__}")
+    return adata_or_path
+
+
+def _duplicated(index: pd.Index) -> list[str]:
+    return index[index.duplicated()].unique().astype(str).tolist()
+
+
+def check_names(adata) -> None:
+    """Cells and genes present and uniquely named."""
+    if adata.n_obs == 0:
+        raise DataError("the AnnData has no cells (n_obs == 0); pass a file with cells")
+    if adata.n_vars == 0:
+        raise DataError("the AnnData has an empty gene set (n_vars == 0); pass a file with genes in var")
+    duplicated = _duplicated(adata.var_names)
+    if duplicated:
+        raise DataError(f"{len(duplicated)} gene names occur more than once in var_names, e.g. "
+                        f"{_show(duplicated)}; make them unique (adata.var_names_make_unique(), or index var "
+                        "by gene id) before registering")
+    duplicated = _duplicated(adata.obs_names)
+    if duplicated:
+        raise DataError(f"{len(duplicated)} cell names occur more than once in obs_names, e.g. "
+                        f"{_show(duplicated)}; make them unique (adata.obs_names_make_unique())")
+
+
+def check_genes(expected: Sequence[str], found: Sequence[str]) -> None:
+    """``DataError`` naming the missing and extra genes when the two gene sets differ."""
+    expected_set, found_set = set(map(str, expected)), set(map(str, found))
+    missing = [g for g in expected if g not in found_set]
+    extra = [g for g in found if g not in expected_set]
+    if missing or extra:
+        raise DataError(
+            f"the genes of this AnnData differ from the {len(expected_set)} genes the model was trained on: "
+            f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}; subset it to the "
+            "training genes (adata[:, metadata['feature_names']]); missing genes cannot be imputed, so data "
+            "without them needs a model trained on its own genes")
+
+
+def select_genes(adata, use_highly_variable: bool = False,
+                 feature_names: Sequence[str] | None = None) -> np.ndarray:  # [G] int positions in var
+    """Gene columns to use: all, or ``var["highly_variable"]`` ones; reordered to
+    ``feature_names`` (a trained model's genes) when given, after checking the sets match."""
+    columns = np.arange(adata.n_vars)
+    if use_highly_variable:
+        if "highly_variable" not in adata.var.columns:
+            raise DataError("use_highly_variable is set but var has no 'highly_variable' column; compute it "
+                            "(scanpy.pp.highly_variable_genes) or set use_highly_variable=False "
+                            "(--config.data.use_highly_variable=False)")
+        columns = np.flatnonzero(adata.var["highly_variable"].to_numpy().astype(bool))
+        if len(columns) == 0:
+            raise DataError("var['highly_variable'] selects no gene (empty gene set); recompute it or set "
+                            "use_highly_variable=False")
+    names = adata.var_names[columns].astype(str)
+    if feature_names is not None:
+        check_genes(list(feature_names), names.tolist())
+        columns = columns[pd.Index(names).get_indexer(list(feature_names))]
+    return columns
+
+
+# -------------------------------------------------------------------------- conditions
+
+
+@dataclasses.dataclass
+class Conditions:
+    """What each cell received."""
+
+    labels: np.ndarray  # [n_cells] str: condition ("A", "A+B", guide_identity; the control label for controls)
+    members: np.ndarray  # [n_cells, n_names] bool: the single perturbations each cell received
+    names: list[str]  # [n_names] single-perturbation names, sorted
+
+    @property
+    def n_members(self) -> np.ndarray:  # [n_cells] int
+        return self.members.sum(axis=1)
+
+    @property
+    def is_control(self) -> np.ndarray:  # [n_cells] bool
+        return self.n_members == 0
+
+
+def _control_test(control: str | None, control_match: str):
+    if control_match not in CONTROL_MATCHES:
+        raise DataError(f"control_match={control_match!r} is not allowed; choose one of {list(CONTROL_MATCHES)}")
+    if control is None:
+        return lambda label: False
+    if control_match == "contains":
+        return lambda label: control in label
+    return lambda label: label == control
+
+
+def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key: str) -> tuple[str, ...]:
+    """Sorted members of one label (``()`` for the control)."""
+    if is_control(label):
+        return ()
+    parts = [part.strip() for part in (label.split(delimiter) if delimiter else [label])]
+    if "" in parts:
+        raise DataError(f"the perturbation label {label!r} in obs[{perturbation_key!r}] has an empty member "
+                        f"(delimiter {delimiter!r}); write singles as 'A' and pairs as 'A{delimiter}B', or set "
+                        "delimiter to the separator the labels use")
+    members = [part for part in parts if not is_control(part)]
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:
+        raise DataError(f"the perturbation label {label!r} in obs[{perturbation_key!r}] names {repeated} more "
+                        "than once; a combination lists each perturbation once")
+    return tuple(sorted(members))
+
+
+def _require_column(obs: pd.DataFrame, key: str, what: str, flag: str) -> pd.Series:
+    if key not in obs.columns:
+        raise DataError(f"obs has no column {key!r} ({what}); obs columns: {_show(obs.columns, 40)}; "
+                        f"pass {flag.split('.')[-1]}=<column> (--config.{flag}=<column>)")
+    column = obs[key]
+    if column.isna().any():
+        cells = obs.index[column.isna().to_numpy()]
+        raise DataError(f"{len(cells)} cells have no value in obs[{key!r}] ({what}), e.g. {_show(cells, 5)}; "
+                        "label them or drop them")
+    return column
+
+
+def _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control) -> Conditions:
+    column = _require_column(obs, perturbation_key, "the perturbation key", "data.perturbation_key")
+    codes, uniques = pd.factorize(column.astype(str))
+    is_control = _control_test(control, control_match)
+    parsed = [_parse_label(label, is_control, delimiter, perturbation_key) for label in uniques]
+    if require_control and control is not None and not any(len(members) == 0 for members in parsed):
+        counts = column.astype(str).value_counts()
+        raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
+                        f"obs[{perturbation_key!r}]; labels seen (most frequent first): "
+                        f"{_show(counts.index, 20)}; pass control=<label> (--config.data.control=<label>), "
+                        "or control=None for a screen without control cells (no ATEs then)")
+    names = sorted({m for members in parsed for m in members})
+    position = {name: i for i, name in enumerate(names)}
+    unique_members = np.zeros((len(uniques), len(names)), dtype=bool)
+    for row, members in enumerate(parsed):
+        unique_members[row, [position[m] for m in members]] = True
+    joiner = delimiter or ""
+    unique_labels = np.array([joiner.join(m) if m else str(control) for m in parsed], dtype=object)
+    return Conditions(labels=unique_labels[codes], members=unique_members[codes], names=names)
+
+
+def _guide_column_conditions(obs, perturbation_key, control, pattern) -> Conditions:
+    column = _require_column(obs, perturbation_key, "the condition names", "data.perturbation_key")
+    excluded = set(NON_INDICATOR_COLUMNS) | {perturbation_key}
+    columns = [c for c in obs.columns if pattern in str(c) and c not in excluded]
+    if not columns:
+        raise DataError(f"no obs column contains {pattern!r} (guide indicator columns); obs columns: "
+                        f"{_show(obs.columns, 40)}; set guide_column_pattern='' "
+                        "(--config.data.guide_column_pattern='') to read labels from obs[perturbation_key]")
+    values = obs[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        raise DataError(f"guide indicator columns must hold 0 or 1; {_show(np.asarray(columns)[bad.any(0)])} "
+                        "hold other values; fix them or set guide_column_pattern to match only indicator columns")
+    names = [c[len(pattern):] if c.startswith(pattern) else c for c in map(str, columns)]
+    order = np.argsort(names, kind="stable")
+    members = values[:, order].astype(bool)
+    labels = column.astype(str).to_numpy(dtype=object)
+    labels[members.sum(axis=1) == 0] = "control" if control is None else control
+    return Conditions(labels=labels, members=members, names=[names[i] for i in order])
+
+
+def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", control: str | None = "control",
+                     control_match: str = "exact", delimiter: str | None = "+",
+                     guide_column_pattern: str | None = None, require_control: bool = True) -> Conditions:
+    """Each cell's condition and perturbations, from labels or guide indicator columns;
+    ``require_control``: raise when no cell is a control (unless ``control`` is None)."""
+    if guide_column_pattern:
+        conditions = _guide_column_conditions(obs, perturbation_key, control, guide_column_pattern)
+        if require_control and control is not None and not conditions.is_control.any():
+            raise DataError(f"no control cells: every cell has a guide column set ({guide_column_pattern!r} "
+                            "columns); ATEs are measured against cells without a targeting guide. Add control "
+                            "cells, or pass control=None (no ATEs then)")
+        return conditions
+    return _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control)
+
+
+def check_vocabulary(conditions: Conditions, vocabulary: Sequence[str], encode_combinations: str) -> None:
+    """``DataError`` naming the perturbations (or pair members) outside a fixed vocabulary,
+    e.g. a trained model's ``metadata["perturbation_names"]``."""
+    known = set(vocabulary)
+    if encode_combinations == "unique":
+        unknown = [label for label in pd.unique(conditions.labels[~conditions.is_control]) if label not in known]
+        cells = np.isin(conditions.labels, unknown)
+    else:
+        unknown_columns = [i for i, name in enumerate(conditions.names) if name not in known]
+        unknown = [conditions.names[i] for i in unknown_columns]
+        cells = conditions.members[:, unknown_columns].any(axis=1)
+    if unknown:
+        raise DataError(f"{len(unknown)} perturbations are not in the vocabulary of {len(known)}: {_show(unknown)} "
+                        f"(in conditions {_show(pd.unique(conditions.labels[cells]), 5)}); a model predicts only "
+                        "perturbations it was trained on: drop these cells, or train on data that contains them")
+
+
+def encode_dosages(conditions: Conditions, encode_combinations: str = "additive",
+                   vocabulary: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """``(dosages [n_cells, T] float32, names [T])``; control rows are all zeros."""
+    if encode_combinations not in ENCODINGS:
+        raise DataError(f"encode_combinations={encode_combinations!r} is not allowed; choose one of {list(ENCODINGS)}")
+    if vocabulary is not None:
+        check_vocabulary(conditions, vocabulary, encode_combinations)
+    if encode_combinations == "additive":
+        names = list(vocabulary) if vocabulary is not None else list(conditions.names)
+        dosages = np.zeros((len(conditions.labels), len(names)), dtype=np.float32)
+        dosages[:, pd.Index(names).get_indexer(conditions.names)] = conditions.members
+        return dosages, names
+    names = list(vocabulary) if vocabulary is not None else sorted(pd.unique(conditions.labels[~conditions.is_control]))
+    codes = pd.Index(names).get_indexer(conditions.labels)
+    codes[conditions.is_control] = -1
+    dosages = np.zeros((len(codes), len(names)), dtype=np.float32)
+    rows = np.flatnonzero(codes >= 0)
+    dosages[rows, codes[rows]] = 1.0
+    return dosages, names
+# ------------------------------------------------------------------------------ splits
+
+
+def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | None = None, task: str = "none",
+                  split_seed: int = 0, frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
+                  frac_combination_cells_train: float = 1.0) -> np.ndarray:  # [n_cells] str, "" = dropped
+    """Split label per cell: ``obs[split_key]`` when given, else the task's split
+    (:mod:`sams_jax.data.splits`; ``"none"`` and ``"replogle"``: random 64 / 16 / 20)."""
+    if task not in splits_lib.TASKS:
+        raise DataError(f"task={task!r} is not allowed; choose one of {list(splits_lib.TASKS)}")
+    if split_key:
+        if task != "none":
+            raise DataError(f"split_key={split_key!r} and task={task!r} both define the splits; "
+                            "keep one (--config.data.split_key='' or --config.data.task=none)")
+        column = _require_column(obs, split_key, "the split of each cell", "data.split_key").astype(str)
+        unknown = sorted(set(column.unique()) - set(SPLITS))
+        if unknown:
+            raise DataError(f"obs[{split_key!r}] has values {_show(unknown)} besides {list(SPLITS)}; rename them "
+                            f"to train / val / test, or drop split_key for a random 64/16/20 split")
+        return column.to_numpy(dtype=object)
+    try:
+        if task == "norman_ood":
+            return splits_lib.norman_ood_split(conditions.labels, conditions.n_members, frac_combinations_train,
+                                               frac_combinations_test, split_seed)
+        if task == "norman_data_efficiency":
+            return splits_lib.norman_data_efficiency_split(conditions.n_members, frac_combination_cells_train,
+                                                           split_seed)
+    except ValueError as error:
+        raise DataError(f"task {task!r}: {error}; it needs cells with pairs (labels 'A+B', or two guide "
+                        "columns set)") from None
+    return splits_lib.random_split(len(obs), split_seed)
+
+
+# ------------------------------------------------------------------------------ counts
+
+
+def _matrix(adata, counts_layer: str | None):
+    if counts_layer:
+        if counts_layer not in adata.layers:
+            raise DataError(f"the AnnData has no layer {counts_layer!r}; layers: {list(adata.layers.keys())}; pass "
+                            "counts_layer=<layer> holding raw counts, or counts_layer=None "
+                            "(--config.data.counts_layer='') to use X")
+        return adata.layers[counts_layer]
+    if adata.X is None:
+        raise DataError("the AnnData has no X; pass counts_layer=<layer> holding the raw counts")
+    return adata.X
+
+
+def _subset(matrix, rows: np.ndarray, columns: np.ndarray):
+    """``matrix[rows][:, columns]`` as CSR (sparse input) or a dense array."""
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix)[rows][:, columns]
+    return np.asarray(matrix)[np.ix_(rows, columns)]
+
+
+def _cells_with(matrix, bad_values: np.ndarray) -> np.ndarray:  # cell positions
+    if sp.issparse(matrix):
+        row_of_value = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+        return np.unique(row_of_value[bad_values])
+    return np.flatnonzero(bad_values.any(axis=1))
+
+
+def check_values(matrix, likelihood: str | None, cell_names: pd.Index, what: str) -> None:
+    """No NaN / inf; for count likelihoods no negative and no non-integer values.
+    ``matrix``: ``[cells, genes]`` CSR or dense."""
+    values = matrix.data if sp.issparse(matrix) else matrix
+    checks = [("NaN or infinite", ~np.isfinite(values),
+               "remove those cells (or genes) or fix the upstream processing")]
+    if likelihood in COUNT_LIKELIHOODS:
+        fix = (f"the {likelihood!r} likelihood needs raw UMI counts: point counts_layer at them "
+               "(--config.data.counts_layer=<layer>; often 'counts'), or use likelihood 'normal' for other values")
+        finite = np.where(np.isfinite(values), values, 0)
+        checks += [("negative", finite < 0, fix), ("non-integer", finite != np.round(finite), fix)]
+    for kind, bad, fix in checks:
+        if bad.any():
+            cells = _cells_with(matrix, bad)
+            example = values[bad].ravel()[0]
+            raise DataError(f"{what} has {int(bad.sum())} {kind} values (e.g. {example!r}) in {len(cells)} cells, "
+                            f"e.g. {_show(cell_names[cells], 5)}; {fix}")
+
+
+def library_sizes(obs: pd.DataFrame, counts, library_size_key: str | None) -> np.ndarray:  # [n_cells] float32
+    """``obs[library_size_key]`` when given, else the row sums of ``counts``."""
+    if not library_size_key:
+        return np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1).astype(np.float32)
+    column = _require_column(obs, library_size_key, "library sizes", "data.library_size_key")
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise DataError(f"obs[{library_size_key!r}] must hold positive finite library sizes; "
+                        f"{int((~(np.isfinite(values) & (values > 0))).sum())} cells do not; fix them, or drop "
+                        "library_size_key to use the row sums of the counts")
+    return values.astype(np.float32)
+
+
+# -------------------------------------------------------------------------- entry points
+
+
+def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control: str | None = "control",
+                 delimiter: str | None = "+", counts_layer: str | None = "counts", split_key: str | None = None,
+                 library_size_key: str | None = None, encode_combinations: str = "additive", *,
+                 control_match: str = "exact", guide_column_pattern: str | None = None,
+                 use_highly_variable: bool = False, task: str = "none", split_seed: int = 0,
+                 frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
+                 frac_combination_cells_train: float = 1.0, likelihood: str | None = "library_nb",
+                 perturbations: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
+                 name: str | None = None) -> PerturbationData:
+    """Register an AnnData (or a ``.h5ad`` path) as :class:`PerturbationData`.
+
+    Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``),
+    densified; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
+    ``split`` from ``obs[split_key]`` or the ``task`` (cells outside every split of the
+    task are dropped); ``library_size`` ``[n_cells]`` = row sums unless
+    ``library_size_key``. ``likelihood`` selects the value checks (counts for
+    ``poisson`` / ``library_nb``; ``None`` checks finiteness only). ``perturbations`` and
+    ``feature_names`` fix the vocabulary and gene order (e.g. a trained model's metadata)
+    and raise when the data do not fit them. The registration is kept in
+    ``data.registration`` and saved with checkpoints.
+    """
+    adata = read_anndata(adata_or_path)
+    check_names(adata)
+    columns = select_genes(adata, use_highly_variable, feature_names)
+    conditions = parse_conditions(adata.obs, perturbation_key, control, control_match, delimiter,
+                                  guide_column_pattern)
+    dosages, perturbation_names = encode_dosages(conditions, encode_combinations, perturbations)
+    split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
+                          frac_combinations_test, frac_combination_cells_train)
+    keep = np.flatnonzero(split != splits_lib.DROPPED)
+    obs = adata.obs.iloc[keep]
+    counts = _subset(_matrix(adata, counts_layer), keep, columns)
+    check_values(counts, likelihood, obs.index, f"layers[{counts_layer!r}]" if counts_layer else "X")
+    library_size = library_sizes(obs, counts, library_size_key)
+    x = counts.toarray() if sp.issparse(counts) else counts
+    data = PerturbationData(
+        x=np.asarray(x, dtype=np.float32),
+        dosages=dosages[keep],
+        split=split[keep].astype(str),
+        feature_names=adata.var_names[columns].astype(str).tolist(),
+        perturbation_names=perturbation_names,
+        library_size=library_size,
+        control=control,
+        name=name or (os.path.splitext(os.path.basename(os.fspath(adata_or_path)))[0]
+                      if isinstance(adata_or_path, (str, os.PathLike)) else "anndata"),
+        registration=dict(
+            perturbation_key=perturbation_key, control=control, control_match=control_match, delimiter=delimiter,
+            guide_column_pattern=guide_column_pattern, counts_layer=counts_layer, split_key=split_key,
+            library_size_key=library_size_key, encode_combinations=encode_combinations,
+            use_highly_variable=use_highly_variable, task=task, split_seed=split_seed,
+            frac_combinations_train=frac_combinations_train, frac_combinations_test=frac_combinations_test,
+            frac_combination_cells_train=frac_combination_cells_train),
+    )
+    _check_training_coverage(data, conditions.is_control[keep])
+    return data
+
+
+def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> None:
+    """Control cells in the training split (ATEs need them); a warning for perturbations
+    without training cells (their embeddings stay at the prior; excluded from ATE metrics)."""
+    if data.control is not None and not (is_control & (data.split == "train")).any():
+        per_split = {s: int((is_control & (data.split == s)).sum()) for s in SPLITS}
+        raise DataError(f"no control cells ({data.control!r}) in the training split (control cells per split: "
+                        f"{per_split}); ATEs are measured against the control, so the model must see it: put "
+                        "control cells in the training split, or pass control=None for a screen without controls")
+    untrained = np.asarray(data.perturbation_names)[data.cells_per_perturbation("train") == 0]
+    if len(untrained):
+        warnings.warn(f"{len(untrained)} perturbations have no training cells: {_show(untrained)}; their effects "
+                      "are not learned (they stay at the prior) and they are excluded from ATE metrics",
+                      DataWarning, stacklevel=3)
+
+
+def check_compatible(metadata: dict[str, Any], adata_or_path) -> None:
+    """``DataError`` when an evaluation AnnData does not fit a trained model's
+    ``metadata``: genes missing or extra (after the registration's gene selection;
+    order may differ) or perturbations outside the vocabulary."""
+    adata = read_anndata(adata_or_path)
+    check_names(adata)
+    registration = metadata.get("registration") or {}
+    select_genes(adata, registration.get("use_highly_variable", False), metadata["feature_names"])
+    if registration:
+        conditions = parse_conditions(adata.obs, registration["perturbation_key"], registration["control"],
+                                      registration["control_match"], registration["delimiter"],
+                                      registration["guide_column_pattern"], require_control=False)
+        check_vocabulary(conditions, metadata["perturbation_names"], registration["encode_combinations"])
+
+
+NORMAN_URL = "https://ndownloader.figshare.com/files/34027562"
+REPLOGLE_RAW_URL = "https://plus.figshare.com/ndownloader/files/35775507"
+_WHERE_TO_GET = {
+    "norman_ood": f"download the curated Norman et al. 2019 file of the sc-pert collection ({NORMAN_URL})",
+    "norman_data_efficiency": f"download the curated Norman et al. 2019 file of the sc-pert collection ({NORMAN_URL})",
+    "replogle": (f"download K562_gwps_raw_singlecell_01.h5ad ({REPLOGLE_RAW_URL}, about 60 GB) and filter it with "
+                 "python -m sams_jax.data.prepare_replogle K562_gwps_raw_singlecell_01.h5ad replogle.h5ad"),
+}
+
+
+def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
+    """:func:`from_anndata` with the fields of ``config.data`` (``""`` means unset)."""
+    if not data_config.path:
+        where = _WHERE_TO_GET.get(data_config.task, "point it at your .h5ad file")
+        raise DataError(f"data.path is empty: set --config.data.path=/path/to/file.h5ad; {where}")
+    return from_anndata(
+        data_config.path,
+        perturbation_key=data_config.perturbation_key,
+        control=data_config.control or None,
+        delimiter=data_config.delimiter or None,
+        counts_layer=data_config.counts_layer or None,
+        split_key=data_config.split_key or None,
+        library_size_key=data_config.library_size_key or None,
+        encode_combinations=data_config.encode_combinations,
+        control_match=data_config.control_match,
+        guide_column_pattern=data_config.guide_column_pattern or None,
+        use_highly_variable=data_config.use_highly_variable,
+        task=data_config.task,
+        split_seed=data_config.split_seed,
+        frac_combinations_train=data_config.frac_combinations_train,
+        frac_combinations_test=data_config.frac_combinations_test,
+        frac_combination_cells_train=data_config.frac_combination_cells_train,
+        likelihood=likelihood,
+    )

@@ -1,0 +1,468 @@
+"""AnnData in: registration, validation, the paper's splits, the Replogle filter, configs,
+and training end to end on a small synthetic screen written to disk."""
+
+import itertools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from sams_jax.config import ConfigError, validate_config
+from sams_jax.data import DataError, PerturbationData, load_data
+from sams_jax.data import splits as splits_lib
+from sams_jax.data.anndata_io import DataWarning, check_compatible, from_anndata
+from sams_jax.data.prepare_replogle import load_filter, prepare_replogle
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SINGLES = list("ABCDEF")
+PAIRS = [f"{a}+{b}" for a, b in itertools.combinations(SINGLES, 2)][:10]
+
+
+def make_screen(labels=None, n_genes=12, seed=0, sparse=True) -> anndata.AnnData:
+    """Counts in layers["counts"] (CSR), log1p in X, labels in obs["perturbation"];
+    by default 30 control cells, 10 per single and 10 per pair (10 pairs)."""
+    if labels is None:
+        labels = ["control"] * 30 + [c for c in SINGLES + PAIRS for _ in range(10)]
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(3.0, (len(labels), n_genes)).astype(np.float32)
+    obs = pd.DataFrame({"perturbation": labels}, index=[f"cell{i}" for i in range(len(labels))])
+    var = pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)])
+    layer = sp.csr_matrix(counts) if sparse else counts
+    return anndata.AnnData(X=np.log1p(counts), obs=obs, var=var, layers={"counts": layer})
+
+
+def make_norman_like(adata: anndata.AnnData) -> anndata.AnnData:
+    """The curated Norman layout: one 0/1 ``guide_<gene>`` column per gene, ``guide_ids``,
+    ``guide_identity`` naming the condition, ``var["highly_variable"]``; no label column."""
+    out = adata.copy()
+    labels = out.obs.pop("perturbation").astype(str)
+    for gene in SINGLES:
+        out.obs[f"guide_{gene}"] = [int(gene in label.split("+")) for label in labels]
+    out.obs["guide_ids"] = [",".join(label.split("+")) if label != "control" else "" for label in labels]
+    guides = [("NegCtrl0", "NegCtrl0") if label == "control" else tuple((label.split("+") * 2)[:2])
+              for label in labels]  # "A" -> A_A__A_A, "A+B" -> A_B__A_B
+    out.obs["guide_identity"] = ["_".join(pair) + "__" + "_".join(pair) for pair in guides]
+    out.var["highly_variable"] = np.arange(out.n_vars) % 3 != 0
+    return out
+
+
+def counts_of(adata) -> np.ndarray:
+    return np.asarray(adata.layers["counts"].toarray() if sp.issparse(adata.layers["counts"])
+                      else adata.layers["counts"])
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def test_registration_dosages_vocabulary_library_sizes_and_split():
+    adata = make_screen()
+    adata.obs.loc["cell0", "perturbation"] = "control"
+    adata.obs.loc["cell30", "perturbation"] = "A+control"  # a control member is dropped: the single A
+    adata.obs.loc["cell100", "perturbation"] = "B+A"  # members are sorted: the pair A+B
+    data = PerturbationData.from_anndata(adata, perturbation_key="perturbation", control="control")
+    assert data.perturbation_names == SINGLES
+    assert data.feature_names == list(adata.var_names) and data.control == "control"
+    np.testing.assert_array_equal(data.x, counts_of(adata))  # the counts layer, not X
+    np.testing.assert_allclose(data.library_size, counts_of(adata).sum(1))
+    labels = adata.obs["perturbation"].to_numpy()
+    for i, label in enumerate(labels):
+        members = {"A+control": {"A"}, "B+A": {"A", "B"}, "control": set()}.get(label, set(label.split("+")))
+        expected = np.array([name in members for name in SINGLES], dtype=np.float32)
+        np.testing.assert_array_equal(data.dosages[i], expected, err_msg=label)
+    # random 64 / 16 / 20 of the authors' code: floor(0.8 n) train+val, then floor(0.8 of that) train
+    n = adata.n_obs
+    n_train_val = math.floor(0.8 * n)
+    assert (data.split == "test").sum() == n - n_train_val
+    assert (data.split == "train").sum() == math.floor(0.8 * n_train_val)
+    assert data.metadata("log_standardize")["registration"]["perturbation_key"] == "perturbation"
+    # a different split seed moves cells, the same seed does not
+    assert np.array_equal(from_anndata(adata).split, data.split)
+    assert not np.array_equal(from_anndata(adata, split_seed=1).split, data.split)
+
+
+def test_unique_encoding_makes_each_pair_a_perturbation():
+    data = from_anndata(make_screen(), encode_combinations="unique")
+    assert data.perturbation_names == sorted(SINGLES + PAIRS)
+    labels = make_screen().obs["perturbation"].to_numpy()
+    column = {name: i for i, name in enumerate(data.perturbation_names)}
+    assert np.all(data.dosages.sum(1) == (labels != "control"))  # one non-zero, none for control
+    for i in np.flatnonzero(labels != "control"):
+        assert data.dosages[i, column[labels[i]]] == 1.0
+
+
+def test_split_key_path_input_and_library_size_key(tmp_path):
+    adata = make_screen(sparse=False)
+    adata.obs["split"] = np.array(["train", "val", "test"])[np.arange(adata.n_obs) % 3]
+    adata.obs["split"] = np.where(adata.obs["perturbation"] == "control", "train", adata.obs["split"])
+    adata.obs["n_counts"] = np.arange(adata.n_obs) + 1.0
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    data = PerturbationData.from_anndata(str(path), split_key="split", library_size_key="n_counts")
+    np.testing.assert_array_equal(data.split, adata.obs["split"].to_numpy())
+    np.testing.assert_array_equal(data.library_size, np.arange(adata.n_obs) + 1.0)
+    assert data.name == "screen"
+
+
+def test_guide_columns_of_the_curated_norman_file_equal_the_labels():
+    adata = make_screen()
+    norman = make_norman_like(adata)
+    by_labels = from_anndata(adata, task="norman_ood", frac_combinations_train=0.5)
+    by_guides = from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                             task="norman_ood", frac_combinations_train=0.5)
+    assert by_guides.perturbation_names == SINGLES  # "guide_" stripped, guide_ids / guide_identity excluded
+    np.testing.assert_array_equal(by_guides.dosages, by_labels.dosages)
+    np.testing.assert_array_equal(by_guides.split, by_labels.split)  # one pair label <-> one guide_identity
+    hvg = from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                       use_highly_variable=True)
+    assert hvg.feature_names == [g for i, g in enumerate(adata.var_names) if i % 3 != 0]
+    np.testing.assert_allclose(hvg.library_size, hvg.x.sum(1))  # library size of the genes modelled
+
+
+def test_replogle_guide_pairs_with_non_targeting_merged_into_control():
+    guides = ["CTSC_-_880.23-P1P2|CTSC_-_889.23-P1P2", "CWC25_+_369.23-P1P2|CWC25_+_361.23-P1P2",
+              "non-targeting_03530|non-targeting_01407", "non-targeting_00442|non-targeting_01312"]
+    adata = make_screen(labels=[g for g in guides for _ in range(20)])
+    adata.obs = adata.obs.rename(columns={"perturbation": "sgID_AB"})
+    data = from_anndata(adata, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
+                        delimiter=None, task="replogle")
+    assert data.perturbation_names == sorted(guides[:2])  # '+' inside a guide name is not a pair
+    np.testing.assert_array_equal(data.dosages.sum(1), [1.0] * 40 + [0.0] * 40)
+    assert (data.split == "test").sum() == 80 - math.floor(0.8 * 80)
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def test_missing_perturbation_key_lists_obs_columns():
+    with pytest.raises(DataError, match=r"no column 'condition'.*obs columns: \['perturbation'\].*perturbation_key"):
+        from_anndata(make_screen(), perturbation_key="condition")
+
+
+def test_absent_control_label_lists_the_labels_seen():
+    with pytest.raises(DataError, match=r"control label 'ctrl'.*absent.*labels seen.*'control'.*control=<label>"):
+        from_anndata(make_screen(), control="ctrl")
+
+
+def test_no_control_cells_in_training_is_an_error():
+    adata = make_screen()
+    adata.obs["split"] = np.where(adata.obs["perturbation"] == "control", "test", "train")
+    with pytest.raises(DataError, match=r"no control cells \('control'\) in the training split.*'test': 30"):
+        from_anndata(adata, split_key="split")
+    norman = make_norman_like(make_screen(labels=["A", "A+B"] * 10))
+    with pytest.raises(DataError, match="no control cells"):
+        from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+
+
+@pytest.mark.parametrize("value, kind", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                         (-1.0, "negative"), (0.5, "non-integer")])
+def test_bad_count_values_name_the_cells(value, kind):
+    adata = make_screen(sparse=False)
+    adata.layers["counts"][5, 3] = value
+    with pytest.raises(DataError, match=rf"layers\['counts'\] has 1 {kind} values .* in 1 cells, e.g. \['cell5'\]"):
+        from_anndata(adata, likelihood="library_nb")
+
+
+def test_real_values_are_fine_with_the_normal_likelihood():
+    adata = make_screen()
+    data = from_anndata(adata, counts_layer=None, likelihood="normal")  # X = log1p(counts)
+    np.testing.assert_allclose(data.x, np.log1p(counts_of(adata)), rtol=1e-6)
+    with pytest.raises(DataError, match="non-integer"):
+        from_anndata(adata, counts_layer=None, likelihood="poisson")
+
+
+def test_empty_or_duplicated_gene_set():
+    adata = make_screen()
+    with pytest.raises(DataError, match="empty gene set"):
+        from_anndata(adata[:, []].copy())
+    duplicated = adata.copy()
+    duplicated.var_names = ["gene0"] * 2 + list(adata.var_names[2:])
+    with pytest.raises(DataError, match=r"1 gene names occur more than once.*\['gene0'\].*var_names_make_unique"):
+        from_anndata(duplicated)
+
+
+def test_duplicated_obs_names():
+    adata = make_screen()
+    adata.obs_names = ["cell0"] * 3 + list(adata.obs_names[3:])
+    with pytest.raises(DataError, match=r"cell names occur more than once.*\['cell0'\].*obs_names_make_unique"):
+        from_anndata(adata)
+
+
+@pytest.mark.parametrize("label, message", [
+    ("A+", "has an empty member"),
+    ("+B", "has an empty member"),
+    ("A+A", r"names \['A'\] more than once"),
+])
+def test_malformed_pair_labels(label, message):
+    adata = make_screen()
+    adata.obs.loc["cell40", "perturbation"] = label
+    with pytest.raises(DataError, match=message):
+        from_anndata(adata)
+
+
+def test_pair_members_outside_a_fixed_vocabulary():
+    with pytest.raises(DataError, match=r"2 perturbations are not in the vocabulary of 4: \['E', 'F'\]"
+                                        r".*conditions \['E', 'F', 'A\+E'"):
+        from_anndata(make_screen(), perturbations=list("ABCD"))
+    with pytest.warns(DataWarning, match=r"\['Z'\]"):  # a larger vocabulary reorders and pads
+        data = from_anndata(make_screen(), perturbations=list("FEDCBAZ"))
+    assert data.perturbation_names == list("FEDCBAZ") and not data.dosages[:, -1].any()
+
+
+def test_perturbation_without_training_cells_warns():
+    adata = make_screen()
+    adata.obs["split"] = np.where(adata.obs["perturbation"].str.contains("F"), "test", "train")  # F, A+F, B+F
+    with pytest.warns(DataWarning, match=r"1 perturbations have no training cells: \['F'\].*excluded from ATE"):
+        data = from_anndata(adata, split_key="split")
+    assert data.cells_per_perturbation("train")[SINGLES.index("F")] == 0
+
+
+def test_unreadable_paths(tmp_path):
+    with pytest.raises(DataError, match="no file at .*missing.h5ad"):
+        from_anndata(tmp_path / "missing.h5ad")
+    (tmp_path / "table.h5ad").write_text("gene,count\nA,1\n")
+    with pytest.raises(DataError, match=r"table.h5ad' is not a readable .h5ad file"):
+        from_anndata(tmp_path / "table.h5ad")
+
+
+def test_missing_layer_and_bad_split_values():
+    with pytest.raises(DataError, match=r"no layer 'raw'; layers: \['counts'\].*counts_layer=None"):
+        from_anndata(make_screen(), counts_layer="raw")
+    adata = make_screen()
+    adata.obs["split"] = "training"
+    with pytest.raises(DataError, match=r"obs\['split'\] has values \['training'\]"):
+        from_anndata(adata, split_key="split")
+
+
+def test_check_compatible_names_missing_extra_genes_and_unknown_perturbations():
+    data = from_anndata(make_screen())
+    metadata = data.metadata("log_standardize")
+    check_compatible(metadata, make_screen()[:, ::-1].copy())  # same genes in another order: fine
+    other = make_screen(n_genes=14)[:, 2:].copy()  # gene0, gene1 missing; gene12, gene13 extra
+    with pytest.raises(DataError, match=r"2 missing \['gene0', 'gene1'\], 2 extra \['gene12', 'gene13'\]"):
+        check_compatible(metadata, other)
+    new = make_screen(labels=["A+G"] * 5 + ["control"] * 5)
+    with pytest.raises(DataError, match=r"not in the vocabulary of 6: \['G'\]"):
+        check_compatible(metadata, new)
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def test_shuffle_split_matches_scikit_learn():
+    # sklearn.model_selection.train_test_split(range(10), test_size=0.2, random_state=0 / 42)
+    train, test = splits_lib.shuffle_split(10, 0, test_size=0.2)
+    assert test.tolist() == [2, 8] and train.tolist() == [4, 9, 1, 6, 7, 3, 0, 5]
+    train, test = splits_lib.shuffle_split(10, 42, test_size=0.2)
+    assert test.tolist() == [8, 1] and train.tolist() == [5, 0, 7, 2, 9, 4, 3, 6]
+    train, test = splits_lib.shuffle_split(7, 0, train_size=0.8)  # floor(5.6) = 5 train
+    assert len(train) == 5 and len(test) == 2
+
+
+def _pairs_in(data, split):
+    cells = (data.split == split) & (data.dosages.sum(1) == 2)
+    names = np.asarray(data.perturbation_names)
+    return {"+".join(names[row != 0]) for row in data.dosages[cells]}
+
+
+@pytest.fixture(scope="module")
+def norman_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("norman") / "norman_like.h5ad"
+    make_norman_like(make_screen()).write_h5ad(path)
+    return path
+
+
+def test_norman_ood_split_arithmetic(norman_path):
+    adata = anndata.read_h5ad(norman_path)
+    conditions = adata.obs["guide_identity"].to_numpy()
+    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(1).to_numpy()
+    n_pairs = len(PAIRS)
+    previous_train, previous_cells = set(), set()
+    for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+        train_pairs, test_pairs = splits_lib.split_combinations(conditions, n_members, f, 0.25, seed=0)
+        assert len(test_pairs) == math.ceil(0.25 * n_pairs) == 3
+        assert len(train_pairs) == math.floor(f * n_pairs)
+        if f <= 0.75:
+            assert not set(train_pairs) & set(test_pairs)
+        assert previous_train <= set(train_pairs)  # nested as f grows
+        assert splits_lib.split_combinations(conditions, n_members, f, 0.25, seed=0) == (train_pairs, test_pairs)
+        previous_train = set(train_pairs)
+        labels = splits_lib.norman_ood_split(conditions, n_members, f, 0.25, seed=0)
+        pair_cells = n_members == 2
+        assert set(conditions[pair_cells & np.isin(labels, ["train", "val"])]) <= set(train_pairs)
+        tested = set(conditions[pair_cells & (labels == "test")])
+        assert tested and tested <= set(test_pairs)
+        assert np.all(labels[~pair_cells] != "test") and np.all(labels[~pair_cells] != splits_lib.DROPPED)
+        assert (labels[~pair_cells] == "val").sum() == math.ceil(0.2 * (~pair_cells).sum())
+        cells = set(np.flatnonzero(pair_cells & (labels == "train")))
+        assert previous_cells <= cells  # training cells accumulate too
+        previous_cells = cells
+    other_seed = splits_lib.split_combinations(conditions, n_members, 0.5, 0.25, seed=1)
+    assert other_seed != splits_lib.split_combinations(conditions, n_members, 0.5, 0.25, seed=0)
+
+
+def test_norman_ood_task_from_a_file(norman_path):
+    data = from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                        task="norman_ood", frac_combinations_train=0.5, split_seed=3)
+    train, test = _pairs_in(data, "train") | _pairs_in(data, "val"), _pairs_in(data, "test")
+    assert len(test) == 3 and len(train) <= 5 and not train & test
+    adata = anndata.read_h5ad(norman_path)
+    assert data.x.shape[0] < adata.n_obs  # pair cells outside their pair's split are dropped
+    again = from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                         task="norman_ood", frac_combinations_train=0.5, split_seed=3)
+    np.testing.assert_array_equal(again.split, data.split)
+
+
+def test_norman_data_efficiency_subsamples_training_pair_cells(norman_path):
+    adata = anndata.read_h5ad(norman_path)
+    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(1).to_numpy()
+    n_pair_cells = int((n_members == 2).sum())
+    n_pair_train = n_pair_cells - math.ceil(0.2 * n_pair_cells)
+    n_pair_train -= math.ceil(0.2 * n_pair_train)
+    previous = None
+    for frac in (0.25, 0.5, 1.0):
+        labels = splits_lib.norman_data_efficiency_split(n_members, frac, seed=0)
+        assert ((labels == "train") & (n_members == 2)).sum() == math.floor(frac * n_pair_train)
+        if previous is not None:
+            assert set(np.flatnonzero(previous == "train")) <= set(np.flatnonzero(labels == "train"))
+            np.testing.assert_array_equal(previous == "test", labels == "test")  # same val / test cells
+            np.testing.assert_array_equal(previous == "val", labels == "val")
+        previous = labels
+    data = from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                        task="norman_data_efficiency", frac_combination_cells_train=0.5)
+    assert len(_pairs_in(data, "test")) > 3  # every pair can be in test
+
+
+# ------------------------------------------------------------------- Replogle filter
+
+
+def _raw_replogle(path, spec):
+    """A small raw file in the layout of K562_gwps_raw_singlecell_01.h5ad."""
+    rng = np.random.default_rng(1)
+    targets = spec["perturbed_genes"][:4] + ["WEAKGENE", "non-targeting"]
+    gene = np.array(targets)[rng.integers(0, len(targets), 60)]
+    obs = pd.DataFrame({"gene": gene, "sgID_AB": [f"{g}_x|{g}_y" for g in gene]},
+                       index=[f"BC{i}-1" for i in range(60)])
+    names = spec["measured_genes"][:6] + [spec["measured_genes"][0], "NOTMEASURED1", "NOTMEASURED2"]
+    var = pd.DataFrame({"gene_name": names}, index=[f"ENSG{i:05d}" for i in range(len(names))])
+    x = rng.poisson(2.0, (60, len(names))).astype(np.float32)
+    anndata.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return obs, x
+
+
+def test_packaged_filter_lists():
+    spec = load_filter()
+    assert len(set(spec["perturbed_genes"])) == 681 and len(set(spec["measured_genes"])) == 1186
+    assert spec["n_control_cells"] == 2000 and len(spec["pathways"]) == 8
+
+
+def test_prepare_replogle_cli_reproduces_the_filter(tmp_path):
+    spec = dict(load_filter(), n_control_cells=5)
+    (tmp_path / "filter.json").write_text(json.dumps(spec))
+    obs, x = _raw_replogle(tmp_path / "raw.h5ad", spec)
+    out = tmp_path / "filtered.h5ad"
+    result = subprocess.run([sys.executable, "-m", "sams_jax.data.prepare_replogle", str(tmp_path / "raw.h5ad"),
+                             str(out), "--filter", str(tmp_path / "filter.json"), "--chunk-size", "7"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # the authors' rule: numpy.random.seed(0); shuffle the non-targeting positions; keep the first 5
+    keep = np.isin(obs["gene"], spec["perturbed_genes"])
+    controls = np.flatnonzero(obs["gene"] == "non-targeting")
+    np.random.seed(0)
+    np.random.shuffle(controls)
+    keep[controls[:5]] = True
+    filtered = anndata.read_h5ad(out)
+    assert filtered.obs_names.tolist() == obs.index[keep].tolist()
+    assert filtered.var["gene_name"].tolist() == spec["measured_genes"][:6] + [spec["measured_genes"][0]]
+    np.testing.assert_array_equal(filtered.X.toarray(), x[keep][:, :7])
+    assert filtered.uns["pathways"]["EXOSOME"][:3].tolist() == ["ZC3H3", "ZFC3H1", "CAMTA2"]
+    assert f"{keep.sum()} cells x 7 genes" in result.stdout
+    data = from_anndata(out, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
+                        delimiter=None, counts_layer=None, task="replogle")
+    assert len(data.perturbation_names) == len(set(obs["gene"][keep]) - {"non-targeting"})
+    assert (data.dosages.sum(1) == 0).sum() == 5
+
+
+def test_prepare_replogle_missing_raw_file_is_a_clean_error(tmp_path):
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(DataError, match="no file at .*plus.figshare.com/ndownloader/files/35775507"):
+        prepare_replogle(str(tmp_path / "raw.h5ad"), str(out))
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------- configs, end to end
+
+
+def _config(name):
+    sys.path.insert(0, str(ROOT))
+    try:
+        module = __import__(f"configs.{name}", fromlist=["get_config"])
+    finally:
+        sys.path.pop(0)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name, where", [("anndata", "your .h5ad"), ("norman_ood", "figshare.com/files/34027562"),
+                                         ("norman_data_efficiency", "34027562"), ("replogle", "prepare_replogle")])
+def test_paper_configs_validate_and_ask_for_a_path(name, where):
+    config = _config(name)
+    validate_config(config)
+    with pytest.raises(DataError, match=rf"set --config.data.path=/path/to/file.h5ad; .*{where}"):
+        load_data(config.data)
+
+
+def test_paper_config_values():
+    norman, replogle = _config("norman_ood"), _config("replogle")
+    assert (norman.model.n_latent, norman.model.embedding_encoder_n_layers, norman.model.embedding_encoder_n_hidden,
+            norman.train.max_steps, norman.train.grad_clip_norm, norman.data.frac_combinations_test) == \
+        (200, 4, 400, 30_000, 100.0, 0.25)
+    assert (replogle.model.n_latent, replogle.model.embedding_encoder_n_hidden, replogle.train.max_steps,
+            replogle.data.control_match, replogle.data.delimiter) == (100, 200, 150_000, "contains", "")
+    norman.data.split_key = "split"
+    with pytest.raises(ConfigError, match="both define the splits"):
+        validate_config(norman)
+
+
+def test_train_end_to_end_on_an_h5ad_file(tmp_path):
+    from sams_jax.checkpoint import Checkpointer
+    from sams_jax.train import train_and_evaluate
+
+    path = tmp_path / "screen.h5ad"
+    adata = make_screen()
+    adata.obs["split"] = np.array(["train", "train", "val", "test"])[np.arange(adata.n_obs) % 4]
+    adata.write_h5ad(path)
+    config = _config("anndata")
+    config.data.update(path=str(path), split_key="split")  # equal val / test sizes: one IWELBO compile
+    config.model.update(n_latent=3, decoder_n_hidden=8, basal_encoder_n_hidden=8, embedding_encoder_n_hidden=8)
+    config.objective.n_particles = 2
+    config.train.update(batch_size=32, max_steps=20, eval_every=10, steps_per_dispatch=10, eval_batch_size=64,
+                        progress=False)
+    config.eval.iwelbo_n_particles = 4
+    metrics = train_and_evaluate(config, str(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(saved["test/IWELBO"]) and saved["test/IWELBO"] < 0 and saved == metrics
+    checkpoints = Checkpointer(str(tmp_path / "run"), read_only=True)
+    try:
+        _, metadata = checkpoints.restore_json(checkpoints.best_step())
+    finally:
+        checkpoints.close()
+    assert metadata["perturbation_names"] == SINGLES
+    assert metadata["registration"]["control"] == "control"
+    check_compatible(metadata, path)  # the training file fits its own checkpoint
+
+
+def test_cli_empty_path_is_a_clean_error(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "sams_jax.train", "--config", "configs/norman_ood.py",
+                             "--workdir", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "set --config.data.path=" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
