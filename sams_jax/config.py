@@ -10,7 +10,9 @@ from __future__ import annotations
 import ml_collections
 
 from sams_jax.data import DATA_SOURCES, NORMALIZATIONS
+from sams_jax.data.anndata_io import CONTROL_MATCHES, ENCODINGS
 from sams_jax.data.simulation import OBSERVATIONS
+from sams_jax.data.splits import TASKS
 from sams_jax.likelihoods import LIKELIHOODS
 from sams_jax.models import GUIDES, MODELS
 from sams_jax.objective import OBJECTIVES, ObjectiveConfig
@@ -37,8 +39,27 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.cells_per_perturbation = (500, 100, 100)  # train, val, test
     config.data.observation = "normal"  # or "library_nb" (counts)
     config.data.seed = 0
+    # AnnData (source "anndata"; sams_jax.data.anndata_io.from_anndata). "" means unset.
+    config.data.path = ""  # .h5ad file
+    config.data.perturbation_key = "perturbation"  # obs column naming each cell's condition
+    config.data.control = "control"  # control label (all-zero dosage); "" = no control cells
+    config.data.control_match = "exact"  # or "contains": every label containing `control` is control
+    config.data.delimiter = "+"  # combinations "A+B"; "" = every label is one perturbation
+    config.data.guide_column_pattern = ""  # "guide_": 0/1 obs indicator columns (curated Norman file)
+    config.data.counts_layer = "counts"  # raw counts layer; "" = X
+    config.data.split_key = ""  # obs column with train / val / test; "" = the task's split
+    config.data.library_size_key = ""  # obs column; "" = row sums of the counts
+    config.data.encode_combinations = "additive"  # or "unique" (a pair is a perturbation of its own)
+    config.data.use_highly_variable = False  # keep var["highly_variable"] genes only
+    config.data.task = "none"  # split: none / replogle (random 64/16/20), norman_ood, norman_data_efficiency
+    config.data.frac_combinations_train = 1.0  # norman_ood: fraction of pairs in train / val
+    config.data.frac_combinations_test = 0.25  # norman_ood: fraction of pairs in test
+    config.data.frac_combination_cells_train = 1.0  # norman_data_efficiency: fraction of training pair cells
+    config.data.split_seed = 0
 
     config.model = ml_collections.ConfigDict()
+    # sams_vae, or a baseline (SPEC 4): cpa_vae, conditional_vae, svae_plus, sams_vae_beta_bernoulli.
+    # A model reads the fields it uses (sams_jax.models.model_fields) and ignores the others.
     config.model.name = "sams_vae"
     config.model.n_latent = 15
     config.model.likelihood = "normal"
@@ -56,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.mask_init_logits = 0.0
     config.model.gs_temperature = 1.0
     config.model.embedding_loc_init_scale = 0.0
+    # Beta(a, b) prior on mask probabilities (svae_plus, sams_vae_beta_bernoulli); SVAE+ paper runs: Beta(1, 2)
+    config.model.mask_beta_a = 1.0
+    config.model.mask_beta_b = 2.0
 
     config.objective = ml_collections.ConfigDict()
     config.objective.kind = "elbo"  # or "iwelbo"
@@ -116,6 +140,17 @@ def validate_config(config) -> None:
         if len(config.data.cells_per_perturbation) != 3 or min(config.data.cells_per_perturbation) < 1:
             raise ConfigError("data.cells_per_perturbation must be three positive integers (train, val, test); "
                               f"got {config.data.cells_per_perturbation!r}")
+    if config.data.source == "anndata":
+        _check_choice(config, "data.task", TASKS)
+        _check_choice(config, "data.encode_combinations", ENCODINGS)
+        _check_choice(config, "data.control_match", CONTROL_MATCHES)
+        _check_number(config, "data.split_seed", 0, integer=True)
+        for field in ("frac_combinations_train", "frac_combination_cells_train"):
+            _check_number(config, f"data.{field}", 0.0, 1.0)
+        _check_number(config, "data.frac_combinations_test", 0.0, 1.0, low_open=True)
+        if config.data.split_key and config.data.task != "none":
+            raise ConfigError(f"data.split_key={config.data.split_key!r} and data.task={config.data.task!r} both "
+                              "define the splits; keep one (--config.data.split_key='' or --config.data.task=none)")
     _check_choice(config, "model.name", MODELS)
     _check_choice(config, "model.likelihood", LIKELIHOODS)
     _check_choice(config, "model.guide", GUIDES)
@@ -130,6 +165,11 @@ def validate_config(config) -> None:
     _check_number(config, "model.embedding_prior_scale", 0.0, low_open=True)
     _check_number(config, "model.gs_temperature", 0.0, low_open=True)
     _check_number(config, "model.embedding_loc_init_scale", 0.0)
+    _check_number(config, "model.mask_beta_a", 0.0, low_open=True)
+    _check_number(config, "model.mask_beta_b", 0.0, low_open=True)
+    if config.model.name == "cpa_vae" and config.model.guide != "mean_field":
+        raise ConfigError(f"model.guide={config.model.guide!r} is not allowed with model.name='cpa_vae', whose "
+                          "q(embedding) is mean-field; set model.guide='mean_field' (configs/cpa_vae_*.py do)")
     _check_choice(config, "objective.kind", OBJECTIVES)
     _check_number(config, "objective.n_particles", 1, integer=True)
     try:

@@ -2,7 +2,12 @@
 
 Every model returns :class:`~sams_jax.models.base.ParticleTerms` for one particle, so the
 shared objective (``sams_jax.objective``), training and evaluation need no model-specific
-code.
+code. Models: ``sams_vae`` (SPEC 1-2), and the baselines of SPEC 4: ``cpa_vae``,
+``conditional_vae``, ``svae_plus``, ``sams_vae_beta_bernoulli``. Every model builds on
+:class:`~sams_jax.models.components.PerturbationVAE` (shared encoder, decoder, likelihood
+head and normalisation) and implements ``__call__`` (one particle), ``generate``
+(``x`` under interventions, local latent from its prior) and ``encode``; ``mask_probs``
+and ``embedding_means`` where the model has them.
 """
 
 from __future__ import annotations
@@ -10,9 +15,18 @@ from __future__ import annotations
 import dataclasses
 
 from sams_jax.models.base import ParticleTerms
-from sams_jax.models.sams_vae import GUIDES, SAMSVAE
+from sams_jax.models.components import PerturbationVAE
+from sams_jax.models.conditional_vae import ConditionalVAE
+from sams_jax.models.sams_vae import CPAVAE, GUIDES, SAMSVAE, SAMSVAEBetaBernoulli
+from sams_jax.models.svae_plus import SVAEPlus
 
-MODELS = {"sams_vae": SAMSVAE}
+MODELS = {
+    "sams_vae": SAMSVAE,
+    "cpa_vae": CPAVAE,
+    "conditional_vae": ConditionalVAE,
+    "svae_plus": SVAEPlus,
+    "sams_vae_beta_bernoulli": SAMSVAEBetaBernoulli,
+}
 
 
 def model_fields(name: str) -> tuple[str, ...]:
@@ -30,4 +44,12 @@ def create_model(model_config, n_genes: int, n_perturbations: int):
     return MODELS[model_config.name](n_genes=n_genes, n_perturbations=n_perturbations, **kwargs)
 
 
-__all__ = ["GUIDES", "MODELS", "ParticleTerms", "SAMSVAE", "create_model", "model_fields"]
+def check_data(model_name: str, data) -> None:
+    """Model-specific checks of the data before training (e.g. SVAE+ needs one-hot
+    dosages); raises :class:`~sams_jax.data.DataError`. A model opts in with a
+    ``check_data(data)`` classmethod."""
+    getattr(MODELS[model_name], "check_data", lambda data: None)(data)
+
+
+__all__ = ["CPAVAE", "ConditionalVAE", "GUIDES", "MODELS", "ParticleTerms", "PerturbationVAE", "SAMSVAE",
+           "SAMSVAEBetaBernoulli", "SVAEPlus", "check_data", "create_model", "model_fields"]

@@ -1,4 +1,6 @@
-"""SAMS-VAE: sparse additive mechanism shift VAE (SPEC 1-2).
+"""SAMS-VAE: sparse additive mechanism shift VAE (SPEC 1-2), and its relatives that
+share the additive latent shift: CPA-VAE (no mask, SPEC 4) and SAMS-VAE with a
+Beta-Bernoulli mask prior.
 
 Generative model, for ``T`` perturbations and ``K`` latent dimensions::
 
@@ -18,46 +20,39 @@ Guide ``q(mask) q(embedding | mask) q(z_basal | x, dosages, embedding, mask)``:
   ``[mask[t], one_hot(t)]``;
 * ``q(z_basal | ...)``: an encoder on ``[normalize(x), dosages @ (embedding * mask)]``
   (the offset is left out with ``mean_field_encoder=True``).
+
+:class:`AdditiveShiftVAE` holds everything but the mask; :class:`SAMSVAE` adds the mask,
+:class:`CPAVAE` fixes it to ones, :class:`SAMSVAEBetaBernoulli` changes its prior.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpyro.distributions as dist
 
-from sams_jax.data import normalize_input
-from sams_jax.likelihoods import LikelihoodHead
 from sams_jax.models.base import ParticleTerms
-from sams_jax.nn import NormalHead, ResidualMLP, straight_through_bernoulli, VARIANCE_FLOOR
+from sams_jax.models.components import (STANDARD_NORMAL, LearnedMask, PerturbationVAE, active_perturbations,
+                                        beta_bernoulli_mask_terms)
+from sams_jax.nn import NormalHead, ResidualMLP, VARIANCE_FLOOR
 
 GUIDES = ("mean_field", "correlated")
 
 
-class SAMSVAE(nn.Module):
-    n_genes: int
-    n_perturbations: int
-    n_latent: int = 15
-    likelihood: str = "normal"
-    guide: str = "correlated"
+class AdditiveShiftVAE(PerturbationVAE):
+    """``z = z_basal + D @ (embedding * mask)`` with a guide ``q(embedding | mask)``
+    chosen by ``guide`` (defined by the subclass). Subclasses supply the mask through the
+    hooks ``setup_mask``, ``sample_mask``, ``sample_row_masks`` and ``most_probable_mask``."""
+
     mean_field_encoder: bool = False
-    normalization: str = "standardize"
-    decoder_n_layers: int = 1
-    decoder_n_hidden: int = 50
-    basal_encoder_n_layers: int = 1
-    basal_encoder_n_hidden: int = 50
     embedding_encoder_n_layers: int = 2
     embedding_encoder_n_hidden: int = 50
-    mask_prior_prob: float = 0.01
     embedding_prior_scale: float = 1.0
-    mask_init_logits: float = 0.0
-    gs_temperature: float = 1.0
     embedding_loc_init_scale: float = 0.0
 
     def setup(self):
         t, k = self.n_perturbations, self.n_latent
-        self.mask_logits = self.param("mask_logits", nn.initializers.constant(self.mask_init_logits), (t, k))
+        self.setup_mask()
         if self.guide == "mean_field":
             loc_init = (nn.initializers.normal(self.embedding_loc_init_scale)
                         if self.embedding_loc_init_scale > 0 else nn.initializers.zeros)
@@ -65,22 +60,22 @@ class SAMSVAE(nn.Module):
             self.embedding_log_scale = self.param("embedding_log_scale", nn.initializers.zeros, (t, k))
         elif self.guide == "correlated":
             self.embedding_encoder = ResidualMLP(
-                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True)
+                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True, n_rows=t)
             self.embedding_head = NormalHead(k)
         else:
             raise ValueError(f"unknown guide {self.guide!r}; allowed: {GUIDES}")
-        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers)
-        self.basal_head = NormalHead(k)
-        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers)
-        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes)
-        self.norm_mean = self.variable("normalization", "mean", jnp.zeros, (self.n_genes,))
-        self.norm_scale = self.variable("normalization", "scale", jnp.ones, (self.n_genes,))
+        super().setup()
 
     # --- guide pieces -------------------------------------------------------------
-    def q_embedding(self, mask):  # mask [T, K] -> Normal with batch shape [T, K]
+    def q_embedding(self, mask, rows=None):
+        """``q(embedding | mask)`` for all perturbations (mask ``[T, K]``) or for the
+        perturbations ``rows`` (``[...]`` ints, mask ``[..., K]``); batch shape of mask."""
         if self.guide == "mean_field":
-            return dist.Normal(self.embedding_loc, jnp.exp(self.embedding_log_scale) + VARIANCE_FLOOR)
-        return self.embedding_head(self.embedding_encoder(mask))
+            loc, log_scale = self.embedding_loc, self.embedding_log_scale
+            if rows is not None:
+                loc, log_scale = loc[rows], log_scale[rows]
+            return dist.Normal(loc, jnp.exp(log_scale) + VARIANCE_FLOOR)
+        return self.embedding_head(self.embedding_encoder(mask, row_index=rows))
 
     def sample_globals(self):
         """One particle of the perturbation-plated variables.
@@ -88,37 +83,114 @@ class SAMSVAE(nn.Module):
         Returns ``(shift [T, K], log_p, log_q)`` with ``shift = embedding * mask`` and
         ``log_p`` / ``log_q`` dicts of ``[T]`` arrays (summed over latent dimensions).
         """
-        mask = straight_through_bernoulli(self.make_rng("globals"), self.mask_logits, self.gs_temperature)
+        mask, log_p, log_q = self.sample_mask()
         q_embedding = self.q_embedding(mask)
         embedding = q_embedding.rsample(self.make_rng("globals"))
-        log_q = {
-            "mask": dist.BernoulliLogits(self.mask_logits).log_prob(mask).sum(-1),
-            "embedding": q_embedding.log_prob(embedding).sum(-1),
-        }
-        log_p = {
-            "mask": dist.BernoulliProbs(self.mask_prior_prob).log_prob(mask).sum(-1),
-            "embedding": dist.Normal(0.0, self.embedding_prior_scale).log_prob(embedding).sum(-1),
-        }
+        log_q = {**log_q, "embedding": q_embedding.log_prob(embedding).sum(-1)}
+        log_p = {**log_p, "embedding": dist.Normal(0.0, self.embedding_prior_scale).log_prob(embedding).sum(-1)}
         return embedding * mask, log_p, log_q
+
+    def q_z_basal(self, x, offset):  # x [n, G], offset [n, K] -> Normal [n, K]
+        return self.q_local(x, None if self.mean_field_encoder else offset)
 
     # --- one particle ---------------------------------------------------------------
     def __call__(self, x, dosages, library_size) -> ParticleTerms:
         """x ``[n, G]``, dosages ``[n, T]``, library_size ``[n]`` -> :class:`ParticleTerms`."""
         shift, global_log_p, global_log_q = self.sample_globals()
         offset = dosages @ shift  # [n, K]
-        x_encoder = normalize_input(x, {"mean": self.norm_mean.value, "scale": self.norm_scale.value},
-                                    self.normalization)
-        q_z_basal = self.basal_head(self.basal_encoder(x_encoder, None if self.mean_field_encoder else offset))
-        z_basal = q_z_basal.rsample(self.make_rng("local"))
-        p_x = self.likelihood_head(self.decoder(z_basal + offset), library_size)
-        return ParticleTerms(
-            log_likelihood=p_x.log_prob(x).sum(-1),
-            local_log_p={"z_basal": dist.Normal(0.0, 1.0).log_prob(z_basal).sum(-1)},
-            local_log_q={"z_basal": q_z_basal.log_prob(z_basal).sum(-1)},
-            global_log_p=global_log_p,
-            global_log_q=global_log_q,
-        )
+        return self.local_terms(x, library_size, self.q_z_basal(x, offset), STANDARD_NORMAL, "z_basal",
+                                shift=offset, global_log_p=global_log_p, global_log_q=global_log_q)
+
+    # --- prediction -----------------------------------------------------------------
+    def sample_offsets(self, dosages, max_active: int):
+        """``D[i] @ (embedding * mask)`` with an independent draw of the global variables
+        for every row ``i`` (``[n, K]`` from dosages ``[n, T]``).
+
+        Only the perturbations a row received are drawn: ``max_active`` (static) is the
+        largest number of non-zero dosages in a row. ``q(mask) q(embedding | mask)``
+        factorises over perturbations, so this has the distribution of a full draw.
+        """
+        weights, rows = active_perturbations(dosages, max_active)  # [n, A]
+        mask = self.sample_row_masks(rows)  # [n, A, K]
+        embedding = self.q_embedding(mask, rows).sample(self.make_rng("globals"))
+        return jnp.einsum("na,nak->nk", weights, embedding * mask)
+
+    def generate(self, dosages, library_size, max_active: int = 2):
+        """Sample ``x`` for cells under interventions ``dosages`` (``[n, T]``): global
+        variables from the guide (independently per row), ``z_basal`` from its prior.
+        Returns ``(x_sample, x_mean)``, each ``[n, G]``."""
+        return self.sample_x(self.sample_offsets(dosages, max_active), library_size)
+
+    def encode(self, x, dosages):
+        """Posterior mean of ``z_basal`` (``[n, K]``) for one draw of the global variables."""
+        shift, _, _ = self.sample_globals()
+        return self.q_z_basal(x, dosages @ shift).loc
 
     # --- interpretation ---------------------------------------------------------------
-    def mask_probs(self):  # [T, K]
-        return jax.nn.sigmoid(self.mask_logits)
+    def embedding_means(self):
+        """Mean of ``q(embedding | mask)`` at the most probable mask (``[T, K]``)."""
+        return self.q_embedding(self.most_probable_mask()).mean
+
+
+class SAMSVAE(LearnedMask, AdditiveShiftVAE):
+    """SAMS-VAE (SPEC 1-2): a sparse mask with a Bernoulli(``mask_prior_prob``) prior; the
+    mask's guide, sampling and :meth:`mask_probs` come from :class:`LearnedMask`."""
+
+    guide: str = "correlated"
+    mask_prior_prob: float = 0.01
+
+    def sample_mask(self):
+        """Straight-through mask sample ``[T, K]`` and its ``(log_p, log_q)`` dicts."""
+        mask = self.straight_through_mask()
+        return (mask, *self.mask_terms(mask))
+
+    def mask_terms(self, mask):
+        log_q = {"mask": dist.BernoulliLogits(self.mask_logits).log_prob(mask).sum(-1)}
+        log_p = {"mask": dist.BernoulliProbs(self.mask_prior_prob).log_prob(mask).sum(-1)}
+        return log_p, log_q
+
+
+class SAMSVAEBetaBernoulli(SAMSVAE):
+    """SAMS-VAE whose mask probabilities have a Beta prior (SPEC 4)::
+
+        mask_prob[t, k] ~ Beta(mask_beta_a, mask_beta_b)
+        mask[t, k] ~ Bernoulli(mask_prob[t, k])
+
+    the rest as in :class:`SAMSVAE` (``mask_prior_prob`` is not used). Guide, as for
+    SVAE+: ``q(mask_prob)`` is a point mass at ``sigmoid(mask_logits)`` (a MAP estimate:
+    ``log q = 0``, ``log p`` = the Beta log-density there, plated variable
+    ``mask_prob``) and ``q(mask | mask_prob) = Bernoulli(mask_prob)``, sampled by
+    Gumbel-softmax straight-through. Prior and guide of the mask given ``mask_prob`` are
+    then the same Bernoulli, so the mask's ``log p - log q`` is zero and the Beta density
+    is what pulls the logits (towards 0 for the default Beta(1, 2)). ``q(mask)``,
+    predictions and :meth:`mask_probs` are those of :class:`SAMSVAE`.
+    """
+
+    mask_beta_a: float = 1.0
+    mask_beta_b: float = 2.0
+
+    def mask_terms(self, mask):
+        return beta_bernoulli_mask_terms(self.mask_logits, mask, self.mask_beta_a, self.mask_beta_b)
+
+
+class CPAVAE(AdditiveShiftVAE):
+    """CPA-VAE (SPEC 4): SAMS-VAE without the mask, ``z = z_basal + D @ embedding``,
+    with a mean-field ``q(embedding)``. Equals :class:`SAMSVAE` (``guide="mean_field"``)
+    with the mask fixed to ones: the key the mask would have used is still taken from the
+    ``"globals"`` stream, so both draw the same embeddings from the same keys."""
+
+    guide = "mean_field"  # a constant, not a config field
+
+    def setup_mask(self):
+        pass
+
+    def sample_mask(self):
+        self.make_rng("globals")  # the mask's key, unused (see the class docstring)
+        return jnp.ones((self.n_perturbations, self.n_latent)), {}, {}
+
+    def sample_row_masks(self, rows):
+        self.make_rng("globals")
+        return jnp.ones((*rows.shape, self.n_latent))
+
+    def most_probable_mask(self):
+        return jnp.ones((self.n_perturbations, self.n_latent))

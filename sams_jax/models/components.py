@@ -1,0 +1,158 @@
+"""What every model shares: :class:`PerturbationVAE` and small helpers.
+
+:class:`PerturbationVAE` holds the pieces of a VAE with one local (per-cell) latent
+``z`` of ``n_latent`` dimensions:
+
+* the encoder-input normalisation statistics (non-trainable ``"normalization"``
+  collection, ``mean`` and ``scale``);
+* the local encoder ``q(z | normalize(x), ...)``: a :class:`~sams_jax.nn.ResidualMLP`
+  (``basal_encoder_n_layers`` x ``basal_encoder_n_hidden``) and a
+  :class:`~sams_jax.nn.NormalHead` (submodules ``basal_encoder`` and ``basal_head``);
+* the observation model ``p(x | decoder(z, ...), library size)``: a ResidualMLP
+  (``decoder_n_layers`` x ``decoder_n_hidden``) and a
+  :class:`~sams_jax.likelihoods.LikelihoodHead` (submodules ``decoder`` and
+  ``likelihood_head``);
+* :meth:`PerturbationVAE.local_terms`, which draws ``z`` from its guide and scores it, and
+  :meth:`PerturbationVAE.sample_x`, which draws ``z`` from its prior and then ``x`` (for
+  average treatment effects).
+
+:class:`LearnedMask` adds the perturbation-plated mask with free guide logits shared by
+SAMS-VAE and SVAE+.
+
+Extra encoder or decoder inputs (the latent offset, the dosages) are passed as further
+arguments; each gets its own first-layer kernel (``kernel_0_1``, ...), which is the
+same as concatenating them to the first input. A model subclasses
+:class:`PerturbationVAE`, adds its own parameters in ``setup`` before calling
+``super().setup()``, and returns :class:`~sams_jax.models.base.ParticleTerms`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpyro.distributions as dist
+from jax.scipy.special import betaln
+
+from sams_jax.data import normalize_input
+from sams_jax.likelihoods import LikelihoodHead
+from sams_jax.models.base import ParticleTerms
+from sams_jax.nn import NormalHead, ResidualMLP, straight_through_bernoulli
+
+
+class PerturbationVAE(nn.Module):
+    """Base module: data sizes, local encoder, decoder with likelihood head, normalisation."""
+
+    n_genes: int
+    n_perturbations: int
+    n_latent: int = 15
+    likelihood: str = "normal"
+    normalization: str = "standardize"
+    decoder_n_layers: int = 1
+    decoder_n_hidden: int = 50
+    basal_encoder_n_layers: int = 1
+    basal_encoder_n_hidden: int = 50
+
+    def setup(self):
+        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers)
+        self.basal_head = NormalHead(self.n_latent)
+        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers)
+        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes)
+        self.norm_mean = self.variable("normalization", "mean", jnp.zeros, (self.n_genes,))
+        self.norm_scale = self.variable("normalization", "scale", jnp.ones, (self.n_genes,))
+
+    def encoder_input(self, x):  # [n, G] -> [n, G]
+        stats = {"mean": self.norm_mean.value, "scale": self.norm_scale.value}
+        return normalize_input(x, stats, self.normalization)
+
+    def q_local(self, x, *extra):
+        """``q(z | normalize(x), *extra)``: Normal with batch shape ``[n, K]`` (``None``
+        entries of ``extra`` are left out)."""
+        return self.basal_head(self.basal_encoder(self.encoder_input(x), *extra))
+
+    def p_x(self, z, library_size, *extra):
+        """``p(x | decoder(z, *extra), library_size)``: a distribution over ``[n, G]``."""
+        return self.likelihood_head(self.decoder(z, *extra), library_size)
+
+    def local_terms(self, x, library_size, q_z, p_z, name: str, shift=0.0, decoder_extra=(),
+                    global_log_p=None, global_log_q=None) -> ParticleTerms:
+        """Draw the local latent from ``q_z`` (``"local"`` stream), decode ``z + shift``
+        (with ``decoder_extra`` inputs) and return the particle's terms, the local latent
+        under ``name`` scored by ``p_z`` and ``q_z`` (summed over latent dimensions)."""
+        z = q_z.rsample(self.make_rng("local"))
+        p_x = self.p_x(z + shift, library_size, *decoder_extra)
+        return ParticleTerms(
+            log_likelihood=p_x.log_prob(x).sum(-1),
+            local_log_p={name: p_z.log_prob(z).sum(-1)},
+            local_log_q={name: q_z.log_prob(z).sum(-1)},
+            global_log_p={} if global_log_p is None else global_log_p,
+            global_log_q={} if global_log_q is None else global_log_q,
+        )
+
+    def sample_x(self, shift, library_size, *decoder_extra):
+        """``x`` for a local latent drawn from its prior ``Normal(shift, I)`` (``shift``
+        ``[n, K]``): ``(x_sample, x_mean)``, each ``[n, G]``."""
+        z = jax.random.normal(self.make_rng("local"), shift.shape, shift.dtype) + shift
+        p_x = self.p_x(z, library_size, *decoder_extra)
+        return p_x.sample(self.make_rng("local")), p_x.mean
+
+
+class LearnedMask(PerturbationVAE):
+    """A perturbation-plated mask ``[T, K]`` whose guide is ``Bernoulli(sigmoid(mask_logits))``
+    (free logits initialised at ``mask_init_logits``), for SAMS-VAE and SVAE+. A subclass
+    calls :meth:`setup_mask` in its ``setup``."""
+
+    mask_init_logits: float = 0.0
+    gs_temperature: float = 1.0
+
+    def setup_mask(self):
+        t, k = self.n_perturbations, self.n_latent
+        self.mask_logits = self.param("mask_logits", nn.initializers.constant(self.mask_init_logits), (t, k))
+
+    def straight_through_mask(self):
+        """One Gumbel-softmax straight-through sample ``[T, K]`` (``"globals"`` stream)."""
+        return straight_through_bernoulli(self.make_rng("globals"), self.mask_logits, self.gs_temperature)
+
+    def sample_row_masks(self, rows):
+        """Plain samples of the masks of perturbations ``rows`` (``[n, A]`` -> ``[n, A, K]``),
+        independent per row (for predictions)."""
+        return dist.BernoulliLogits(self.mask_logits[rows]).sample(self.make_rng("globals")).astype(
+            self.mask_logits.dtype)
+
+    def most_probable_mask(self):  # [T, K]
+        return (self.mask_logits > 0).astype(self.mask_logits.dtype)
+
+    def mask_probs(self):  # [T, K]
+        return jax.nn.sigmoid(self.mask_logits)
+
+
+def active_perturbations(dosages, max_active: int):
+    """The ``max_active`` (static) largest-``|dosage|`` perturbations of every row:
+    ``(values [n, A], rows [n, A])``; rows with fewer non-zeros are padded with zero
+    values (their ``rows`` entries are arbitrary)."""
+    _, rows = jax.lax.top_k(jnp.abs(dosages), max_active)
+    return jnp.take_along_axis(dosages, rows, axis=-1), rows
+
+
+def beta_log_density_at_logits(logits, a: float, b: float):
+    """``log Beta(sigmoid(logits); a, b)`` (density with respect to the probability),
+    computed with ``log_sigmoid`` so that it stays finite for large ``|logits|``."""
+    return ((a - 1.0) * jax.nn.log_sigmoid(logits) + (b - 1.0) * jax.nn.log_sigmoid(-logits)
+            - betaln(a, b))
+
+
+def beta_bernoulli_mask_terms(logits, mask, a: float, b: float):
+    """Perturbation-plated ``(log_p, log_q)`` (dicts of ``[T]``) of a mask with a
+    Beta-Bernoulli prior, ``mask_prob ~ Beta(a, b)``, ``mask ~ Bernoulli(mask_prob)``,
+    under the guide ``q(mask_prob)`` = point mass at ``sigmoid(logits)`` (``log q = 0``,
+    ``log p`` = the Beta log-density there) and ``q(mask | mask_prob) =
+    Bernoulli(mask_prob)`` (``mask`` [T, K] is its straight-through sample). The mask's
+    prior and guide are then the same Bernoulli, so its ``log p - log q`` is zero and the
+    Beta density is the only prior pull on the logits (as in Lopez et al. 2022)."""
+    log_mask = dist.BernoulliLogits(logits).log_prob(mask).sum(-1)
+    log_p = {"mask_prob": beta_log_density_at_logits(logits, a, b).sum(-1), "mask": log_mask}
+    log_q = {"mask_prob": jnp.zeros(logits.shape[:-1], logits.dtype), "mask": log_mask}
+    return log_p, log_q
+
+
+STANDARD_NORMAL = dist.Normal(0.0, 1.0)

@@ -1,0 +1,36 @@
+"""Conditional VAE (SPEC 4): the perturbation enters as an input, not as a latent shift.
+
+    z[i] ~ Normal(0, I_K)                              (one per cell)
+    x[i] ~ likelihood(decoder([z[i], dosages[i]]), library_size[i])
+
+Guide ``q(z | normalize(x), dosages)``: the shared encoder on ``[normalize(x), dosages]``.
+There are no perturbation-plated variables (the global dicts are empty), so the effect
+of an intervention is whatever the decoder does with its dosage input.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from sams_jax.models.base import ParticleTerms
+from sams_jax.models.components import STANDARD_NORMAL, PerturbationVAE
+
+
+class ConditionalVAE(PerturbationVAE):
+    """Conditional VAE (see the module docstring); local latent ``"z"``, no plated variables."""
+
+    def __call__(self, x, dosages, library_size) -> ParticleTerms:
+        """x ``[n, G]``, dosages ``[n, T]``, library_size ``[n]`` -> :class:`ParticleTerms`."""
+        return self.local_terms(x, library_size, self.q_local(x, dosages), STANDARD_NORMAL, "z",
+                                decoder_extra=(dosages,))
+
+    def generate(self, dosages, library_size, max_active: int = 2):
+        """Sample ``x`` under interventions ``dosages`` (``[n, T]``) with ``z`` from its
+        prior: ``(x_sample, x_mean)``, each ``[n, G]``. ``max_active`` is not used."""
+        del max_active
+        shift = jnp.zeros((dosages.shape[0], self.n_latent), dosages.dtype)
+        return self.sample_x(shift, library_size, dosages)
+
+    def encode(self, x, dosages):
+        """Posterior mean of ``z`` (``[n, K]``)."""
+        return self.q_local(x, dosages).loc
