@@ -35,3 +35,101 @@ def mask_scores(true_mask: np.ndarray, learned_mask: np.ndarray) -> dict[str, fl
     recall = true_positive / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"mask_precision": precision, "mask_recall": recall, "mask_f1": f1}
+
+
+# --- agreement between model and data ATEs (SPEC 5) -------------------------------------
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two flattened arrays (NaN entries of either are dropped)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def r2(truth: np.ndarray, prediction: np.ndarray) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` with ``truth`` (the data ATE)
+    as the reference, on flattened arrays (as ``sklearn.metrics.r2_score``)."""
+    t, p = np.asarray(truth, np.float64).ravel(), np.asarray(prediction, np.float64).ravel()
+    keep = np.isfinite(t) & np.isfinite(p)
+    t, p = t[keep], p[keep]
+    total = ((t - t.mean()) ** 2).sum()
+    return float(1.0 - ((t - p) ** 2).sum() / total) if total > 0 else float("nan")
+
+
+def top_k_genes(data_ate: np.ndarray, k: int = 20) -> np.ndarray:
+    """``[I, G]`` boolean mask of the ``k`` genes with the largest ``|data ATE|`` per row."""
+    order = np.argsort(-np.abs(np.nan_to_num(data_ate)), axis=1)[:, :k]
+    mask = np.zeros(data_ate.shape, bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask
+
+
+def ate_agreement(data_ate: np.ndarray, model_ate: np.ndarray, k: int = 20) -> dict[str, float]:
+    """Pearson r and R^2 between flattened data and model ATEs (``[I, G]`` each), overall
+    and on each intervention's top-``k`` genes by ``|data ATE|``."""
+    top = top_k_genes(data_ate, k)
+    return {
+        "ATE_pearsonr": pearson(data_ate, model_ate),
+        "ATE_r2": r2(data_ate, model_ate),
+        f"ATE_pearsonr_top{k}": pearson(data_ate[top], model_ate[top]),
+        f"ATE_r2_top{k}": r2(data_ate[top], model_ate[top]),
+    }
+
+
+def _cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [I, G], [J, G] -> [I, J]
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def _rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [I, G], [J, G] -> [I, J]
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0) / a.shape[1])
+
+
+def _mean_rank(scores: np.ndarray, higher_is_better: bool) -> float:
+    """For each row ``i`` of the ``[I, I]`` prediction-vs-observation score matrix, the
+    fraction of other observations that match prediction ``i`` better than observation
+    ``i`` does; averaged. 0 is perfect, about 0.5 is chance."""
+    scores = scores if higher_is_better else -scores
+    own = np.diag(scores)[:, None]
+    n = scores.shape[0]
+    return float(((scores > own).sum(1) / max(n - 1, 1)).mean()) if n > 1 else 0.0
+
+
+def perturbench_metrics(data_mean: np.ndarray, model_mean: np.ndarray, data_ate: np.ndarray,
+                        model_ate: np.ndarray) -> dict[str, float]:
+    """PerturBench-style metrics over interventions (rows; NaN rows are dropped):
+
+    * ``cosine_logfc``: mean cosine similarity of predicted and observed effects (log
+      fold changes on the ``perturbseq`` scale), and ``cosine_logfc_rank``;
+    * ``rmse_average``: mean RMSE between predicted and observed average expression per
+      intervention, and ``rmse_rank``.
+
+    Rank variants: how often another intervention's observation is closer to the
+    prediction than the intervention's own (0 = perfect, 0.5 = chance).
+    """
+    keep = np.all(np.isfinite(data_mean), axis=1) & np.all(np.isfinite(data_ate), axis=1)
+    data_mean, model_mean, data_ate, model_ate = data_mean[keep], model_mean[keep], data_ate[keep], model_ate[keep]
+    if not keep.any():
+        return {}
+    cosine = _cosine_matrix(model_ate, data_ate)
+    rmse = _rmse_matrix(model_mean, data_mean)
+    return {
+        "cosine_logfc": float(np.diag(cosine).mean()),
+        "cosine_logfc_rank": _mean_rank(cosine, higher_is_better=True),
+        "rmse_average": float(np.diag(rmse).mean()),
+        "rmse_rank": _mean_rank(rmse, higher_is_better=False),
+    }
+
+
+def mean_correlation_coefficient(true_latents: np.ndarray, learned_latents: np.ndarray) -> float:
+    """Mean absolute Pearson correlation between true and learned latent dimensions after
+    Hungarian matching (``[n, K_true]``, ``[n, K_learned]``)."""
+    k_true = true_latents.shape[1]
+    corr = np.corrcoef(true_latents.T, learned_latents.T)[:k_true, k_true:]
+    corr = np.abs(np.nan_to_num(corr))
+    rows, cols = linear_sum_assignment(corr, maximize=True)
+    return float(corr[rows, cols].mean())

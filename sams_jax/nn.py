@@ -67,19 +67,25 @@ class ResidualMLP(nn.Module):
     negative_slope: float = 0.01
     row_one_hot: bool = False
 
+    n_rows: int = 0  # with row_one_hot: the number of rows (e.g. perturbations)
+
     @nn.compact
-    def __call__(self, *inputs):  # each [..., d_j] -> [..., n_hidden]
+    def __call__(self, *inputs, row_index=None):  # each [..., d_j] -> [..., n_hidden]
+        """``row_index`` (``[...]`` ints, optional with ``row_one_hot``): evaluate only those
+        rows, i.e. the input rows are ``[x_j, one_hot(row_index)]``; by default the inputs
+        hold all ``n_rows`` rows in order along their second-to-last axis."""
         if self.n_layers < 1:
             raise ValueError(f"ResidualMLP needs n_layers >= 1, got {self.n_layers}")
         inputs = [x for x in inputs if x is not None]
-        n_rows = inputs[0].shape[-2] if self.row_one_hot else 0
+        n_rows = self.n_rows if self.row_one_hot else 0
         fan_in = sum(x.shape[-1] for x in inputs) + n_rows
         init = torch_uniform_init(fan_in)
         h = self.param("bias_0", init, (self.n_hidden,))
         for j, x in enumerate(inputs):
             h = h + x @ self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden))
         if self.row_one_hot:
-            h = h + self.param("kernel_0_rows", init, (n_rows, self.n_hidden))
+            row_kernel = self.param("kernel_0_rows", init, (n_rows, self.n_hidden))
+            h = h + (row_kernel if row_index is None else row_kernel[row_index])
         h = nn.leaky_relu(h, self.negative_slope)
         for layer in range(1, self.n_layers):
             h = h + nn.leaky_relu(TorchDense(self.n_hidden, name=f"dense_{layer}")(h), self.negative_slope)

@@ -34,7 +34,7 @@ from sams_jax import metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
 from sams_jax.config import ConfigError, validate_against_data, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
-from sams_jax.models import create_model
+from sams_jax.models import check_data as check_model_data, create_model
 from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
 
 HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
@@ -161,9 +161,10 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     """
     validate_config(config)
     if data is None:
-        data = load_data(config.data)
+        data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
     validate_against_data(config, data)
+    check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only
     objective = ObjectiveConfig.from_config(config.objective)
 
     os.makedirs(workdir, exist_ok=True)
@@ -247,7 +248,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
         best = checkpointer.best_step()
         best_state = checkpointer.restore_state(best, state)
-        results = final_metrics(model, config, data, best_state.variables, eval_key)
+        results = final_metrics(model, config, data, best_state.variables, jax.random.key(config.seed))
         results["best_step"] = int(best)
         results["steps"] = int(step)
     finally:
@@ -258,7 +259,9 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
 
 def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict[str, float]:
-    """Predictive IWELBO per held-out split and, for simulations, mask recovery."""
+    """Predictive IWELBO per held-out split and, for simulations, mask recovery. With
+    ``rng = jax.random.key(config.seed)`` the IWELBO equals ``sams_jax.load(workdir)
+    .iwelbo(split, n_particles, seed=config.seed, chunk_size=config.train.eval_batch_size)``."""
     n_particles = config.eval.iwelbo_n_particles
     results: dict[str, float] = {}
 

@@ -79,7 +79,7 @@ def test_residual_mlp_multi_input_equals_concatenation():
     dense layer on [x, offset, one_hot(row)]; later layers are residual."""
     x = jax.random.normal(jax.random.key(0), (7, 5))
     offset = jax.random.normal(jax.random.key(1), (7, 3))
-    mlp = ResidualMLP(n_hidden=6, n_layers=2, row_one_hot=True)
+    mlp = ResidualMLP(n_hidden=6, n_layers=2, row_one_hot=True, n_rows=7)
     variables = mlp.init(jax.random.key(2), x, offset)
     p = variables["params"]
     kernel = np.concatenate([p["kernel_0_0"], p["kernel_0_1"], p["kernel_0_rows"]], axis=0)
@@ -88,6 +88,10 @@ def test_residual_mlp_multi_input_equals_concatenation():
     h1 = leaky(inputs @ kernel + p["bias_0"])
     h2 = h1 + leaky(h1 @ p["dense_1"]["kernel"] + p["dense_1"]["bias"])
     np.testing.assert_allclose(mlp.apply(variables, x, offset), h2, rtol=1e-5, atol=1e-6)
+    # evaluating selected rows only equals taking those rows of the full evaluation
+    rows = jnp.array([4, 0, 4])
+    np.testing.assert_allclose(mlp.apply(variables, x[rows], offset[rows], row_index=rows), h2[np.asarray(rows)],
+                               rtol=1e-5, atol=1e-6)
     # PyTorch-style init: bound 1/sqrt(total fan-in) = 1/sqrt(5 + 3 + 7)
     assert np.abs(kernel).max() <= 1 / np.sqrt(15) + 1e-7
 

@@ -1,0 +1,184 @@
+"""Evaluate a trained run from its checkpoint (SPEC 5):
+
+    python -m sams_jax.evaluate --workdir runs/simulation [--checkpoint best|latest|<step>]
+
+Needs no config file: the model, its config and the data metadata come from the
+checkpoint; the data are rebuilt from the saved ``config.data`` (the simulation is
+regenerated from its seed; files are read from their saved path). Writes
+``<workdir>/eval/``:
+
+* ``metrics.json`` / ``metrics.csv``: ``IWELBO-<split>``; ``ATE_pearsonr-<split>``,
+  ``ATE_r2-<split>``, ``ATE_pearsonr_top20-<split>``, ``ATE_r2_top20-<split>`` (split in
+  all / train / val / test: the interventions observed in that split); PerturBench-style
+  ``cosine_logfc``, ``cosine_logfc_rank``, ``rmse_average``, ``rmse_rank`` per split; and for
+  simulations ``mask_precision``, ``mask_recall``, ``mask_f1``, ``mcc``;
+* ``ate.h5ad``: obs = interventions (split membership, cell counts), var = genes, layers
+  ``model`` and ``data`` (NaN where not observed), ``uns["control"]``;
+* PNG plots: ``history.png``, ``ate_scatter.png``, ``mask_probs.png``, ``embeddings.png``.
+
+Data ATEs use all cells of the data set (control cells included, whatever their split);
+the metrics of a split are computed over the interventions observed in that split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from sams_jax import metrics as metrics_lib
+from sams_jax.ate import data_expectations
+from sams_jax.checkpoint import CheckpointError
+from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
+from sams_jax.predictor import InterventionError, Predictor, check_features, load
+
+TOP_K = 20
+
+
+def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
+    """Unique non-zero dosage rows of the data other than the control: ``(names, rows [I, T],
+    membership {split: [I] bool}, n_cells [I])``."""
+    rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    keep = ~np.all(rows == control_row, axis=1) & np.any(rows != 0, axis=1)
+    # singles before pairs, each in vocabulary order
+    keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
+    keep = np.asarray(keep, dtype=np.int64)
+    names = [predictor.intervention_name(row) for row in rows[keep]]
+    membership = {split: np.isin(keep, np.unique(inverse[data.mask(split)])) for split in SPLITS}
+    return names, rows[keep], membership, counts[keep]
+
+
+def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int = 100, ate_particles: int = 2_500,
+             ate_scale: str | None = None, ate_method: str = "paper", control: str | None = None,
+             interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
+             data: PerturbationData | None = None) -> dict[str, float]:
+    """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring)."""
+    predictor = load(workdir, checkpoint)
+    if data is None:
+        data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
+    check_features(predictor.feature_names, data.feature_names)
+    control = control or predictor.control
+    scale = ate_scale or predictor.default_scale
+    extra = list(interventions or [])
+    control_row = predictor.dosages([control])[0]
+    predictor.dosages(extra)  # unknown names fail here, before any heavy work
+    is_control = np.all(data.dosages == control_row, axis=1)
+    if not is_control.any():
+        raise DataError(f"no cells of the control {control!r} in the data; ATEs need control cells "
+                        "(pass --control with a label present in the data)")
+
+    results: dict[str, float] = {}
+    per_cell = {split: predictor.iwelbo(data.arrays(split), iwelbo_particles, seed)
+                for split in SPLITS if data.mask(split).any()}
+    for split, values in per_cell.items():
+        results[f"IWELBO-{split}"] = float(values.mean())
+    results["IWELBO-all"] = float(np.concatenate(list(per_cell.values())).mean())
+
+    names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
+    all_names = [control, *names, *[e for e in extra if e not in names]]
+    model_means = predictor.expectations(all_names, ate_particles, scale, ate_method, seed)
+    model_ate = model_means[1:] - model_means[0]
+    data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
+    data_ate = data_means[1:] - data_means[0]
+    n_observed = len(names)
+    for split, member in [("all", np.ones(n_observed, bool)), *membership.items()]:
+        if not member.any():
+            continue
+        agreement = metrics_lib.ate_agreement(data_ate[member], model_ate[:n_observed][member], TOP_K)
+        agreement.update(metrics_lib.perturbench_metrics(data_means[1:][member], model_means[1:n_observed + 1][member],
+                                                         data_ate[member], model_ate[:n_observed][member]))
+        results.update({f"{name}-{split}": value for name, value in agreement.items()})
+
+    if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
+        learned = predictor.mask_probs().to_numpy() > 0.5
+        results.update(metrics_lib.mask_scores(data.truth["mask"], learned))
+        test = data.mask("test")
+        results["mcc"] = metrics_lib.mean_correlation_coefficient(
+            data.truth["z_basal"][test], predictor.latent(data.arrays("test"), seed=seed))
+
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    results = {k: results[k] for k in sorted(results)}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
+    _write_ate(out_dir, predictor, all_names[1:], n_observed, membership, n_cells, model_ate, data_ate, control,
+               scale, ate_method, ate_particles)
+    if plots:
+        _write_plots(out_dir, workdir, predictor, data_ate, model_ate[:n_observed])
+    return results
+
+
+def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, model_ate, data_ate, control, scale,
+               method, n_particles) -> None:
+    import anndata
+
+    n = len(names)
+    pad = lambda values, fill: np.concatenate([values, np.full(n - n_observed, fill, values.dtype)])
+    obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
+                        **{f"in_{split}": pad(member, False) for split, member in membership.items()}},
+                       index=pd.Index(names, name="intervention"))
+    data_layer = np.full(model_ate.shape, np.nan, np.float32)
+    data_layer[:n_observed] = data_ate
+    result = anndata.AnnData(X=model_ate.astype(np.float32), obs=obs,
+                             var=pd.DataFrame(index=pd.Index(predictor.feature_names, name="gene")),
+                             layers={"model": model_ate.astype(np.float32), "data": data_layer})
+    result.uns.update(control=control, scale=scale, method=method, n_particles=n_particles,
+                      checkpoint_step=predictor.step)
+    result.write_h5ad(os.path.join(out_dir, "ate.h5ad"))
+
+
+def _write_plots(out_dir, workdir, predictor, data_ate, model_ate) -> None:
+    from sams_jax import plots
+
+    history_path = os.path.join(workdir, "history.csv")
+    if os.path.exists(history_path):
+        plots.plot_history(pd.read_csv(history_path), os.path.join(out_dir, "history.png"))
+    if len(data_ate):
+        plots.plot_ate_scatter(data_ate, model_ate, metrics_lib.top_k_genes(data_ate, TOP_K),
+                               os.path.join(out_dir, "ate_scatter.png"))
+    if hasattr(predictor.model, "mask_probs"):
+        plots.plot_heatmap(predictor.mask_probs(), os.path.join(out_dir, "mask_probs.png"), "q(mask = 1)",
+                           cmap="Greys", value_range=(0.0, 1.0))
+    if hasattr(predictor.model, "embedding_means"):
+        plots.plot_heatmap(predictor.embeddings(), os.path.join(out_dir, "embeddings.png"),
+                           "embedding means", cmap="RdBu_r", center=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the training run's --workdir")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    parser.add_argument("--iwelbo-particles", type=int, default=100)
+    parser.add_argument("--ate-particles", type=int, default=2_500)
+    parser.add_argument("--ate-scale", choices=["mean", "perturbseq"], default=None,
+                        help="default: perturbseq for count likelihoods, mean otherwise")
+    parser.add_argument("--ate-method", choices=["paper", "crn"], default="paper",
+                        help="paper: independent draws per intervention; crn: common random numbers")
+    parser.add_argument("--control", default=None, help="control label (default: the data's)")
+    parser.add_argument("--interventions", default="",
+                        help="extra interventions to predict, comma-separated, e.g. 'A,B+C'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("iwelbo_particles", "ate_particles"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    extra = [item.strip() for item in args.interventions.split(",") if item.strip()]
+    try:
+        results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
+                           args.ate_method, args.control, extra, args.seed, plots=not args.no_plots)
+    except (CheckpointError, FileNotFoundError, DataError, InterventionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

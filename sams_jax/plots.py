@@ -1,0 +1,92 @@
+"""Figures of an evaluation (PNG, matplotlib's Agg backend): training history, model vs
+data ATE scatter with each intervention's top DE genes marked, and perturbation x latent
+heatmaps of mask probabilities and embeddings (perturbations ordered by similarity)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def similarity_order(values: np.ndarray) -> np.ndarray:
+    """Row order that puts similar rows together (average-linkage leaves)."""
+    if values.shape[0] < 3:
+        return np.arange(values.shape[0])
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    return leaves_list(linkage(np.nan_to_num(values), method="average", metric="euclidean"))
+
+
+def plot_history(history: pd.DataFrame, path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(history["step"], history["train_loss"], label="train (window mean)")
+    ax.plot(history["step"], history["val_loss"], label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (minus ELBO per cell)")
+    ax.legend()
+    ax.set_title("Training history")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarray, path: str,
+                     title: str = "ATE: model vs data") -> None:
+    """data_ate, model_ate ``[I, G]``; top ``[I, G]`` bool (top DE genes per intervention)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    keep = np.isfinite(data_ate) & np.isfinite(model_ate)
+    ax.scatter(data_ate[keep & ~top], model_ate[keep & ~top], s=3, alpha=0.3, color="0.6", label="other genes")
+    ax.scatter(data_ate[keep & top], model_ate[keep & top], s=5, alpha=0.6, color="C3", label="top-20 DE genes")
+    lo = float(np.nanmin([data_ate[keep].min(), model_ate[keep].min()])) if keep.any() else -1.0
+    hi = float(np.nanmax([data_ate[keep].max(), model_ate[keep].max()])) if keep.any() else 1.0
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+    ax.set_xlabel("data ATE")
+    ax.set_ylabel("model ATE")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
+                 max_rows: int = 200, value_range: tuple[float, float] | None = None) -> None:
+    """Perturbations (rows, ordered by similarity; at most ``max_rows``) x latent dims."""
+    plt = _pyplot()
+    values = frame.to_numpy()
+    if values.shape[0] > max_rows:  # keep the most active perturbations
+        keep = np.sort(np.argsort(-np.abs(values).sum(1))[:max_rows])
+        values, index = values[keep], frame.index[keep]
+    else:
+        index = frame.index
+    order = similarity_order(values)
+    values, index = values[order], np.asarray(index)[order]
+    height = min(2 + 0.12 * values.shape[0], 30)
+    fig, ax = plt.subplots(figsize=(2 + 0.25 * values.shape[1], height))
+    if value_range is None and center and values.size:
+        limit = float(np.abs(values).max())
+        value_range = (-limit, limit)
+    low, high = value_range or (None, None)
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=low, vmax=high)
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("perturbation")
+    if values.shape[0] <= 60:
+        ax.set_yticks(range(values.shape[0]), index, fontsize=6)
+    else:
+        ax.set_yticks([])
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,244 @@
+"""Interrogate a trained model: ``sams_jax.load(workdir)`` returns a :class:`Predictor`.
+
+Everything comes from the checkpoint (parameters, config, data metadata); no config file
+and no retraining. Interventions are named as in the data: ``"KLF1"`` or a combination
+``"KLF1+MAP2K6"`` (members joined by the data's delimiter, ``+`` by default), resolved
+through the saved perturbation vocabulary; the control label is the all-zero dosage
+unless it is itself a perturbation (as in the simulation, whose reference is ``"0"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import partial
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from sams_jax.ate import LIBRARY_SIZE, METHODS, SCALES, model_expectations
+from sams_jax.checkpoint import Checkpointer, CheckpointError
+from sams_jax.data import DataError, PerturbationData
+from sams_jax.likelihoods import COUNT_LIKELIHOODS
+from sams_jax.models import create_model
+from sams_jax.objective import predictive_iwelbo
+from sams_jax.train import create_optimizer, create_train_state
+
+
+class InterventionError(KeyError):
+    """An intervention name that the vocabulary cannot resolve."""
+
+    def __str__(self):  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+class Predictor:
+    """A trained model with its vocabulary. Build with :func:`load`."""
+
+    def __init__(self, model, variables, config, metadata: dict, step: int, workdir: str):
+        self.model, self.variables, self.config, self.metadata = model, variables, config, metadata
+        self.step, self.workdir = step, workdir
+        self.feature_names: list[str] = list(metadata["feature_names"])
+        self.perturbation_names: list[str] = list(metadata["perturbation_names"])
+        self.control: str | None = metadata.get("control")
+        registration = metadata.get("registration") or {}
+        # combinations are named with the data's delimiter; "+" where the data had none
+        self.delimiter: str = registration.get("delimiter") or "+"
+        self._index = {name: i for i, name in enumerate(self.perturbation_names)}
+
+        def generate(variables, dosages, library_size, max_active, rngs):
+            return model.apply(variables, dosages, library_size, max_active, rngs=rngs, method="generate")
+
+        self._expectations = jax.jit(
+            partial(model_expectations, generate),
+            static_argnames=("n_particles", "scale", "method", "max_active", "library_size",
+                             "intervention_chunk", "particle_chunk"))
+        self._iwelbo = jax.jit(partial(predictive_iwelbo, model.apply), static_argnames=("n_particles", "chunk_size"))
+
+    # --- vocabulary -----------------------------------------------------------------
+    @property
+    def default_scale(self) -> str:
+        return "perturbseq" if self.config.model.likelihood in COUNT_LIKELIHOODS else "mean"
+
+    def dosages(self, interventions: Sequence[str]) -> np.ndarray:
+        """Dosage rows ``[I, T]`` for intervention names; the control label (when not a
+        perturbation of the vocabulary) is the all-zero row."""
+        rows = np.zeros((len(interventions), len(self.perturbation_names)), np.float32)
+        for i, name in enumerate(interventions):
+            if name in self._index:  # includes combinations encoded as their own perturbation
+                rows[i, self._index[name]] = 1.0
+                continue
+            for member in name.split(self.delimiter):
+                member = member.strip()
+                if member in self._index:
+                    rows[i, self._index[member]] += 1.0
+                elif member != self.control or not member:
+                    close = difflib.get_close_matches(member, self.perturbation_names, n=5, cutoff=0.5)
+                    hint = f"closest known names: {close}" if close else \
+                        f"known names include {self.perturbation_names[:10]}"
+                    raise InterventionError(
+                        f"unknown perturbation {member!r} in intervention {name!r}; {hint}. Combinations are "
+                        f"written with {self.delimiter!r} between members, e.g. 'A{self.delimiter}B'")
+        return rows
+
+    def intervention_name(self, row: np.ndarray) -> str:
+        """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
+        members = [self.perturbation_names[t] for t in np.nonzero(row)[0]]
+        return self.delimiter.join(members) if members else (self.control or "control")
+
+    # --- predictions ----------------------------------------------------------------
+    def expectations(self, interventions: Sequence[str], n_particles: int = 2_500, scale: str | None = None,
+                     method: str = "paper", seed: int = 0, library_size: float = LIBRARY_SIZE) -> np.ndarray:
+        """``E[f(x) | do(d)]`` per intervention (``[I, G]``); see :mod:`sams_jax.ate`."""
+        scale = scale or self.default_scale
+        if scale not in SCALES:
+            raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
+        if method not in METHODS:
+            raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
+        if n_particles < 1:
+            raise ValueError(f"n_particles must be >= 1, got {n_particles}")
+        dosages = self.dosages(interventions)
+        max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
+        out = self._expectations(self.variables, jnp.asarray(dosages), jax.random.key(seed), n_particles=n_particles,
+                                 scale=scale, method=method, max_active=max_active, library_size=library_size)
+        return np.asarray(out)
+
+    def ate(self, interventions: Iterable[str] | None = None, control: str | None = None, method: str = "paper",
+            n_particles: int = 2_500, scale: str | None = None, seed: int = 0,
+            library_size: float = LIBRARY_SIZE):
+        """Model average treatment effects relative to ``control`` (default: the data's
+        control) as AnnData: obs = interventions, var = genes, ``X`` = ATE,
+        ``layers["expectation"]`` = ``E[f(x) | do(d)]``; ``uns`` records the settings.
+
+        ``interventions`` default to every single perturbation of the vocabulary.
+        ``method="paper"`` draws independently per intervention (the paper's estimator);
+        ``"crn"`` uses common random numbers for a much lower variance.
+        """
+        import anndata
+
+        interventions = list(interventions) if interventions is not None else \
+            [p for p in self.perturbation_names if p != (control or self.control)]
+        control = control or self.control
+        if control is None:
+            raise InterventionError("this model's data has no control label; pass control=...")
+        scale = scale or self.default_scale
+        means = self.expectations([control, *interventions], n_particles, scale, method, seed, library_size)
+        result = anndata.AnnData(
+            X=(means[1:] - means[0]).astype(np.float32),
+            obs=pd.DataFrame(index=pd.Index(interventions, name="intervention")),
+            var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene")),
+            layers={"expectation": means[1:].astype(np.float32)},
+        )
+        result.uns.update(control=control, control_expectation=means[0].astype(np.float32), scale=scale,
+                          method=method, n_particles=n_particles, seed=seed)
+        return result
+
+    def sample(self, interventions: Sequence[str], n: int = 100, seed: int = 0,
+               library_size: float = LIBRARY_SIZE):
+        """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``)."""
+        import anndata
+
+        dosages = np.repeat(self.dosages(interventions), n, axis=0)
+        max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
+        global_key, local_key = jax.random.split(jax.random.key(seed))
+        x, _ = jax.jit(self.model.apply, static_argnames=("max_active", "method"))(
+            self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size), max_active=max_active,
+            rngs={"globals": global_key, "local": local_key}, method="generate")
+        obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(list(interventions), n))})
+        obs.index = obs.index.astype(str)
+        return anndata.AnnData(X=np.asarray(x), obs=obs, var=pd.DataFrame(index=self.feature_names))
+
+    def register(self, adata_or_path) -> PerturbationData:
+        """An AnnData (or ``.h5ad`` path) read with the training data's registration
+        (perturbation column, control, delimiter, counts layer, ...), checked against the
+        model's genes (reordered to them) and perturbation vocabulary."""
+        from sams_jax.data.anndata_io import from_anndata
+
+        registration = dict(self.metadata.get("registration") or {})
+        keys = ("perturbation_key", "control", "control_match", "delimiter", "guide_column_pattern", "counts_layer",
+                "library_size_key", "encode_combinations", "use_highly_variable")
+        return from_anndata(adata_or_path, **{k: registration[k] for k in keys if k in registration},
+                            likelihood=self.config.model.likelihood, perturbations=self.perturbation_names,
+                            feature_names=self.feature_names)
+
+    def _arrays(self, data) -> dict[str, jnp.ndarray]:
+        """Cell arrays from a PerturbationData, an AnnData / ``.h5ad`` path, or a dict of
+        ``x [n, G]``, ``dosages [n, T]`` and ``library_size [n]``."""
+        if not isinstance(data, (PerturbationData, dict)):
+            data = self.register(data)
+        if isinstance(data, PerturbationData):
+            check_features(self.feature_names, data.feature_names)
+            data = {"x": data.x, "dosages": data.dosages, "library_size": data.library_size}
+        if data["x"].shape[1] != len(self.feature_names) or data["dosages"].shape[1] != len(self._index):
+            raise DataError(f"x must have {len(self.feature_names)} genes and dosages {len(self._index)} columns; "
+                            f"got {data['x'].shape[1]} and {data['dosages'].shape[1]}")
+        return {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+
+    def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int = 1024) -> np.ndarray:
+        """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data``."""
+        arrays = self._arrays(data)
+        return np.asarray(self._iwelbo(self.variables, jax.random.key(seed), arrays, n_particles=n_particles,
+                                       chunk_size=chunk_size))
+
+    def latent(self, data, n_particles: int = 10, seed: int = 0) -> np.ndarray:
+        """Posterior mean of the basal latent state (``[n, K]``), averaged over
+        ``n_particles`` draws of the global variables."""
+        arrays = self._arrays(data)
+        keys = jax.random.split(jax.random.key(seed), n_particles)
+
+        @jax.jit
+        def encode(variables, x, dosages):
+            return jax.vmap(lambda k: self.model.apply(variables, x, dosages, rngs={"globals": k},
+                                                       method="encode"))(keys).mean(0)
+
+        return np.asarray(encode(self.variables, arrays["x"], arrays["dosages"]))
+
+    def _per_perturbation(self, method: str) -> pd.DataFrame:
+        if not hasattr(self.model, method):
+            raise AttributeError(f"model {self.config.model.name!r} has no {method.replace('_', ' ')}")
+        values = np.asarray(self.model.apply(self.variables, method=method))
+        return pd.DataFrame(values, index=pd.Index(self.perturbation_names, name="perturbation"),
+                            columns=[f"latent_{k}" for k in range(values.shape[1])])
+
+    def mask_probs(self) -> pd.DataFrame:
+        """``q(mask = 1)`` per perturbation x latent dimension."""
+        return self._per_perturbation("mask_probs")
+
+    def embeddings(self) -> pd.DataFrame:
+        """Guide mean of the embeddings per perturbation x latent dimension."""
+        return self._per_perturbation("embedding_means")
+
+
+def check_features(expected: Sequence[str], given: Sequence[str]) -> None:
+    """Raise :class:`DataError` naming missing and extra genes when the sets differ, or
+    when the genes are in another order than the model's."""
+    from sams_jax.data.anndata_io import check_genes
+
+    check_genes(expected, given)
+    if list(expected) != list(given):
+        raise DataError("the data has the model's genes in a different order; reorder them to the training order "
+                        "(e.g. adata[:, predictor.feature_names])")
+
+
+def load(workdir: str, checkpoint: str | int = "best") -> Predictor:
+    """Load the ``best`` (default), ``latest`` or a given step's checkpoint of a run."""
+    import os
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise CheckpointError(f"no checkpoints in {workdir!r}; train first with "
+                              f"python -m sams_jax.train --config configs/<name>.py --workdir {workdir}")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        step = checkpointer.resolve(checkpoint)
+        config_dict, metadata = checkpointer.restore_json(step)
+        config = ml_collections.ConfigDict(config_dict)
+        model = create_model(config.model, len(metadata["feature_names"]), len(metadata["perturbation_names"]))
+        stats = {k: np.asarray(v, np.float32) for k, v in metadata["normalization_stats"].items()}
+        target = create_train_state(model, create_optimizer(config.train), stats, jax.random.key(0))
+        state = checkpointer.restore_state(step, target)
+    finally:
+        checkpointer.close()
+    return Predictor(model, state.variables, config, metadata, step, workdir)

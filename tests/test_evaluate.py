@@ -1,0 +1,217 @@
+"""Evaluation (SPEC 5): ATE estimators against closed forms, data ATEs by hand, the
+metrics against numpy/scipy, the predictor API and the evaluate command end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import sams_jax
+from sams_jax import metrics
+from sams_jax.ate import data_expectations, transform
+from sams_jax.checkpoint import CheckpointError
+from sams_jax.data import DataError, simulate
+from sams_jax.models import SAMSVAE
+from sams_jax.predictor import InterventionError, Predictor
+from sams_jax.train import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    sys.path.insert(0, str(ROOT))
+    from configs import test as test_config
+    sys.path.pop(0)
+    config = test_config.get_config()
+    config.train.update(max_steps=3000, eval_every=1000, steps_per_dispatch=100)
+    workdir = tmp_path_factory.mktemp("trained")
+    train_and_evaluate(config, str(workdir))
+    return workdir, config
+
+
+# --- ATE estimators ------------------------------------------------------------------
+
+def _linear_predictor():
+    """SAMS-VAE whose decoder is linear in z (first-layer bias large enough that the
+    LeakyReLU is the identity), normal likelihood, mean-field guide with tiny scales."""
+    t, k, g = 4, 3, 5
+    model = SAMSVAE(n_genes=g, n_perturbations=t, n_latent=k, guide="mean_field", normalization="none",
+                    decoder_n_hidden=6, basal_encoder_n_hidden=4)
+    dummy = (jnp.zeros((2, g)), jnp.zeros((2, t)), jnp.ones(2))
+    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+                           *dummy)
+    params = jax.tree.map(lambda v: v, variables["params"])
+    params["decoder"]["bias_0"] = jnp.full((6,), 100.0)
+    logvar = params["likelihood_head"]["normal"]["logvar"]
+    params["likelihood_head"]["normal"]["logvar"] = {"kernel": jnp.zeros_like(logvar["kernel"]),
+                                                     "bias": jnp.full_like(logvar["bias"], -4.0)}
+    rng = np.random.default_rng(0)
+    params["embedding_loc"] = jnp.asarray(rng.normal(size=(t, k)) * 2, jnp.float32)
+    params["embedding_log_scale"] = jnp.full((t, k), -9.0)
+    params["mask_logits"] = jnp.asarray(np.where(rng.random((t, k)) < 0.5, 12.0, -12.0), jnp.float32)
+    variables = {**variables, "params": params}
+    from ml_collections import ConfigDict
+    config = ConfigDict({"model": {"likelihood": "normal", "name": "sams_vae"}})
+    metadata = {"feature_names": [f"g{i}" for i in range(g)], "perturbation_names": ["a", "b", "c", "d"],
+                "control": "control"}
+    return Predictor(model, variables, config, metadata, 0, ""), params
+
+
+def test_model_ate_matches_closed_form_for_linear_decoder():
+    predictor, p = _linear_predictor()
+    shift = np.asarray(jax.nn.sigmoid(p["mask_logits"]) * p["embedding_loc"])  # E[E * M]
+    w = np.asarray(p["decoder"]["kernel_0_0"]) @ np.asarray(p["likelihood_head"]["normal"]["loc"]["kernel"])
+    dosages = predictor.dosages(["a", "b+c", "d"])
+    expected = (dosages @ shift) @ w
+    crn = predictor.ate(["a", "b+c", "d"], method="crn", n_particles=4000, seed=1)
+    np.testing.assert_allclose(crn.X, expected, atol=0.02)
+    paper = predictor.ate(["a", "b+c", "d"], method="paper", n_particles=4000, seed=1)
+    np.testing.assert_allclose(paper.X, expected, atol=0.15)
+    assert crn.uns["control"] == "control" and list(crn.obs_names) == ["a", "b+c", "d"]
+    # a pair's effect is the sum of its members' effects (additive latent shifts)
+    np.testing.assert_allclose(crn.X[1], expected[1], atol=0.02)
+
+
+def test_crn_has_much_lower_variance_than_independent_draws():
+    predictor, _ = _linear_predictor()
+    def spread(method):
+        runs = np.stack([predictor.ate(["a", "b"], method=method, n_particles=64, seed=s).X for s in range(6)])
+        return runs.std(0).mean()
+    assert spread("crn") < 0.25 * spread("paper")
+
+
+def test_ate_scale_and_method_validation():
+    predictor, _ = _linear_predictor()
+    with pytest.raises(ValueError, match="allowed"):
+        predictor.ate(["a"], scale="log")
+    with pytest.raises(ValueError, match="allowed"):
+        predictor.ate(["a"], method="fast")
+
+
+def test_unknown_intervention_lists_closest_names():
+    predictor, _ = _linear_predictor()
+    np.testing.assert_array_equal(predictor.dosages(["b+c", "control"]), [[0, 1, 1, 0], [0, 0, 0, 0]])
+    with pytest.raises(InterventionError, match=r"unknown perturbation 'cc'.*closest known names: \['c'\]"):
+        predictor.dosages(["a+cc"])
+
+
+def test_data_expectations_by_hand_on_both_scales():
+    x = np.array([[1.0, 3.0], [3.0, 5.0], [10.0, 0.0], [2.0, 2.0], [4.0, 4.0]])
+    dosages = np.array([[0, 0], [0, 0], [1, 0], [1, 1], [1, 1]], np.float32)
+    rows = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float32)
+    mean = data_expectations(x, dosages, rows, "mean")
+    np.testing.assert_allclose(mean[:3], [[2.0, 4.0], [10.0, 0.0], [3.0, 3.0]])
+    assert np.all(np.isnan(mean[3]))
+    log = data_expectations(x, dosages, rows, "perturbseq", cell_chunk=2)
+    cell = lambda v: np.log2(1e4 * np.asarray(v) / np.sum(v) + 1)
+    np.testing.assert_allclose(log[0], (cell([1, 3]) + cell([3, 5])) / 2)
+    np.testing.assert_allclose(log[2], cell([1, 1]))
+    import scipy.sparse as sp
+    np.testing.assert_allclose(data_expectations(sp.csr_matrix(x), dosages, rows, "perturbseq"), log)
+    np.testing.assert_allclose(transform(jnp.asarray(x[:1]), "perturbseq"), cell([1, 3])[None], rtol=1e-6)
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+def test_agreement_metrics_match_scipy():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(6, 40))
+    model = data + rng.normal(size=data.shape) * 0.5
+    out = metrics.ate_agreement(data, model, k=20)
+    np.testing.assert_allclose(out["ATE_pearsonr"], stats.pearsonr(data.ravel(), model.ravel())[0])
+    r2 = 1 - ((data - model) ** 2).sum() / ((data - data.mean()) ** 2).sum()
+    np.testing.assert_allclose(out["ATE_r2"], r2)
+    top = np.argsort(-np.abs(data), axis=1)[:, :20]
+    d_top, m_top = np.take_along_axis(data, top, 1), np.take_along_axis(model, top, 1)
+    np.testing.assert_allclose(out["ATE_pearsonr_top20"], stats.pearsonr(d_top.ravel(), m_top.ravel())[0])
+    assert metrics.top_k_genes(data, 20).sum(1).tolist() == [20] * 6
+
+
+def test_perturbench_metrics_by_hand():
+    rng = np.random.default_rng(1)
+    data_mean = rng.normal(size=(5, 8))
+    model_mean = data_mean + 0.1 * rng.normal(size=(5, 8))
+    data_ate, model_ate = data_mean - 1.0, model_mean - 1.1
+    out = metrics.perturbench_metrics(data_mean, model_mean, data_ate, model_ate)
+    cos = [np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(model_ate, data_ate)]
+    np.testing.assert_allclose(out["cosine_logfc"], np.mean(cos))
+    np.testing.assert_allclose(out["rmse_average"], np.mean(np.sqrt(((model_mean - data_mean) ** 2).mean(1))))
+    assert out["rmse_rank"] == 0.0  # each prediction is nearest its own observation
+    shuffled = metrics.perturbench_metrics(data_mean, model_mean[::-1], data_ate, model_ate[::-1])
+    assert shuffled["rmse_rank"] > 0.3
+
+
+def test_mean_correlation_coefficient_is_permutation_and_sign_invariant():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(500, 4))
+    learned = -z[:, [2, 0, 3, 1]] * 3 + 0.01 * rng.normal(size=z.shape)
+    assert metrics.mean_correlation_coefficient(z, learned) > 0.99
+    assert metrics.mean_correlation_coefficient(z, rng.normal(size=z.shape)) < 0.2
+
+
+# --- API and command ---------------------------------------------------------------------
+
+def test_predictor_api_on_trained_run(trained):
+    workdir, config = trained
+    predictor = sams_jax.load(str(workdir))
+    data = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10))
+    test = data.arrays("test")
+    per_cell = predictor.iwelbo(test, n_particles=4, seed=config.seed, chunk_size=config.train.eval_batch_size)
+    reported = json.loads((workdir / "metrics.json").read_text())["test/IWELBO"]
+    np.testing.assert_allclose(per_cell.mean(), reported, rtol=1e-5)  # same checkpoint, particles and seed
+    assert predictor.latent(data).shape == (data.x.shape[0], 3)
+    assert predictor.mask_probs().shape == (6, 3) and predictor.embeddings().shape == (6, 3)
+    sampled = predictor.sample(["1", "2+3"], n=7)
+    assert sampled.shape == (14, 12) and sampled.obs["intervention"].tolist() == ["1"] * 7 + ["2+3"] * 7
+    ate = predictor.ate(n_particles=16)
+    assert ate.shape == (5, 12) and ate.uns["control"] == "0"  # every perturbation but the reference
+    np.testing.assert_array_equal(predictor.ate(["1"], n_particles=16, seed=3).X,
+                                  predictor.ate(["1"], n_particles=16, seed=3).X)
+    bad = simulate(n_latent=3, n_perturbations=6, n_genes=12, cells_per_perturbation=(4, 1, 1))
+    bad.feature_names = [f"other_{i}" for i in range(12)]
+    with pytest.raises(DataError, match="12 missing.*12 extra"):
+        predictor.iwelbo(bad)
+
+
+def test_load_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        sams_jax.load(str(tmp_path))
+
+
+def test_evaluate_command_end_to_end(trained):
+    workdir, _ = trained
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
+                             "--ate-particles", "64", "--iwelbo-particles", "8", "--interventions", "1+2,3+4"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "eval"
+    results = json.loads((out / "metrics.json").read_text())
+    for split in ("all", "train", "val", "test"):
+        for name in ("IWELBO", "ATE_pearsonr", "ATE_r2", "ATE_pearsonr_top20", "ATE_r2_top20", "cosine_logfc",
+                     "rmse_average", "cosine_logfc_rank", "rmse_rank"):
+            assert np.isfinite(results[f"{name}-{split}"]), f"{name}-{split}"
+    assert {"mask_precision", "mask_recall", "mask_f1", "mcc"} <= set(results)
+    assert results["ATE_pearsonr-all"] > 0.9  # 3,000 steps learn the effects (about 0.99)
+    ate = anndata.read_h5ad(out / "ate.h5ad")
+    assert list(ate.obs_names) == ["1", "2", "3", "4", "5", "1+2", "3+4"]
+    assert ate.obs["observed"].tolist() == [True] * 5 + [False] * 2
+    assert np.all(np.isnan(ate.layers["data"][5:])) and np.all(np.isfinite(ate.layers["model"]))
+    assert ate.uns["control"] == "0"
+    for name in ("history.png", "ate_scatter.png", "mask_probs.png", "embeddings.png", "metrics.csv"):
+        assert (out / name).stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
+                          "--interventions", "1+nope"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown perturbation 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir / "nothing")],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no checkpoints" in missing.stderr
