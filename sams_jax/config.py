@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps_per_dispatch = 100  # training steps per jitted lax.scan call
     config.train.eval_batch_size = 2_048  # cells per chunk in validation / IWELBO
     config.train.progress = True  # tqdm bar
+    config.train.num_devices = 0  # data-parallel devices; 0 = all local devices
 
     config.eval = ml_collections.ConfigDict()
     config.eval.iwelbo_n_particles = 100
@@ -189,6 +190,16 @@ def validate_config(config) -> None:
 def validate_against_data(config, data) -> None:
     """Checks that need the data (sizes), still before any compilation."""
     n_train = int((data.split == "train").sum())
+    import jax
+
+    available = jax.local_device_count()
+    if config.train.num_devices < 0 or config.train.num_devices > available:
+        raise ConfigError(f"train.num_devices={config.train.num_devices} is out of range; this machine has "
+                          f"{available} local device(s) (0 = all)")
+    n_devices = config.train.num_devices or available
+    if config.train.batch_size % n_devices:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the number of devices "
+                          f"({n_devices}); choose a multiple of {n_devices} or set train.num_devices")
     if config.train.batch_size > n_train:
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the training set "
                           f"({n_train} cells); choose train.batch_size <= {n_train}")

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import pandas as pd
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from sams_jax import metrics as metrics_lib
@@ -135,6 +136,12 @@ def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
     return train_chunk
 
 
+def data_parallel_mesh(num_devices: int = 0):
+    """A 1-D ``("data",)`` mesh over the first ``num_devices`` local devices (0 = all)."""
+    devices = jax.local_devices()[: num_devices or None]
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
 def _compatible(saved: dict, config) -> list[str]:
     """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run."""
     current = json.loads(config.to_json_best_effort())
@@ -188,8 +195,14 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         state = checkpointer.restore_state(latest, state)
         history = _read_history(history_path, latest)
 
-    train_arrays = jax.device_put(data.arrays("train"))
-    val_arrays = jax.device_put(data.arrays("val"))
+    # data parallelism: parameters, optimizer state and data replicated on every device;
+    # each step's mini-batch split across devices (the same global draws everywhere)
+    mesh = data_parallel_mesh(config.train.num_devices)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # indices [n_steps, B]
+    state = jax.device_put(state, replicated)
+    train_arrays = jax.device_put(data.arrays("train"), replicated)
+    val_arrays = jax.device_put(data.arrays("val"), replicated)
     train_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
     val_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("val")))
     train_chunk = make_train_chunk(model.apply, objective, optimizer)
@@ -215,7 +228,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         while step < max_steps:
             next_eval = min((step // eval_every + 1) * eval_every, max_steps)
             n_steps = min(config.train.steps_per_dispatch, next_eval - step)
-            indices = jnp.asarray(schedule.indices(step, n_steps))
+            indices = jax.device_put(schedule.indices(step, n_steps), batch_sharding)
             new_state, losses = train_chunk(state, train_arrays, train_scale, train_key, indices)
             losses = np.asarray(losses)
             if not np.all(np.isfinite(losses)):
