@@ -111,3 +111,20 @@ def test_straight_through_sample_is_hard_with_relaxed_gradient():
     assert np.all(np.asarray(grad_st) > 0)
     np.testing.assert_array_equal(np.asarray(straight_through_bernoulli(key, logits, 0.5)),
                                   (np.asarray(soft) > 0.5).astype(np.float32))
+
+
+def test_fast_gamma_and_negative_binomial_samplers_match_moments():
+    from sams_jax.likelihoods import GammaPoisson, sample_gamma
+
+    for alpha in (0.3, 1.0, 4.0):
+        draws = np.asarray(sample_gamma(jax.random.key(0), jnp.float32(alpha), (200_000,)))
+        assert draws.min() > 0
+        np.testing.assert_allclose(draws.mean(), alpha, rtol=0.02)
+        np.testing.assert_allclose(draws.var(), alpha, rtol=0.05)
+        # distribution, not only moments: Kolmogorov-Smirnov against scipy's Gamma
+        assert stats.kstest(draws[:20_000], stats.gamma(alpha).cdf).pvalue > 1e-3
+    theta, mean = 2.0, 8.0
+    counts = np.asarray(GammaPoisson(jnp.float32(theta), jnp.float32(theta / mean)).sample(jax.random.key(1), (200_000,)))
+    assert np.array_equal(counts, np.round(counts))
+    np.testing.assert_allclose(counts.mean(), mean, rtol=0.02)
+    np.testing.assert_allclose(counts.var(), mean + mean ** 2 / theta, rtol=0.05)
