@@ -30,24 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import machine  # noqa: E402
+from common import flops, machine, matmul_rate, peak_device_memory_mb  # noqa: E402
 
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
 from sams_jax.predictor import Predictor, load  # noqa: E402
 from sams_jax.train import create_optimizer, create_train_state  # noqa: E402
-
-
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-    """Measured float32 FLOP/s of an ``n x n`` matrix product on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
 def _timed(fn, *args, **kwargs):
@@ -57,15 +45,6 @@ def _timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args, **kwargs))
     return out, first, time.perf_counter() - start
-
-
-def _flops(jitted, *args, **kwargs) -> float:
-    try:
-        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan")))
-    except Exception:  # cost analysis is best effort
-        return float("nan")
 
 
 def fresh_predictor(task: str) -> tuple[Predictor, int]:
@@ -135,19 +114,20 @@ def main() -> None:
     iwelbo_kwargs = dict(n_particles=args.iwelbo_particles, chunk_size=1024)
     _, row["iwelbo_compile_s"], row["iwelbo_s"] = _timed(predictor._iwelbo, predictor.variables, key, arrays,
                                                           **iwelbo_kwargs)
-    row["iwelbo_flops"] = _flops(predictor._iwelbo, predictor.variables, key, arrays, **iwelbo_kwargs)
+    row["iwelbo_flops"] = flops(predictor._iwelbo, predictor.variables, key, arrays, **iwelbo_kwargs)
 
     dosages = jnp.asarray(predictor.dosages([predictor.control, *interventions]))
     ate_kwargs = dict(n_particles=args.ate_particles, scale=predictor.default_scale, method="paper", max_active=1)
     _, row["ate_compile_s"], row["ate_s"] = _timed(predictor._expectations, predictor.variables, dosages, key,
                                                     **ate_kwargs)
-    row["ate_flops"] = _flops(predictor._expectations, predictor.variables, dosages, key, **ate_kwargs)
+    row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages, key, **ate_kwargs)
     for name in ("iwelbo", "ate"):
         row[f"{name}_flops_per_s"] = row[f"{name}_flops"] / row[f"{name}_s"]
         row[f"{name}_fraction_of_matmul"] = row[f"{name}_flops_per_s"] / row["matmul_flops_per_s"]
     if args.spread:
         row.update(estimator_spread(predictor, interventions[:20]))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_device_mb"] = peak_device_memory_mb()
     print(json.dumps(row, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -136,10 +136,13 @@ def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
     return train_chunk
 
 
-def data_parallel_mesh(num_devices: int = 0):
-    """A 1-D ``("data",)`` mesh over the first ``num_devices`` local devices (0 = all)."""
+def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedSharding]:
+    """``(replicated, batch)`` shardings over a 1-D ``("data",)`` mesh of the first
+    ``num_devices`` local devices (0 = all): parameters, optimizer state and data are
+    replicated; the step indices ``[n_steps, B]`` are split along the batch axis."""
     devices = jax.local_devices()[: num_devices or None]
-    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
 def _compatible(saved: dict, config) -> list[str]:
@@ -197,9 +200,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
     # data parallelism: parameters, optimizer state and data replicated on every device;
     # each step's mini-batch split across devices (the same global draws everywhere)
-    mesh = data_parallel_mesh(config.train.num_devices)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # indices [n_steps, B]
+    replicated, batch_sharding = data_parallel_shardings(config.train.num_devices)
     state = jax.device_put(state, replicated)
     train_arrays = jax.device_put(data.arrays("train"), replicated)
     val_arrays = jax.device_put(data.arrays("val"), replicated)

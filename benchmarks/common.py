@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmark scripts: machine description, the float32 matmul rate,
+config loading (a configs/*.py path or a named benchmark scale) and FLOP counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+from sams_jax.config import base_config
+
+SCALES = ("replogle_scale", "norman_scale")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    device = jax.devices()[0]
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+            "device": getattr(device, "device_kind", str(device)), "n_devices": jax.local_device_count(),
+            "jax": jax.__version__}
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 FLOP/s of an ``n x n`` matrix product on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def peak_device_memory_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2 ** 20 if peak is not None else None
+
+
+def flops(jitted, *args, **kwargs) -> float:
+    """XLA's FLOP count of a compiled call (a loop body is counted once)."""
+    try:
+        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", float("nan")))
+    except Exception:  # best effort
+        return float("nan")
+
+
+def scale_config(name: str):
+    """Synthetic screens at the paper's scales (simulated counts, library-size NB):
+
+    * ``replogle_scale``: 118,641 cells (174 per perturbation: 111 / 28 / 35) x 1,187
+      genes x 681 perturbations; SPEC 7's Replogle settings (K = 100, encoder and decoder
+      1 x 400, correlated guide with a 2 x 200 embedding encoder, batch 512, 5 particles,
+      lr 3e-4);
+    * ``norman_scale``: 105 perturbations x 500 cells (320 / 80 / 100) x 5,000 genes;
+      SPEC 7's Norman settings (K = 200, 1 x 400, embedding encoder 4 x 400, batch 512).
+    """
+    config = base_config()
+    config.data.update(observation="library_nb", n_latent=10)
+    if name == "replogle_scale":
+        config.data.update(n_perturbations=681, n_genes=1_187, cells_per_perturbation=(111, 28, 35))
+        config.model.update(n_latent=100, embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
+    elif name == "norman_scale":
+        config.data.update(n_perturbations=105, n_genes=5_000, cells_per_perturbation=(320, 80, 100))
+        config.model.update(n_latent=200, embedding_encoder_n_layers=4, embedding_encoder_n_hidden=400)
+    else:
+        raise ValueError(f"unknown scale {name!r}; allowed: {SCALES}")
+    config.model.update(likelihood="library_nb", guide="correlated", normalization="log_standardize",
+                        decoder_n_layers=1, decoder_n_hidden=400, basal_encoder_n_layers=1,
+                        basal_encoder_n_hidden=400)
+    config.train.update(learning_rate=3e-4, batch_size=512, steps_per_dispatch=50, progress=False)
+    return config
+
+
+def load_config(path_or_scale: str):
+    """A ``configs/*.py`` file's ``get_config()``, or a named scale (:func:`scale_config`)."""
+    if path_or_scale in SCALES:
+        return scale_config(path_or_scale)
+    spec = importlib.util.spec_from_file_location("bench_config", path_or_scale)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

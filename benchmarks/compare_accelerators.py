@@ -1,0 +1,92 @@
+"""Run the training and evaluation benchmarks on every backend and device count present,
+and write one JSON file plus a markdown table.
+
+    python benchmarks/compare_accelerators.py --out benchmarks/out/compare
+    python benchmarks/compare_accelerators.py --quick          # small settings, a smoke run
+
+Each measurement runs in its own process (``JAX_PLATFORMS`` selects the backend), using
+``train_throughput.py`` (the default simulation, and the Replogle- and Norman-scale
+synthetic screens) and ``ate_throughput.py`` (simulation and Replogle scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def backends() -> dict[str, int]:
+    """``{backend: local device count}`` for the backends JAX can start here."""
+    found = {}
+    for name in ("cpu", "cuda", "rocm", "tpu"):
+        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.local_device_count())"],
+                               env={**os.environ, "JAX_PLATFORMS": name}, capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip().isdigit():
+            found[name] = int(probe.stdout.strip())
+    return found
+
+
+def run(script: str, args: list[str], backend: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        result = subprocess.run([sys.executable, os.path.join(HERE, script), *args, "--out", out], cwd=ROOT,
+                                env={**os.environ, "JAX_PLATFORMS": backend}, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{script} {' '.join(args)} on {backend} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+            return []
+        rows = json.load(open(out))
+    return rows if isinstance(rows, list) else [rows]
+
+
+def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
+    lines = ["| backend | device | devices | config | batch | cells/s | steps/s | compile s | FLOP/step | "
+             "% of matmul | peak RSS MB | peak device MB |", "|" + "---|" * 12]
+    for r in train_rows:
+        lines.append(f"| {r['backend']} | {r['device']} | {r['num_devices']} | {r['config']} | {r['batch_size']} | "
+                     f"{r['cells_per_s']:,.0f} | {r['steps_per_s']:,.1f} | {r['compile_s']:.1f} | "
+                     f"{r['flops_per_step']:.3g} | {100 * r['fraction_of_matmul']:.0f} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['peak_device_mb'] or '-'} |")
+    lines += ["", "| backend | device | task | IWELBO cells x particles | IWELBO s | ATE interventions x particles | "
+              "ATE s | peak RSS MB |", "|" + "---|" * 8]
+    for r in eval_rows:
+        lines.append(f"| {r['backend']} | {r['device']} | {r['task']} | {r['n_cells']:,} x {r['iwelbo_particles']} | "
+                     f"{r['iwelbo_s']:.2f} | {r['n_interventions']} x {r['ate_particles']} | {r['ate_s']:.2f} | "
+                     f"{r['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/out/compare", help="output prefix (.json and .md)")
+    parser.add_argument("--quick", action="store_true", help="few dispatches and particles (smoke run)")
+    args = parser.parse_args()
+    dispatches = ["--dispatches", "2" if args.quick else "10"]
+    particles = ["--ate-particles", "50", "--iwelbo-particles", "5"] if args.quick else []
+    train_rows, eval_rows = [], []
+    for backend, n_devices in backends().items():
+        counts = sorted({1, n_devices})
+        device_args = ["--num-devices", *map(str, counts)]
+        train_rows += run("train_throughput.py", ["--config", "configs/simulation.py", *dispatches, *device_args],
+                          backend)
+        for scale in ("replogle_scale", "norman_scale"):
+            train_rows += run("train_throughput.py", ["--config", scale, *dispatches, *device_args], backend)
+        for task in ("simulation", "replogle"):
+            eval_rows += run("ate_throughput.py", ["--task", task, *particles], backend)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as handle:
+        json.dump({"train": train_rows, "eval": eval_rows}, handle, indent=2)
+    table = markdown(train_rows, eval_rows)
+    with open(args.out + ".md", "w") as handle:
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
