@@ -1,0 +1,649 @@
+"""Shared machinery of the paper's experiments: grid definition, local runner, aggregation, plots.
+
+An experiment (``experiments/<name>/run.py``) builds a :class:`Grid`: model variants x
+seeds x (optionally) fractions of some data field. Every cell of the grid is one training
+run followed by its evaluation, executed in its own Python process (one JAX process per
+run) by :func:`run_grid`; :func:`aggregate` then writes the experiment's table.
+
+Output layout (``--out DIR``)::
+
+    DIR/runs/<cell>/          the run's --workdir: checkpoints/, history.csv, metrics.json, eval/
+    DIR/runs/<cell>/cell.json what to run: experiment, variant, seed, fraction, config, evaluation options
+    DIR/runs/<cell>/log.txt   stdout and stderr of the run's process
+    DIR/runs/<cell>/done.json written last: the cell's metrics; a cell with done.json recording
+                              the same config and evaluation options is skipped on the next call
+    DIR/runs.csv              one row per finished cell (metrics and relative IWELBO)
+    DIR/table.csv, table.md   mean and std over seeds per (variant, fraction)
+    DIR/relative_iwelbo.png, DIR/ate_pearson.png
+    DIR/failures.txt          the cells that failed in the last call, with their logs
+
+An interrupted cell resumes from its latest checkpoint (``sams_jax.train`` resumes runs).
+
+The command line shared by every experiment (:func:`main`)::
+
+    python experiments/<name>/run.py [--data PATH] [--smoke] [--workers N] [--out DIR]
+        [--models a,b] [--seeds 0,1] [--fractions 0,0.5] [--set train.max_steps=1000 ...]
+        [--list] [--aggregate-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import pathlib
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Metric columns of every table: (key in <workdir>/eval/metrics.json, column name).
+# Test-split metrics: for Norman OOD / data efficiency the test split holds the held-out
+# pairs only, as in the paper's tables.
+STANDARD_METRICS = (
+    ("IWELBO-test", "test_IWELBO"),
+    ("ATE_pearsonr-test", "ATE_pearson"),
+    ("ATE_pearsonr_top20-test", "ATE_pearson_top20"),
+)
+RELATIVE = "relative_IWELBO"  # test IWELBO minus the reference run's on the same seed
+
+# Tiny networks and a short schedule: the whole pipeline in minutes on a 2-core CPU.
+SMOKE_OVERRIDES = {
+    "model.n_latent": 4,
+    "model.decoder_n_hidden": 16,
+    "model.basal_encoder_n_hidden": 16,
+    "model.embedding_encoder_n_layers": 1,
+    "model.embedding_encoder_n_hidden": 16,
+    "objective.n_particles": 2,
+    "train.batch_size": 32,
+    "train.max_steps": 50,
+    "train.eval_every": 25,
+    "train.steps_per_dispatch": 25,
+    "train.eval_batch_size": 256,
+    "eval.iwelbo_n_particles": 8,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Options of ``sams_jax.evaluate.evaluate`` for every cell (paper: 100 / 2,500 particles)."""
+
+    iwelbo_particles: int = 100
+    ate_particles: int = 2_500
+    ate_method: str = "paper"
+    plots: bool = True
+    seed: int = 0
+
+
+SMOKE_EVALUATION = Evaluation(iwelbo_particles=8, ate_particles=32, plots=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A row label of the table: a config file of ``configs/`` plus field overrides.
+
+    ``config`` names ``configs/<config>.py``; ``overrides`` maps dotted config fields
+    (``"model.guide"``) to values.
+    """
+
+    name: str
+    config: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid. ``fraction`` is None for grids without a fraction axis."""
+
+    experiment: str
+    variant: str
+    seed: int
+    fraction: float | None
+    config: dict  # the full config (ConfigDict.to_dict()), JSON-serialisable
+    evaluation: Evaluation
+
+    @property
+    def id(self) -> str:
+        frac = "" if self.fraction is None else f"-f{self.fraction:g}"
+        return f"{self.variant}{frac}-s{self.seed}"
+
+    def spec(self) -> dict:
+        """What ``cell.json`` / ``done.json`` record; equal specs mean the same run."""
+        return {"experiment": self.experiment, "variant": self.variant, "seed": self.seed,
+                "fraction": self.fraction, "config": self.config,
+                "evaluation": dataclasses.asdict(self.evaluation)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Variants x seeds x fractions of one experiment.
+
+    Each seed is written to every field of ``seed_fields`` (e.g. ``("seed",
+    "data.split_seed")``) and each fraction to ``fraction_field`` (e.g.
+    ``"data.frac_combinations_train"``). ``overrides`` apply to every cell (the data path,
+    the smoke settings) after the variant's own. The relative IWELBO of a run is its test
+    IWELBO minus that of ``reference`` at the smallest fraction on the same seed.
+    ``memory_gb`` is the per-run host memory estimate that sizes the default number of
+    parallel workers.
+    """
+
+    name: str
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    seed_fields: tuple[str, ...] = ("seed",)
+    fractions: tuple[float, ...] = ()
+    fraction_field: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reference: str = "sams_vae"
+    metrics: tuple[tuple[str, str], ...] = STANDARD_METRICS
+    evaluation: Evaluation = Evaluation()
+    memory_gb: float = 2.0
+
+    def __post_init__(self):
+        if bool(self.fractions) != bool(self.fraction_field):
+            raise ValueError("a grid has both fractions and fraction_field, or neither")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate variant names in {names}")
+
+    def subset(self, models: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+               fractions: Sequence[float] | None = None) -> Grid:
+        """The grid restricted to some variants, seeds or fractions (unknown values are an error)."""
+        variants = self.variants
+        if models:
+            known = {v.name: v for v in self.variants}
+            unknown = [m for m in models if m not in known]
+            if unknown:
+                raise ValueError(f"unknown model(s) {unknown}; this grid has {sorted(known)}")
+            variants = tuple(known[m] for m in models)
+        if fractions and not self.fractions:
+            raise ValueError(f"the {self.name} grid has no fraction axis")
+        return dataclasses.replace(self, variants=variants, seeds=tuple(seeds) if seeds else self.seeds,
+                                   fractions=tuple(fractions) if fractions else self.fractions)
+
+    def cells(self) -> list[Cell]:
+        """Every cell: seeds outermost (each seed's table is complete early, and parallel
+        workers start runs of different shapes, so a seed's runs reuse the compilations of
+        the previous seed's through the persistent cache), then variants, then fractions."""
+        cells = []
+        for seed in self.seeds:
+            for variant in self.variants:
+                for fraction in self.fractions or (None,):
+                    config = load_config(variant.config)
+                    set_fields(config, variant.overrides)
+                    set_fields(config, self.overrides)
+                    set_fields(config, {field: seed for field in self.seed_fields})
+                    if fraction is not None:
+                        set_fields(config, {self.fraction_field: float(fraction)})
+                    config.train.progress = False  # no tqdm bar in the log files
+                    cells.append(Cell(self.name, variant.name, seed, fraction, config.to_dict(), self.evaluation))
+        return cells
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config(name: str):
+    """``configs/<name>.py``'s ``get_config()``, loaded without absl flags."""
+    path = CONFIGS / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.py"))
+        raise FileNotFoundError(f"no config {path}; known configs: {known}")
+    return runpy.run_path(str(path))["get_config"]()
+
+
+def set_fields(config, overrides: Mapping[str, Any]) -> None:
+    """Set dotted fields (``"train.max_steps"``) of a ConfigDict; an unknown field is an error."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"unknown config field {dotted!r}; fields of {'.'.join(parents) or 'config'}: "
+                           f"{sorted(node.keys())}")
+        node[leaf] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"train.max_steps=1000"`` -> ``("train.max_steps", 1000)`` (Python literals, else a string)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+# ------------------------------------------------------------------------------ runner
+
+
+def available_memory_gb() -> float:
+    """Host memory available to new processes (``MemAvailable``), in GiB."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def usable_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def default_workers(memory_gb: float) -> int:
+    """As many parallel runs as there are cores and memory for: ``min(cores, available / memory_gb)``."""
+    by_memory = int(available_memory_gb() // max(memory_gb, 1e-3))
+    return max(1, min(len(usable_cores()), by_memory))
+
+
+def cell_dir(out: pathlib.Path, cell: Cell) -> pathlib.Path:
+    return out / "runs" / cell.id
+
+
+def is_done(out: pathlib.Path, cell: Cell) -> bool:
+    """True when the cell's ``done.json`` records this very config and evaluation."""
+    path = cell_dir(out, cell) / "done.json"
+    if not path.is_file():
+        return False
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return {k: done.get(k) for k in cell.spec()} == _roundtrip(cell.spec())
+
+
+def _roundtrip(value):
+    return json.loads(json.dumps(value))
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A cell that ran: its exit code, wall time and log file."""
+
+    cell: Cell
+    returncode: int
+    seconds: float
+    log: pathlib.Path
+
+
+def run_grid(cells: Sequence[Cell], out: pathlib.Path, workers: int = 1,
+             echo: Callable[[str], None] = print) -> list[Outcome]:
+    """Run the unfinished cells, ``workers`` processes at a time; return the failures.
+
+    With several workers each process is pinned to its own share of the cores (so JAX's
+    thread pools do not oversubscribe the machine) and GPU memory is allocated on demand.
+    """
+    todo = [c for c in cells if not is_done(out, c)]
+    workers = max(1, min(workers, len(todo)))
+    echo(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
+         f"with {workers} worker{'s' if workers > 1 else ''}; logs in {out / 'runs'}/<cell>/log.txt")
+    cores = usable_cores()
+    per_slot = max(1, len(cores) // workers)
+    slots = [cores[i * per_slot:(i + 1) * per_slot] or cores for i in range(workers)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if workers > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # runs of the same shapes (e.g. the seeds of a simulation variant) compile once
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    pending = list(todo)
+    active: dict[int, tuple[subprocess.Popen, Cell, float, Any]] = {}
+    failures: list[Outcome] = []
+    finished = 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # kill: stop the running cells too
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while pending or active:
+            for slot in range(workers):
+                if slot in active or not pending:
+                    continue
+                cell = pending.pop(0)
+                directory = cell_dir(out, cell)
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "cell.json").write_text(json.dumps(cell.spec(), indent=2))
+                log = open(directory / "log.txt", "a")
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.id}\n")
+                log.flush()
+                cpus = set(slots[slot]) if workers > 1 and hasattr(os, "sched_setaffinity") else None
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "experiments.runner", "cell", str(directory)], cwd=ROOT, env=env,
+                    stdout=log, stderr=subprocess.STDOUT)
+                if cpus:  # from here (no fork-time hook in a possibly multithreaded parent), before JAX starts
+                    try:
+                        os.sched_setaffinity(process.pid, cpus)
+                    except OSError:  # already exited
+                        pass
+                active[slot] = (process, cell, time.perf_counter(), log)
+            time.sleep(0.2)
+            for slot, (process, cell, start, log) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del active[slot]
+                finished += 1
+                seconds = time.perf_counter() - start
+                outcome = Outcome(cell, process.returncode, seconds, cell_dir(out, cell) / "log.txt")
+                status = "done" if process.returncode == 0 else f"FAILED (exit code {process.returncode})"
+                echo(f"[{finished}/{len(todo)}] {cell.id}: {status} in {seconds:.0f} s")
+                if process.returncode != 0:
+                    failures.append(outcome)
+    except KeyboardInterrupt:
+        for process, _, _, _ in active.values():
+            process.terminate()
+        for process, _, _, log in active.values():
+            process.wait()
+            log.close()
+        echo(f"interrupted; {len(active)} running cell(s) stopped (they resume from their latest checkpoint)")
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return failures
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def report_failures(failures: Sequence[Outcome], out: pathlib.Path, echo: Callable[[str], None] = print) -> None:
+    """Print the failed cells with the end of their logs; write ``failures.txt``."""
+    path = out / "failures.txt"
+    if not failures:
+        path.unlink(missing_ok=True)
+        return
+    lines = [f"{len(failures)} cell(s) failed:"]
+    for outcome in failures:
+        tail = _tail(outcome.log, 6)
+        lines.append(f"- {outcome.cell.id} (exit code {outcome.returncode}), log {outcome.log}")
+        lines.extend(f"    {line}" for line in tail)
+    path.write_text("\n".join(lines) + "\n")
+    echo("\n".join(lines))
+
+
+def _tail(path: pathlib.Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def run_cell(directory: str) -> None:
+    """Body of one cell's process: train (or resume), evaluate, then write ``done.json``."""
+    import ml_collections
+    from absl import logging
+
+    from sams_jax.data import load_data
+    from sams_jax.evaluate import evaluate
+    from sams_jax.train import train_and_evaluate
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    directory = pathlib.Path(directory)
+    spec = json.loads((directory / "cell.json").read_text())
+    config = ml_collections.ConfigDict(spec["config"])
+    options = spec["evaluation"]
+    start = time.perf_counter()
+    data = load_data(config.data, config.model.likelihood)
+    train_metrics = train_and_evaluate(config, str(directory), data=data)
+    print("train:", json.dumps(train_metrics, sort_keys=True), flush=True)
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],
+                       ate_particles=options["ate_particles"], ate_method=options["ate_method"],
+                       seed=options["seed"], plots=options["plots"], data=data)
+    print("eval:", json.dumps(metrics, sort_keys=True), flush=True)
+    done = dict(spec, metrics=metrics, train_metrics=train_metrics, train_seconds=train_seconds,
+                seconds=time.perf_counter() - start)
+    tmp = directory / "done.json.tmp"
+    tmp.write_text(json.dumps(done, indent=2))
+    tmp.replace(directory / "done.json")
+
+
+# ------------------------------------------------------------------------- aggregation
+
+
+def collect(cells: Sequence[Cell], out: pathlib.Path):
+    """One row per finished cell: ``variant, fraction, seed, seconds`` and every metric of
+    ``eval/metrics.json`` (a pandas DataFrame; empty when nothing has finished)."""
+    import pandas as pd
+
+    rows = []
+    for cell in cells:
+        if is_done(out, cell):
+            done = json.loads((cell_dir(out, cell) / "done.json").read_text())
+            rows.append({"variant": cell.variant, "fraction": cell.fraction, "seed": cell.seed,
+                         "seconds": done.get("seconds"), **done["metrics"]})
+    return pd.DataFrame(rows)
+
+
+def add_relative_iwelbo(runs, reference: str, iwelbo: str = "IWELBO-test"):
+    """``runs[RELATIVE]``: test IWELBO minus that of ``reference`` at the smallest fraction
+    with the same seed (NaN where that run is missing). Returns a new frame."""
+    import numpy as np
+
+    runs = runs.copy()
+    if runs.empty:
+        runs[RELATIVE] = []
+        return runs
+    base = runs[runs["variant"] == reference]
+    if base["fraction"].notna().any():
+        base = base[base["fraction"] == base["fraction"].min()]
+    by_seed = dict(zip(base["seed"], base[iwelbo]))
+    runs[RELATIVE] = runs[iwelbo] - runs["seed"].map(lambda s: by_seed.get(s, np.nan)).astype(float)
+    return runs
+
+
+def summarize(runs, metrics: Sequence[tuple[str, str]], variants: Sequence[str]):
+    """Mean and (sample) standard deviation over seeds per ``(variant, fraction)``:
+    columns ``variant, fraction, n_seeds, <name>_mean, <name>_std`` for every metric and
+    the relative IWELBO, rows in the grid's variant order."""
+    import numpy as np
+    import pandas as pd
+
+    columns = [(key, name) for key, name in metrics] + [(RELATIVE, RELATIVE)]
+    header = ["variant", "fraction", "n_seeds"] + [f"{name}_{stat}" for _, name in columns for stat in ("mean", "std")]
+    if runs.empty:
+        return pd.DataFrame(columns=header)
+    rows = []
+    keys = runs[["variant", "fraction"]].drop_duplicates()
+    order = {name: i for i, name in enumerate(variants)}
+    keys = sorted(keys.itertuples(index=False), key=lambda k: (order.get(k.variant, len(order)),
+                                                               -1 if pd.isna(k.fraction) else k.fraction))
+    for variant, fraction in keys:
+        group = runs[(runs["variant"] == variant) & ((runs["fraction"] == fraction) if pd.notna(fraction)
+                                                     else runs["fraction"].isna())]
+        row = {"variant": variant, "fraction": fraction, "n_seeds": len(group)}
+        for key, name in columns:
+            values = group[key].astype(float).to_numpy() if key in group else np.array([np.nan])
+            finite = values[np.isfinite(values)]
+            row[f"{name}_mean"] = finite.mean() if finite.size else np.nan
+            row[f"{name}_std"] = finite.std(ddof=1) if finite.size > 1 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=header)
+
+
+def markdown_table(table, metrics: Sequence[tuple[str, str]], has_fraction: bool) -> str:
+    """``mean ± std`` cells (std over seeds; "–" where a metric does not apply)."""
+    import pandas as pd
+
+    names = [name for _, name in metrics]
+    names.insert(1, RELATIVE)  # after the test IWELBO, as in the paper
+    header = ["model"] + (["fraction"] if has_fraction else []) + ["seeds"] + names
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [row["variant"]] + ([f"{row['fraction']:g}"] if has_fraction else []) + [str(int(row["n_seeds"]))]
+        for name in names:
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            digits = 2 if "IWELBO" in name else 3
+            if pd.isna(mean):
+                cells.append("–")
+            elif pd.isna(std):
+                cells.append(f"{mean:.{digits}f}")
+            else:
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(table, name: str, ylabel: str, path: pathlib.Path, has_fraction: bool, xlabel: str,
+                title: str) -> None:
+    """Mean ± std over seeds of one metric: against the fraction (a line per model), or per
+    model for grids without a fraction axis. Models without values (e.g. no reference run
+    for the relative IWELBO) are named in a note instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    missing = sorted(set(table["variant"]) - set(table.loc[table[f"{name}_mean"].notna(), "variant"]))
+    table = table[~table["variant"].isin(missing)]
+    if missing:
+        ax.text(0.02, 0.02, f"no values: {', '.join(missing)}", transform=ax.transAxes, fontsize=7, color="0.4")
+    if has_fraction:
+        for variant, group in table.groupby("variant", sort=False):
+            ax.errorbar(group["fraction"], group[f"{name}_mean"], yerr=np.nan_to_num(group[f"{name}_std"]),
+                        marker="o", capsize=3, label=variant)
+        ax.set_xlabel(xlabel)
+        if len(table):
+            ax.legend(fontsize=8)
+    else:
+        x = np.arange(len(table))
+        ax.errorbar(x, table[f"{name}_mean"], yerr=np.nan_to_num(table[f"{name}_std"]), fmt="o", capsize=3)
+        ax.set_xticks(x, table["variant"], rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def aggregate(grid: Grid, out: pathlib.Path, echo: Callable[[str], None] = print):
+    """Write ``runs.csv``, ``table.csv``, ``table.md`` and the two plots; return the table."""
+    cells = grid.cells()
+    runs = add_relative_iwelbo(collect(cells, out), grid.reference)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out / "runs.csv", index=False)
+    table = summarize(runs, grid.metrics, [v.name for v in grid.variants])
+    table.to_csv(out / "table.csv", index=False)
+    has_fraction = bool(grid.fractions)
+    reference = f"{grid.reference} at fraction {min(grid.fractions):g}" if has_fraction else grid.reference
+    text = (f"# {grid.name}\n\n{len(runs)} of {len(cells)} runs finished. Mean ± std over seeds; "
+            f"{RELATIVE}: test IWELBO minus {reference} on the same seed.\n\n"
+            + markdown_table(table, grid.metrics, has_fraction))
+    (out / "table.md").write_text(text)
+    xlabel = (grid.fraction_field or "").split(".")[-1]
+    if not table.empty:
+        title = f"{grid.name}: mean ± std over seeds"
+        plot_metric(table, RELATIVE, f"relative test IWELBO (vs {reference})", out / "relative_iwelbo.png",
+                    has_fraction, xlabel, title)
+        plot_metric(table, "ATE_pearson", "ATE Pearson r (test)", out / "ate_pearson.png", has_fraction, xlabel,
+                    title)
+    echo(text)
+    echo(f"tables: {out / 'table.md'}, {out / 'table.csv'}; per run: {out / 'runs.csv'}")
+    return table
+
+
+# -------------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description: str,
+         data_help: str | None = None, argv: Sequence[str] | None = None) -> int:
+    """The command line of an experiment; returns the exit code (1 if any cell failed).
+
+    ``make_grid(args)`` builds the grid from the parsed arguments (``args.data``,
+    ``args.smoke``, ``args.out``). ``data_help`` is None for experiments without an input
+    file (the simulation); otherwise ``--data`` is required outside ``--smoke`` and
+    ``data_help`` says what to download.
+    """
+    parser = argparse.ArgumentParser(prog=f"python experiments/{name}/run.py", description=description)
+    if data_help is not None:
+        parser.add_argument("--data", help=f"the input .h5ad file: {data_help}")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the whole pipeline in minutes on a CPU: small synthetic data, tiny networks, "
+                             "50 steps, 2 seeds, 2 fractions")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel runs (default: min(cores, available memory / per-run estimate)); "
+                             "1 runs the cells one after the other; on a single GPU use 1")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help=f"output directory (default: runs/experiments/{name}[_smoke])")
+    parser.add_argument("--models", type=_str_list, default=None, help="comma-separated subset of the models")
+    parser.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
+    parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field of every cell, e.g. --set train.max_steps=5000")
+    parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    args = parser.parse_args(argv)
+    args.data = getattr(args, "data", None)
+    if args.out is None:
+        args.out = ROOT / "runs" / "experiments" / (f"{name}_smoke" if args.smoke else name)
+    if data_help is not None and not args.smoke:
+        if not args.data:
+            parser.error(f"--data is required (or --smoke for synthetic data): {data_help}")
+        if not os.path.isfile(args.data):
+            parser.error(f"--data {args.data!r}: no such file; {data_help}")
+        args.data = os.path.abspath(args.data)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+    try:
+        grid = make_grid(args)
+        grid = grid.subset(args.models, args.seeds, args.fractions)
+        if args.set:
+            grid = dataclasses.replace(grid, overrides={**grid.overrides, **dict(args.set)})
+        cells = grid.cells()
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        parser.error(str(error).strip("\"'"))
+    out = args.out.resolve()
+    if args.list:
+        for cell in cells:
+            print(f"{'done' if is_done(out, cell) else 'todo'}  {cell.id}")
+        return 0
+    failures = []
+    if not args.aggregate_only:
+        workers = args.workers or default_workers(grid.memory_gb)
+        try:
+            failures = run_grid(cells, out, workers)
+        except KeyboardInterrupt:
+            return 130
+    aggregate(grid, out)
+    report_failures(failures, out)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "cell":
+        run_cell(sys.argv[2])
+    else:
+        sys.exit("usage: python -m experiments.runner cell DIR (started by run_grid; use experiments/<name>/run.py)")

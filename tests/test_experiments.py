@@ -1,0 +1,213 @@
+"""The experiments of experiments/: grids, aggregation (relative IWELBO, mean and std over
+seeds, markdown), worker sizing, and one experiment end to end (runs in their own
+processes, skipping finished cells, aggregation, plots, a failing cell)."""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import runner  # noqa: E402
+from experiments.norman_data_efficiency import run as norman_data_efficiency  # noqa: E402
+from experiments.norman_ood import run as norman_ood  # noqa: E402
+from experiments.replogle import run as replogle  # noqa: E402
+from experiments.simulation import run as simulation  # noqa: E402
+
+
+def _args(**kwargs):
+    return argparse.Namespace(**{"data": "/data/norman.h5ad", "smoke": False, "out": pathlib.Path("/tmp/x"),
+                                 **kwargs})
+
+
+# ------------------------------------------------------------------------------ grids
+
+
+def test_paper_grids_models_seeds_fractions_and_config_fields():
+    grid = norman_ood.make_grid(_args())
+    cells = grid.cells()
+    assert len(cells) == 4 * 5 * 5 and len({c.id for c in cells}) == len(cells)
+    assert [v.name for v in grid.variants] == ["sams_vae", "cpa_vae", "conditional_vae", "svae_plus"]
+    by_id = {c.id: c for c in cells}
+    sams = by_id["sams_vae-f0.25-s3"].config
+    assert (sams["model"]["name"], sams["model"]["guide"]) == ("sams_vae", "correlated")
+    assert (sams["data"]["frac_combinations_train"], sams["data"]["split_seed"], sams["seed"]) == (0.25, 3, 3)
+    assert sams["data"]["path"] == "/data/norman.h5ad" and sams["train"]["max_steps"] == 30_000
+    assert sams["model"]["n_latent"] == 200 and not sams["train"]["progress"]
+    assert by_id["cpa_vae-f1-s0"].config["model"]["guide"] == "mean_field"
+    assert by_id["svae_plus-f0-s0"].config["data"]["encode_combinations"] == "unique"
+    assert cells[0].evaluation == runner.Evaluation(iwelbo_particles=100, ate_particles=2_500)
+
+    efficiency = norman_data_efficiency.make_grid(_args()).cells()
+    assert len(efficiency) == 100
+    config = {c.id: c for c in efficiency}["conditional_vae-f0.5-s1"].config
+    assert (config["data"]["task"], config["data"]["frac_combination_cells_train"]) == ("norman_data_efficiency", 0.5)
+
+    sim = simulation.make_grid(_args(data=None)).cells()
+    assert len(sim) == 6 * 5 and all(c.fraction is None for c in sim)
+    assert {c.id: c for c in sim}["sams_vae_mean_field-s2"].config["model"]["guide"] == "mean_field"
+    assert {c.config["data"]["seed"] for c in sim} == {0}  # one data set, five model seeds
+
+    rep = {c.id: c for c in replogle.make_grid(_args(data="/data/replogle.h5ad")).cells()}
+    assert len(rep) == 7 * 5
+    assert rep["sams_vae_K200-s4"].config["model"]["n_latent"] == 200
+    assert rep["sams_vae_mask0.001-s0"].config["model"]["mask_prior_prob"] == 0.001
+    assert rep["svae_plus-s1"].config["data"]["split_seed"] == 0 and rep["svae_plus-s1"].config["seed"] == 1
+
+
+def test_subset_and_overrides_errors():
+    grid = norman_ood.make_grid(_args())
+    small = grid.subset(["svae_plus", "sams_vae"], [2], [0.5])
+    assert [c.id for c in small.cells()] == ["svae_plus-f0.5-s2", "sams_vae-f0.5-s2"]
+    with pytest.raises(ValueError, match=r"unknown model\(s\) \['foo'\].*sams_vae"):
+        grid.subset(["foo"])
+    with pytest.raises(ValueError, match="no fraction axis"):
+        simulation.make_grid(_args(data=None)).subset(fractions=[0.5])
+    config = runner.load_config("simulation")
+    runner.set_fields(config, {"train.max_steps": 7, "model.guide": "mean_field"})
+    assert (config.train.max_steps, config.model.guide) == (7, "mean_field")
+    with pytest.raises(KeyError, match=r"unknown config field 'train.max_step'.*max_steps"):
+        runner.set_fields(config, {"train.max_step": 7})
+    with pytest.raises(FileNotFoundError, match="no config .*nope.py; known configs: .*norman_ood"):
+        runner.load_config("nope")
+    assert runner.parse_assignment("train.learning_rate=1e-3") == ("train.learning_rate", 1e-3)
+    assert runner.parse_assignment("model.guide=mean_field") == ("model.guide", "mean_field")
+
+
+def test_missing_data_path_says_what_to_download(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        norman_ood.main([])
+    assert exit_info.value.code == 2
+    assert "--data is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        replogle.main(["--data", "/no/such/replogle.h5ad"])
+    err = capsys.readouterr().err
+    assert "no such file" in err and "prepare_replogle" in err and "35775507" in err
+
+
+def test_default_workers_sized_by_cores_and_memory(monkeypatch):
+    monkeypatch.setattr(runner, "usable_cores", lambda: list(range(16)))
+    monkeypatch.setattr(runner, "available_memory_gb", lambda: 45.0)
+    assert runner.default_workers(10.0) == 4  # memory-bound
+    assert runner.default_workers(1.0) == 16  # core-bound
+    assert runner.default_workers(100.0) == 1
+
+
+# ------------------------------------------------------------------------ aggregation
+
+
+def _fake_runs():
+    rows = []
+    for seed, base in [(0, -100.0), (1, -102.0)]:
+        for variant, shift in [("sams_vae", 0.0), ("cpa_vae", -1.0)]:
+            for fraction, gain in [(0.0, 0.0), (1.0, 5.0 + seed)]:
+                rows.append({"variant": variant, "fraction": fraction, "seed": seed,
+                             "IWELBO-test": base + shift + gain, "ATE_pearsonr-test": 0.5 + 0.1 * seed,
+                             "ATE_pearsonr_top20-test": 0.8})
+    return pd.DataFrame(rows)
+
+
+def test_relative_iwelbo_mean_std_and_markdown():
+    runs = runner.add_relative_iwelbo(_fake_runs(), "sams_vae")
+    # minus SAMS-VAE at fraction 0 on the same seed
+    sams0 = runs[(runs.variant == "sams_vae") & (runs.fraction == 0.0)]
+    np.testing.assert_allclose(sams0[runner.RELATIVE], 0.0)
+    cpa1 = runs[(runs.variant == "cpa_vae") & (runs.fraction == 1.0)].sort_values("seed")
+    np.testing.assert_allclose(cpa1[runner.RELATIVE], [4.0, 5.0])
+    table = runner.summarize(runs, runner.STANDARD_METRICS, ["sams_vae", "cpa_vae"])
+    assert list(zip(table.variant, table.fraction)) == [("sams_vae", 0.0), ("sams_vae", 1.0), ("cpa_vae", 0.0),
+                                                        ("cpa_vae", 1.0)]
+    row = table.iloc[3]
+    assert row.n_seeds == 2
+    assert row[f"{runner.RELATIVE}_mean"] == pytest.approx(4.5)
+    assert row[f"{runner.RELATIVE}_std"] == pytest.approx(np.std([4.0, 5.0], ddof=1))
+    assert row["test_IWELBO_mean"] == pytest.approx(np.mean([-96.0, -97.0]))
+    assert row["ATE_pearson_mean"] == pytest.approx(0.55)
+    text = runner.markdown_table(table, runner.STANDARD_METRICS, has_fraction=True)
+    lines = text.splitlines()
+    assert lines[0] == ("| model | fraction | seeds | test_IWELBO | relative_IWELBO | ATE_pearson | "
+                        "ATE_pearson_top20 |")
+    assert lines[-1] == "| cpa_vae | 1 | 2 | -96.50 ± 0.71 | 4.50 ± 0.71 | 0.550 ± 0.071 | 0.800 ± 0.000 |"
+    # a missing reference run gives NaN, a metric that does not apply "–"
+    partial = runner.add_relative_iwelbo(_fake_runs().query("not (variant == 'sams_vae' and seed == 1)"), "sams_vae")
+    assert partial.query("seed == 1")[runner.RELATIVE].isna().all()
+    one = runner.summarize(partial.assign(mcc=np.nan), runner.STANDARD_METRICS + (("mcc", "MCC"),), ["cpa_vae"])
+    assert "| – |" in runner.markdown_table(one, runner.STANDARD_METRICS + (("mcc", "MCC"),), True)
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("experiment, fraction", [(norman_ood, 0.0), (norman_ood, 1.0),
+                                                  (norman_data_efficiency, 0.0), (replogle, None)])
+def test_smoke_data_registers_with_the_paper_configs(tmp_path, experiment, fraction):
+    """The synthetic files of --smoke go through the real loaders and splits (no training)."""
+    from sams_jax.data import load_data
+    from sams_jax.data.anndata_io import DataWarning
+
+    import ml_collections
+
+    grid = experiment.make_grid(_args(smoke=True, out=tmp_path))
+    cells = [c for c in grid.cells() if c.fraction == fraction]
+    assert len(cells) == len(grid.variants) * 2  # two seeds
+    assert cells[0].config["train"]["max_steps"] == 50 and cells[0].evaluation == runner.SMOKE_EVALUATION
+    for cell in cells:
+        config = ml_collections.ConfigDict(cell.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # SVAE+: test pairs without training cells
+            data = load_data(config.data, config.model.likelihood)
+        n_members = (data.dosages != 0).sum(1)
+        train = data.split == "train"
+        assert (n_members[train] == 0).sum() > 0 and train.sum() >= config.train.batch_size
+        assert (data.split == "test").sum() > 0
+        if experiment is norman_ood and cell.variant == "sams_vae":
+            assert ((n_members == 2) & train).any() == (fraction > 0)  # pairs in training only for f > 0
+            assert (n_members[data.split == "test"] == 2).all()  # the test split holds held-out pairs
+
+
+def test_simulation_smoke_end_to_end_skips_finished_cells_and_reports_failures(tmp_path, capsys):
+    out = tmp_path / "sim"
+    argv = ["--smoke", "--models", "sams_vae,cpa_vae", "--seeds", "0", "--workers", "2", "--out", str(out)]
+    assert simulation.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 cells, 0 already finished, 2 to run with 2 workers" in printed
+    for cell in ("sams_vae-s0", "cpa_vae-s0"):
+        done = json.loads((out / "runs" / cell / "done.json").read_text())
+        assert math.isfinite(done["metrics"]["IWELBO-test"]) and done["config"]["train"]["max_steps"] == 50
+        assert (out / "runs" / cell / "eval" / "metrics.json").is_file()
+        assert "eval:" in (out / "runs" / cell / "log.txt").read_text()
+    runs = pd.read_csv(out / "runs.csv").set_index("variant")
+    assert runs.loc["sams_vae", runner.RELATIVE] == 0.0
+    assert runs.loc["cpa_vae", runner.RELATIVE] == pytest.approx(
+        runs.loc["cpa_vae", "IWELBO-test"] - runs.loc["sams_vae", "IWELBO-test"])
+    table = pd.read_csv(out / "table.csv")
+    assert list(table.variant) == ["sams_vae", "cpa_vae"] and list(table.n_seeds) == [1, 1]
+    assert np.isfinite(table["ATE_pearson_mean"]).all()
+    assert np.isfinite(table.loc[0, "mask_F1_mean"]) and np.isnan(table.loc[1, "mask_F1_mean"])  # CPA-VAE: no mask
+    text = (out / "table.md").read_text()
+    assert "2 of 2 runs finished" in text and "| sams_vae | 1 | " in text and "mask_F1" in text
+    assert (out / "relative_iwelbo.png").stat().st_size > 0 and (out / "ate_pearson.png").stat().st_size > 0
+
+    # finished cells are skipped
+    start = time.perf_counter()
+    assert simulation.main(argv) == 0
+    assert "2 cells, 2 already finished, 0 to run" in capsys.readouterr().out
+    assert time.perf_counter() - start < 15
+
+    # a failing cell: non-zero exit, its log named, failures.txt; the finished cells stay in the table
+    bad = ["--smoke", "--models", "sams_vae", "--seeds", "0", "--out", str(out), "--set", "train.batch_size=100000"]
+    assert simulation.main(bad) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED (exit code 1)" in printed and "1 cell(s) failed" in printed
+    failures = (out / "failures.txt").read_text()
+    assert "sams_vae-s0" in failures and "batch_size" in failures
+    assert json.loads((out / "runs" / "sams_vae-s0" / "done.json").read_text())["config"]["train"]["batch_size"] == 32
