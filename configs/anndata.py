@@ -18,19 +18,6 @@ def get_config():
     config = base_config()
     config.data.update(source="anndata", perturbation_key="perturbation", control="control", delimiter="+",
                        counts_layer="counts", task="none")
-    config.model.update(
-        n_latent=100,
-        likelihood="library_nb",
-        guide="correlated",
-        normalization="log_standardize",
-        decoder_n_layers=1,
-        decoder_n_hidden=400,
-        basal_encoder_n_layers=1,
-        basal_encoder_n_hidden=400,
-        embedding_encoder_n_layers=2,
-        embedding_encoder_n_hidden=200,
-        mask_prior_prob=0.01,
-    )
-    config.objective.n_particles = 5
+    config.model.update(n_latent=100, likelihood="library_nb")  # otherwise the defaults of base_config
     config.train.update(learning_rate=3e-4, batch_size=512, max_steps=20_000, eval_every=1_000)
     return config

@@ -15,30 +15,17 @@ encoder 4 x 400, mask prior 0.01, lr 3e-4, batch 512, 30,000 steps, gradient cli
 100, 5 particles; five split seeds per setting.
 """
 
+import pathlib
+import runpy
+
 from sams_jax.config import base_config
 
 
 def get_config():
-    config = base_config()
-    config.data.update(
-        source="anndata", perturbation_key="guide_identity", guide_column_pattern="guide_", control="control",
-        counts_layer="counts", use_highly_variable=True, encode_combinations="additive",
-        task="norman_data_efficiency", frac_combination_cells_train=0.5, split_seed=0,
-    )
-    config.model.update(
-        n_latent=200,
-        likelihood="library_nb",
-        guide="correlated",
-        normalization="log_standardize",
-        decoder_n_layers=1,
-        decoder_n_hidden=400,
-        basal_encoder_n_layers=1,
-        basal_encoder_n_hidden=400,
-        embedding_encoder_n_layers=4,
-        embedding_encoder_n_hidden=400,
-        mask_prior_prob=0.01,
-    )
-    config.objective.n_particles = 5
-    config.train.update(learning_rate=3e-4, batch_size=512, max_steps=30_000, grad_clip_norm=100.0,
-                        eval_every=1_000)
+    """The data, model and training settings of ``configs/norman_ood.py``; only the task differs."""
+    config = runpy.run_path(str(pathlib.Path(__file__).with_name("norman_ood.py")))["get_config"]()
+    defaults = base_config().data
+    config.data.update(task="norman_data_efficiency", frac_combination_cells_train=0.5,
+                       frac_combinations_train=defaults.frac_combinations_train,
+                       frac_combinations_test=defaults.frac_combinations_test)
     return config

@@ -24,20 +24,8 @@ def get_config():
         counts_layer="counts", use_highly_variable=True, encode_combinations="additive",
         task="norman_ood", frac_combinations_train=0.75, frac_combinations_test=0.25, split_seed=0,
     )
-    config.model.update(
-        n_latent=200,
-        likelihood="library_nb",
-        guide="correlated",
-        normalization="log_standardize",
-        decoder_n_layers=1,
-        decoder_n_hidden=400,
-        basal_encoder_n_layers=1,
-        basal_encoder_n_hidden=400,
-        embedding_encoder_n_layers=4,
-        embedding_encoder_n_hidden=400,
-        mask_prior_prob=0.01,
-    )
-    config.objective.n_particles = 5
+    config.model.update(n_latent=200, likelihood="library_nb", embedding_encoder_n_layers=4,
+                        embedding_encoder_n_hidden=400)  # otherwise the defaults of base_config
     config.train.update(learning_rate=3e-4, batch_size=512, max_steps=30_000, grad_clip_norm=100.0,
                         eval_every=1_000)
     return config

@@ -23,19 +23,6 @@ def get_config():
         source="anndata", perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
         delimiter="", counts_layer="", task="replogle", split_seed=0,
     )
-    config.model.update(
-        n_latent=100,
-        likelihood="library_nb",
-        guide="correlated",
-        normalization="log_standardize",
-        decoder_n_layers=1,
-        decoder_n_hidden=400,
-        basal_encoder_n_layers=1,
-        basal_encoder_n_hidden=400,
-        embedding_encoder_n_layers=2,
-        embedding_encoder_n_hidden=200,
-        mask_prior_prob=0.01,
-    )
-    config.objective.n_particles = 5
+    config.model.update(n_latent=100, likelihood="library_nb")  # otherwise the defaults of base_config
     config.train.update(learning_rate=3e-4, batch_size=512, max_steps=150_000, eval_every=5_000)
     return config
