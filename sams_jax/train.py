@@ -39,6 +39,7 @@ from sams_jax.models import check_data as check_model_data, create_model
 from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
 
 HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
+MASK_COLUMNS = ["mask_density", "mask_f1"]  # added for simulations of models with a mask
 
 
 class TrainingDiverged(RuntimeError):
@@ -251,9 +252,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                     raise TrainingDiverged(f"non-finite validation loss at step {step}; the last good checkpoint "
                                            f"is step {checkpointer.latest_step()} in {checkpointer.directory}")
                 history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
-                                "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start})
+                                "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start,
+                                **mask_recovery(model, data, state.variables)})
                 checkpointer.save(step, state, last_val, config_dict, metadata)
-                pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(history_path, index=False)
+                columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
+                pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
                 window_losses, window_start, window_first_step = [], time.perf_counter(), step
         bar.close()
@@ -272,6 +275,18 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     return results
 
 
+def mask_recovery(model, data: PerturbationData, variables, full: bool = False) -> dict[str, float]:
+    """For simulations of models with a mask: learned mask (``q(mask) > 0.5``) density and
+    F1 against the truth (precision and recall too with ``full``); else ``{}``."""
+    if data.truth is None or "mask" not in data.truth or not hasattr(model, "mask_probs"):
+        return {}
+    learned = np.asarray(model.apply(variables, method="mask_probs")) > 0.5
+    scores = metrics_lib.mask_scores(data.truth["mask"], learned)
+    if not full:
+        scores = {"mask_f1": scores["mask_f1"]}
+    return {**scores, "mask_density": float(learned.mean())}
+
+
 def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict[str, float]:
     """Predictive IWELBO per held-out split and, for simulations, mask recovery. With
     ``rng = jax.random.key(config.seed)`` the IWELBO equals ``sams_jax.load(workdir)
@@ -287,10 +302,7 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     for split in ("val", "test"):
         if data.mask(split).any():
             results[f"{split}/IWELBO"] = float(iwelbo(variables, jax.device_put(data.arrays(split))))
-    if data.truth is not None and "mask" in data.truth and hasattr(model, "mask_probs"):
-        mask_probs = np.asarray(model.apply(variables, method="mask_probs"))
-        results.update(metrics_lib.mask_scores(data.truth["mask"], mask_probs > 0.5))
-        results["mask_density"] = float((mask_probs > 0.5).mean())
+    results.update(mask_recovery(model, data, variables, full=True))
     return results
 
 

@@ -44,7 +44,9 @@ def test_cli_end_to_end(tmp_path):
     result = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40")
     assert result.returncode == 0, result.stderr[-3000:]
     history = pd.read_csv(workdir / "history.csv")
-    assert list(history.columns) == ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
+    assert list(history.columns) == ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s", "mask_density",
+                                     "mask_f1"]
+    assert history["mask_f1"].between(0, 1).all() and history["mask_density"].between(0, 1).all()
     assert history["step"].tolist() == [20, 40]
     assert np.all(np.isfinite(history[["train_loss", "val_loss"]].to_numpy()))
     metrics = json.loads((workdir / "metrics.json").read_text())
