@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flops, machine, matmul_rate, peak_device_memory_mb  # noqa: E402
+from common import flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
@@ -129,10 +129,7 @@ def main() -> None:
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["peak_device_mb"] = peak_device_memory_mb()
     print(json.dumps(row, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(row, handle, indent=2)
+    write_json(args.out, row)
 
 
 if __name__ == "__main__":

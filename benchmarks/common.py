@@ -4,6 +4,7 @@ config loading (a configs/*.py path or a named benchmark scale) and FLOP counts.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import time
@@ -92,3 +93,11 @@ def load_config(path_or_scale: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def write_json(path: str | None, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` (creating its folder); nothing if no path."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(payload, handle, indent=2)

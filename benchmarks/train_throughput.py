@@ -31,7 +31,7 @@ from sams_jax.train import (BatchSchedule, create_optimizer, create_train_state,
                             make_train_chunk)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flops, load_config, machine, matmul_rate, peak_device_memory_mb  # noqa: E402
+from common import flops, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
 
 def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
@@ -106,10 +106,7 @@ def main() -> None:
             row["fraction_of_matmul"] = row["flops_per_s"] / rate
             print(json.dumps(row))
             results.append(row)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
