@@ -52,10 +52,17 @@ class Predictor:
         def generate(variables, dosages, library_size, max_active, rngs):
             return model.apply(variables, dosages, library_size, max_active, rngs=rngs, method="generate")
 
+        self._generate = jax.jit(generate, static_argnums=(3,))
         self._expectations = jax.jit(
             partial(model_expectations, generate),
             static_argnames=("n_particles", "scale", "method", "max_active", "library_size",
                              "intervention_chunk", "particle_chunk"))
+        @jax.jit
+        def encode(variables, x, dosages, keys):  # -> [n, K], mean over the keys' global draws
+            return jax.vmap(lambda key: model.apply(variables, x, dosages, rngs={"globals": key},
+                                                    method="encode"))(keys).mean(0)
+
+        self._encode = encode
         self._iwelbo = jax.jit(partial(predictive_iwelbo, model.apply), static_argnames=("n_particles", "chunk_size"))
 
     # --- vocabulary -----------------------------------------------------------------
@@ -144,9 +151,8 @@ class Predictor:
         dosages = np.repeat(self.dosages(interventions), n, axis=0)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         global_key, local_key = jax.random.split(jax.random.key(seed))
-        x, _ = jax.jit(self.model.apply, static_argnames=("max_active", "method"))(
-            self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size), max_active=max_active,
-            rngs={"globals": global_key, "local": local_key}, method="generate")
+        x, _ = self._generate(self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size),
+                              max_active, {"globals": global_key, "local": local_key})
         obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(list(interventions), n))})
         obs.index = obs.index.astype(str)
         return anndata.AnnData(X=np.asarray(x), obs=obs, var=pd.DataFrame(index=self.feature_names))
@@ -188,13 +194,7 @@ class Predictor:
         ``n_particles`` draws of the global variables."""
         arrays = self._arrays(data)
         keys = jax.random.split(jax.random.key(seed), n_particles)
-
-        @jax.jit
-        def encode(variables, x, dosages):
-            return jax.vmap(lambda k: self.model.apply(variables, x, dosages, rngs={"globals": k},
-                                                       method="encode"))(keys).mean(0)
-
-        return np.asarray(encode(self.variables, arrays["x"], arrays["dosages"]))
+        return np.asarray(self._encode(self.variables, arrays["x"], arrays["dosages"], keys))
 
     def _per_perturbation(self, method: str) -> pd.DataFrame:
         if not hasattr(self.model, method):
