@@ -107,9 +107,10 @@ def data_expectations(x, dosages: np.ndarray, interventions: np.ndarray, scale: 
                       cell_chunk: int = 16_384) -> np.ndarray:
     """Mean of ``f(x)`` over the cells whose dosage row equals each intervention row.
 
-    x ``[n, G]`` (dense or scipy sparse), dosages ``[n, T]``, interventions ``[I, T]`` ->
-    ``[I, G]`` (NaN for an intervention no cell received). Cells are processed in chunks
-    of ``cell_chunk`` rows, so ``f(x)`` is never densified for the whole matrix.
+    x ``[n, G]`` (dense, scipy sparse, or a :class:`~sams_jax.data.matrix.BackedMatrix`
+    read from disk), dosages ``[n, T]``, interventions ``[I, T]`` -> ``[I, G]`` (NaN for an
+    intervention no cell received). Cells are processed in chunks of ``cell_chunk`` rows
+    (read in increasing order), so ``f(x)`` is never densified for the whole matrix.
     """
     import scipy.sparse as sp
 

@@ -70,7 +70,8 @@ def test_registration_dosages_vocabulary_library_sizes_and_split():
     data = PerturbationData.from_anndata(adata, perturbation_key="perturbation", control="control")
     assert data.perturbation_names == SINGLES
     assert data.feature_names == list(adata.var_names) and data.control == "control"
-    np.testing.assert_array_equal(data.x, counts_of(adata))  # the counts layer, not X
+    assert sp.isspmatrix_csr(data.x) and data.x.dtype == np.float32  # a sparse layer stays sparse
+    np.testing.assert_array_equal(data.x.toarray(), counts_of(adata))  # the counts layer, not X
     np.testing.assert_allclose(data.library_size, counts_of(adata).sum(1))
     labels = adata.obs["perturbation"].to_numpy()
     for i, label in enumerate(labels):
@@ -123,7 +124,7 @@ def test_guide_columns_of_the_curated_norman_file_equal_the_labels():
     hvg = from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_",
                        use_highly_variable=True)
     assert hvg.feature_names == [g for i, g in enumerate(adata.var_names) if i % 3 != 0]
-    np.testing.assert_allclose(hvg.library_size, hvg.x.sum(1))  # library size of the genes modelled
+    np.testing.assert_allclose(hvg.library_size, np.asarray(hvg.x.sum(1)).ravel())  # of the genes modelled
 
 
 def test_replogle_guide_pairs_with_non_targeting_merged_into_control():

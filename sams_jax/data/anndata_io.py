@@ -24,6 +24,13 @@ perturbation, sorted by name, and a pair is the sum of its two one-hot rows;
 ``"unique"`` has one column per distinct condition (a pair is a perturbation of its own).
 Control cells have all-zero rows in both. All checks below raise :class:`DataError` with
 the problem and the fix, before anything is compiled or written.
+
+Counts: a sparse ``X`` or counts layer stays sparse (``x`` is a float32 CSR matrix); a
+dense one stays dense. ``backed=True`` (``--config.data.backed=True``) reads ``obs`` and
+``var`` only and leaves the counts in the file (``x`` is a
+:class:`~sams_jax.data.matrix.BackedMatrix` whose rows are read on demand); the value
+checks and the library sizes then take one pass over the file, a block of cells at a
+time.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sams_jax.data import matrix as matrix_lib
 from sams_jax.data import splits as splits_lib
 from sams_jax.data.dataset import SPLITS, DataError, PerturbationData
+from sams_jax.data.matrix import BackedMatrix
 
 ENCODINGS = ("additive", "unique")
 CONTROL_MATCHES = ("exact", "contains")
@@ -61,9 +70,57 @@ def _show(names, limit: int = _SHOW) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_anndata(adata_or_path):
+class BackedAnnData:
+    """The parts of an ``.h5ad`` file that registration reads, with the counts left on
+    disk: ``obs`` and ``var`` in memory; ``X`` and ``layers[name]`` as
+    :class:`~sams_jax.data.matrix.BackedMatrix` (opened when first used).
+
+    ``anndata.read_h5ad(path, backed="r")`` leaves only ``X`` on disk and reads every
+    layer into memory, so the counts layer would be loaded whole; this reads it backed.
+    """
+
+    def __init__(self, path: str):
+        import h5py
+        from anndata.io import read_elem
+
+        self.path = path
+        with h5py.File(path, "r") as handle:
+            self.obs = read_elem(handle["obs"])
+            self.var = read_elem(handle["var"])
+            self._has_x = "X" in handle
+            self._layers = list(handle["layers"].keys()) if "layers" in handle else []
+
+    obs_names = property(lambda self: self.obs.index)
+    var_names = property(lambda self: self.var.index)
+    n_obs = property(lambda self: len(self.obs))
+    n_vars = property(lambda self: len(self.var))
+
+    @property
+    def X(self):
+        return BackedMatrix(self.path, "X") if self._has_x else None
+
+    @property
+    def layers(self) -> dict:
+        return _LazyLayers(self.path, self._layers)
+
+
+class _LazyLayers(dict):
+    """``{name: BackedMatrix}``; a layer is opened when it is looked up."""
+
+    def __init__(self, path: str, names: list[str]):
+        super().__init__({name: None for name in names})
+        self._path = path
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        return BackedMatrix(self._path, f"layers/{name}")
+
+
+def read_anndata(adata_or_path, backed: bool = False):
     """An in-memory AnnData, from itself or from a ``.h5ad`` path (``DataError`` when the
-    path is missing or not a readable ``.h5ad``)."""
+    path is missing or not a readable ``.h5ad``); with ``backed``, a path is opened as a
+    :class:`BackedAnnData` (counts stay on disk)."""
     if isinstance(adata_or_path, (str, os.PathLike)):
         path = os.fspath(adata_or_path)
         if not path:
@@ -75,11 +132,14 @@ def read_anndata(adata_or_path):
         import anndata
 
         try:
-            return anndata.read_h5ad(path)
+            return BackedAnnData(path) if backed else anndata.read_h5ad(path)
         except Exception as error:  # h5py / anndata raise many types for a bad file
             raise DataError(f"{path!r} is not a readable .h5ad file ({type(error).__name__}: {error}); "
                             "pass an AnnData written with adata.write_h5ad(...), and if it was downloaded "
                             "check that the download is complete") from None
+    if backed:
+        raise DataError("backed reading needs the path of a .h5ad file, not an in-memory AnnData; pass the path "
+                        "(or backed=False)")
     if not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
         raise DataError(f"expected an AnnData or the path to a .h5ad file, got {type(adata_or_path).__name__}")
     return adata_or_path
@@ -340,43 +400,51 @@ def _matrix(adata, counts_layer: str | None):
     return adata.X
 
 
+def _all(positions: np.ndarray, n: int) -> bool:
+    return len(positions) == n and np.array_equal(positions, np.arange(n))
+
+
 def _subset(matrix, rows: np.ndarray, columns: np.ndarray):
-    """``matrix[rows][:, columns]`` as CSR (sparse input) or a dense array."""
+    """``matrix[rows][:, columns]``: CSR (sparse input), a :class:`BackedMatrix` view
+    (backed input; nothing is read) or a dense array."""
+    n_rows, n_columns = matrix.shape
+    if isinstance(matrix, BackedMatrix):
+        return matrix.subset(None if _all(rows, n_rows) else rows, None if _all(columns, n_columns) else columns)
     if sp.issparse(matrix):
-        return sp.csr_matrix(matrix)[rows][:, columns]
+        matrix = sp.csr_matrix(matrix)
+        if not _all(rows, n_rows):
+            matrix = matrix[rows]
+        return matrix if _all(columns, n_columns) else matrix[:, columns]
     return np.asarray(matrix)[np.ix_(rows, columns)]
-
-
-def _cells_with(matrix, bad_values: np.ndarray) -> np.ndarray:  # cell positions
-    if sp.issparse(matrix):
-        row_of_value = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-        return np.unique(row_of_value[bad_values])
-    return np.flatnonzero(bad_values.any(axis=1))
 
 
 def check_values(matrix, likelihood: str | None, cell_names: pd.Index, what: str) -> None:
     """No NaN / inf; for count likelihoods no negative and no non-integer values.
-    ``matrix``: ``[cells, genes]`` CSR or dense."""
-    values = matrix.data if sp.issparse(matrix) else matrix
-    checks = [("NaN or infinite", ~np.isfinite(values),
-               "remove those cells (or genes) or fix the upstream processing")]
+    ``matrix``: ``[cells, genes]`` CSR, dense or backed, scanned one block of cells at a
+    time (the non-zeros only for CSR)."""
+    checks = {"NaN or infinite": lambda v: ~np.isfinite(v)}
+    fixes = {"NaN or infinite": "remove those cells (or genes) or fix the upstream processing"}
     if likelihood in COUNT_LIKELIHOODS:
         fix = (f"the {likelihood!r} likelihood needs raw UMI counts: point counts_layer at them "
                "(--config.data.counts_layer=<layer>; often 'counts'), or use likelihood 'normal' for other values")
-        finite = np.where(np.isfinite(values), values, 0)
-        checks += [("negative", finite < 0, fix), ("non-integer", finite != np.round(finite), fix)]
-    for kind, bad, fix in checks:
-        if bad.any():
-            cells = _cells_with(matrix, bad)
-            example = values[bad].ravel()[0]
-            raise DataError(f"{what} has {int(bad.sum())} {kind} values (e.g. {example!r}) in {len(cells)} cells, "
-                            f"e.g. {_show(cell_names[cells], 5)}; {fix}")
+        checks["negative"] = lambda v: np.isfinite(v) & (v < 0)
+        checks["non-integer"] = lambda v: np.isfinite(v) & (v != np.round(v))
+        fixes.update(negative=fix, **{"non-integer": fix})
+    found = matrix_lib.value_problems(matrix, checks)
+    for kind in checks:
+        if kind in found:
+            n_values, n_cells, cells, example = found[kind]
+            more = f" ... (+{n_cells - len(cells)} more)" if n_cells > len(cells) else ""
+            raise DataError(f"{what} has {n_values} {kind} values (e.g. {example!r}) in {n_cells} cells, "
+                            f"e.g. {[str(name) for name in cell_names[cells]]}{more}; {fixes[kind]}")
 
 
 def library_sizes(obs: pd.DataFrame, counts, library_size_key: str | None) -> np.ndarray:  # [n_cells] float32
-    """``obs[library_size_key]`` when given, else the row sums of ``counts``."""
+    """``obs[library_size_key]`` when given, else the row sums of ``counts`` (a backed
+    matrix is summed one block of cells at a time)."""
     if not library_size_key:
-        return np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1).astype(np.float32)
+        sums = matrix_lib.row_sums(counts) if isinstance(counts, BackedMatrix) else counts.sum(axis=1)
+        return np.asarray(sums, dtype=np.float64).reshape(-1).astype(np.float32)
     column = _require_column(obs, library_size_key, "library sizes", "data.library_size_key")
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values) & (values > 0)):
@@ -397,11 +465,13 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                  frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
                  frac_combination_cells_train: float = 1.0, likelihood: str | None = "library_nb",
                  perturbations: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
-                 name: str | None = None) -> PerturbationData:
+                 name: str | None = None, backed: bool = False) -> PerturbationData:
     """Register an AnnData (or a ``.h5ad`` path) as :class:`PerturbationData`.
 
-    Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``),
-    densified; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
+    Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``):
+    a CSR matrix when stored sparse, a dense array when stored dense, and with ``backed``
+    (a path only) a :class:`~sams_jax.data.matrix.BackedMatrix` read from the file on
+    demand; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
     ``split`` from ``obs[split_key]`` or the ``task`` (cells outside every split of the
     task are dropped); ``library_size`` ``[n_cells]`` = row sums unless
     ``library_size_key``. ``likelihood`` selects the value checks (counts for
@@ -410,7 +480,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     and raise when the data do not fit them. The registration is kept in
     ``data.registration`` and saved with checkpoints.
     """
-    adata = read_anndata(adata_or_path)
+    adata = read_anndata(adata_or_path, backed)
     check_names(adata)
     columns = select_genes(adata, use_highly_variable, feature_names)
     conditions = parse_conditions(adata.obs, perturbation_key, control, control_match, delimiter,
@@ -419,14 +489,20 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
     keep = np.flatnonzero(split != splits_lib.DROPPED)
-    obs = adata.obs.iloc[keep]
+    kept_all = _all(keep, len(split))
+    obs = adata.obs if kept_all else adata.obs.iloc[keep]
     counts = _subset(_matrix(adata, counts_layer), keep, columns)
     check_values(counts, likelihood, obs.index, f"layers[{counts_layer!r}]" if counts_layer else "X")
     library_size = library_sizes(obs, counts, library_size_key)
-    x = counts.toarray() if sp.issparse(counts) else counts
+    if isinstance(counts, BackedMatrix):
+        x = counts
+    elif sp.issparse(counts):  # a copy unless read from a file here (the caller's AnnData stays untouched)
+        x = sp.csr_matrix(counts, dtype=np.float32, copy=not isinstance(adata_or_path, (str, os.PathLike)))
+    else:
+        x = np.asarray(counts, dtype=np.float32)
     data = PerturbationData(
-        x=np.asarray(x, dtype=np.float32),
-        dosages=dosages[keep],
+        x=x,
+        dosages=dosages if kept_all else dosages[keep],
         split=split[keep].astype(str),
         feature_names=adata.var_names[columns].astype(str).tolist(),
         perturbation_names=perturbation_names,
@@ -509,4 +585,5 @@ def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
         frac_combinations_test=data_config.frac_combinations_test,
         frac_combination_cells_train=data_config.frac_combination_cells_train,
         likelihood=likelihood,
+        backed=bool(data_config.get("backed", False)),
     )

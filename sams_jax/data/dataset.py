@@ -1,6 +1,7 @@
 """The data interface every model trains on: :class:`PerturbationData`.
 
-A data set is a cell-by-gene matrix ``x`` (``[n_cells, n_genes]``), a dosage matrix
+A data set is a cell-by-gene matrix ``x`` (``[n_cells, n_genes]``: dense, sparse CSR or
+an on-disk :class:`~sams_jax.data.matrix.BackedMatrix`, see :mod:`sams_jax.data.matrix`), a dosage matrix
 ``dosages`` (``[n_cells, n_perturbations]``; a control cell's row is all zeros, a pair has
 two non-zeros), a split label per cell (``train`` / ``val`` / ``test``), per-cell library
 sizes, and names for genes and perturbations. Simulations also carry their ground truth.
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import jax.numpy as jnp
 
+from sams_jax.data import matrix as matrix_lib
+
 SPLITS = ("train", "val", "test")
 NORMALIZATIONS = ("log_standardize", "standardize", "none")
 MIN_SCALE = 1e-6
@@ -28,7 +31,9 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class PerturbationData:
-    x: np.ndarray  # [n_cells, n_genes] float32 (raw counts for count likelihoods)
+    # [n_cells, n_genes] float32 (raw counts for count likelihoods): np.ndarray, scipy.sparse.csr_matrix or
+    # BackedMatrix (rows read from an .h5ad on demand); non-dense x is only ever read in row blocks
+    x: Any
     dosages: np.ndarray  # [n_cells, n_perturbations] float32
     split: np.ndarray  # [n_cells] str, values in SPLITS
     feature_names: list[str]
@@ -74,6 +79,9 @@ class PerturbationData:
             raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)}")
         if not np.any(self.split == "train"):
             raise DataError("the data has no training cells (split == 'train')")
+        if not matrix_lib.is_dense(self.x):
+            self._validate_blocks(likelihood)
+            return
         for key, arr in (("x", self.x), ("dosages", self.dosages), ("library_size", self.library_size)):
             bad = ~np.isfinite(arr)
             if bad.any():
@@ -89,48 +97,110 @@ class PerturbationData:
                 raise DataError(f"likelihood {likelihood!r} needs integer counts, but x has non-integer values; "
                                 "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
 
+    def _validate_blocks(self, likelihood: str | None) -> None:
+        """The value checks of :meth:`validate` for sparse or backed ``x``, one block of
+        cells at a time (the same messages as the dense checks)."""
+        checks = {"non-finite": lambda v: ~np.isfinite(v)}
+        if likelihood in ("poisson", "library_nb"):
+            checks["negative"] = lambda v: np.isfinite(v) & (v < 0)
+            checks["non-integer"] = lambda v: np.isfinite(v) & (v != np.round(v))
+        found = matrix_lib.value_problems(self.x, checks)
+        if "non-finite" in found:
+            n_values, _, rows, _ = found["non-finite"]
+            raise DataError(f"x contains {n_values} non-finite values (NaN or inf), e.g. in cells {rows}; "
+                            "remove or impute those cells before training")
+        for key, arr in (("dosages", self.dosages), ("library_size", self.library_size)):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                rows = np.unique(np.nonzero(bad)[0])[:5].tolist()
+                raise DataError(
+                    f"{key} contains {int(bad.sum())} non-finite values (NaN or inf), e.g. in cells {rows}; "
+                    "remove or impute those cells before training")
+        if "negative" in found:
+            raise DataError(f"likelihood {likelihood!r} needs non-negative counts, but x has negative values; "
+                            "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+        if "non-integer" in found:
+            raise DataError(f"likelihood {likelihood!r} needs integer counts, but x has non-integer values; "
+                            "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+
     def mask(self, split: str) -> np.ndarray:  # [n_cells] bool
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
         return self.split == split
 
+    @property
+    def storage(self) -> str:
+        """How ``x`` is held: ``"dense"``, ``"sparse"`` (CSR in memory) or ``"backed"`` (on disk)."""
+        return matrix_lib.storage(self.x)
+
+    def rows(self, split: str) -> np.ndarray:  # [n_split] int, increasing
+        """Positions of the cells of ``split``."""
+        return np.flatnonzero(self.mask(split))
+
     def arrays(self, split: str) -> dict[str, np.ndarray]:
-        """The cells of one split as ``{"x", "dosages", "library_size"}`` arrays."""
+        """The cells of one split as ``{"x" [n, G], "dosages" [n, T], "library_size" [n]}``
+        dense arrays (a sparse or backed ``x`` is densified for this split: for large
+        data read blocks of cells with :meth:`cell_arrays` instead)."""
         keep = self.mask(split)
-        return {"x": self.x[keep], "dosages": self.dosages[keep], "library_size": self.library_size[keep]}
+        if matrix_lib.is_dense(self.x):
+            return {"x": self.x[keep], "dosages": self.dosages[keep], "library_size": self.library_size[keep]}
+        return self.cell_arrays(np.flatnonzero(keep))
+
+    def cell_arrays(self, cells) -> dict[str, np.ndarray]:
+        """Cells at positions ``cells`` (``[n]`` int, any order, repeats allowed) as dense
+        ``{"x" [n, G] float32, "dosages" [n, T], "library_size" [n]}`` arrays."""
+        cells = np.asarray(cells, dtype=np.int64)
+        return {"x": matrix_lib.dense_rows(self.x, cells), "dosages": self.dosages[cells],
+                "library_size": self.library_size[cells]}
 
     def cells_per_perturbation(self, split: str) -> np.ndarray:  # [n_perturbations] int
-        """``N_t``: number of cells of ``split`` that received perturbation ``t``."""
-        return (self.dosages[self.mask(split)] != 0).sum(axis=0).astype(np.int64)
+        """``N_t``: number of cells of ``split`` that received perturbation ``t`` (counted
+        in blocks of cells, so the dosage matrix is not copied)."""
+        rows = self.rows(split)
+        counts = np.zeros(self.n_perturbations, np.int64)
+        step = matrix_lib.block_rows(self.n_perturbations)
+        for start in range(0, len(rows), step):
+            counts += np.count_nonzero(self.dosages[rows[start:start + step]], axis=0)
+        return counts
 
     def normalization_stats(self, method: str) -> dict[str, np.ndarray]:
         """Per-gene encoder-input statistics from the training split (SPEC 2)."""
-        return normalization_stats(self.x[self.mask("train")], method)
+        if matrix_lib.is_dense(self.x):
+            return normalization_stats(self.x[self.mask("train")], method)
+        return normalization_stats(self.x, method, rows=self.rows("train"))
 
-    def metadata(self, normalization: str) -> dict[str, Any]:
-        """Everything evaluation needs besides the parameters, JSON-serialisable."""
+    def metadata(self, normalization: str, stats: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Everything evaluation needs besides the parameters, JSON-serialisable
+        (``stats``: the normalisation statistics when already computed)."""
+        stats = self.normalization_stats(normalization) if stats is None else stats
         return {
             "name": self.name,
             "feature_names": list(self.feature_names),
             "perturbation_names": list(self.perturbation_names),
             "control": self.control,
             "normalization": normalization,
-            "normalization_stats": {k: v.tolist() for k, v in self.normalization_stats(normalization).items()},
+            "normalization_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
             "cells_per_perturbation": {s: self.cells_per_perturbation(s).tolist() for s in SPLITS},
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
             "registration": self.registration,
         }
 
 
-def normalization_stats(x_train: np.ndarray, method: str) -> dict[str, np.ndarray]:
+def normalization_stats(x_train, method: str, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``{"mean": [G], "scale": [G]}`` for ``log_standardize`` (on ``log(x + 1)``) or
     ``standardize`` (on ``x``); zeros / ones for ``none``. A gene constant on the training
-    split gets scale 1 instead of 0."""
+    split gets scale 1 instead of 0. ``x_train`` is the training cells' ``[n, G]`` matrix,
+    or with ``rows`` a larger matrix (dense, CSR or backed) whose ``rows`` are the
+    training cells; a non-dense matrix is read one block of cells at a time."""
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {method!r}; allowed: {NORMALIZATIONS}")
     g = x_train.shape[1]
     if method == "none":
         return {"mean": np.zeros(g, np.float32), "scale": np.ones(g, np.float32)}
+    if rows is not None or not matrix_lib.is_dense(x_train):
+        mean, scale = matrix_lib.column_moments(x_train, rows, log1p=method == "log_standardize")
+        scale = np.where(scale < MIN_SCALE, 1.0, scale)
+        return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32)}
     values = np.log1p(x_train.astype(np.float64)) if method == "log_standardize" else x_train.astype(np.float64)
     mean = values.mean(axis=0)
     scale = values.std(axis=0)
