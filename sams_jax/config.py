@@ -17,6 +17,8 @@ from sams_jax.likelihoods import LIKELIHOODS
 from sams_jax.models import GUIDES, MODELS
 from sams_jax.objective import OBJECTIVES, ObjectiveConfig
 
+DATA_PLACEMENTS = ("auto", "device", "host")
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the allowed values."""
@@ -56,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.frac_combinations_test = 0.25  # norman_ood: fraction of pairs in test
     config.data.frac_combination_cells_train = 1.0  # norman_data_efficiency: fraction of training pair cells
     config.data.split_seed = 0
+    config.data.backed = False  # leave the counts in the .h5ad and read cells on demand (files larger than memory)
 
     config.model = ml_collections.ConfigDict()
     # sams_vae, or a baseline (SPEC 4): cpa_vae, conditional_vae, svae_plus, sams_vae_beta_bernoulli.
@@ -100,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 2_048  # cells per chunk in validation / IWELBO
     config.train.progress = True  # tqdm bar
     config.train.num_devices = 0  # data-parallel devices; 0 = all local devices
+    # where the training cells live: "device" (dense on the device, batches gathered there), "host" (x stays
+    # on the host, dense / CSR / backed; each dispatch's batches are densified by a prefetch thread), or
+    # "auto": device when the dense training split fits sams_jax.train.AUTO_DEVICE_MAX_BYTES and x is not backed
+    config.train.data_placement = "auto"
+    config.train.prefetch = 2  # host placement: dispatches prepared ahead of the device
 
     config.eval = ml_collections.ConfigDict()
     config.eval.iwelbo_n_particles = 100
@@ -184,6 +192,12 @@ def validate_config(config) -> None:
     _check_number(config, "train.max_steps", 0, integer=True)
     for field in ("eval_every", "steps_per_dispatch", "eval_batch_size"):
         _check_number(config, f"train.{field}", 1, integer=True)
+    _check_choice(config, "train.data_placement", DATA_PLACEMENTS)
+    _check_number(config, "train.prefetch", 1, integer=True)
+    if not isinstance(config.data.backed, bool):
+        raise ConfigError(f"data.backed={config.data.backed!r} must be True or False")
+    if config.data.backed and config.data.source != "anndata":
+        raise ConfigError("data.backed=True reads an .h5ad file on demand; it needs data.source='anndata'")
     _check_number(config, "eval.iwelbo_n_particles", 1, integer=True)
 
 

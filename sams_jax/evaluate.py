@@ -74,7 +74,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                         "(pass --control with a label present in the data)")
 
     results: dict[str, float] = {}
-    per_cell = {split: predictor.iwelbo(data.arrays(split), iwelbo_particles, seed)
+    per_cell = {split: predictor.iwelbo(data, iwelbo_particles, seed, split=split)
                 for split in SPLITS if data.mask(split).any()}
     for split, values in per_cell.items():
         results[f"IWELBO-{split}"] = float(values.mean())
@@ -100,7 +100,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         results.update(metrics_lib.mask_scores(data.truth["mask"], learned))
         test = data.mask("test")
         results["mcc"] = metrics_lib.mean_correlation_coefficient(
-            data.truth["z_basal"][test], predictor.latent(data.arrays("test"), seed=seed))
+            data.truth["z_basal"][test], predictor.latent(data, seed=seed, split="test"))
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)

@@ -130,10 +130,15 @@ def predictive_log_weights(terms: ParticleTerms):
     return log_w
 
 
-def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int):
+def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int, first_chunk=0):
     """Apply ``fn(batch, chunk_index) -> [chunk]`` to fixed-size chunks of the cells in
     ``arrays`` (leaves ``[n, ...]``; zero-padded to a multiple of the chunk) with
-    ``lax.map``, so memory stays bounded by one chunk; returns ``[n]``. Jittable."""
+    ``lax.map``, so memory stays bounded by one chunk; returns ``[n]``. Jittable.
+
+    ``first_chunk`` (an int or a traced scalar) numbers the chunks from there: a split
+    scored block by block (host data, :mod:`sams_jax.streaming`) passes the index of the
+    block's first chunk within the split, and gets the same random draws per cell as
+    scoring the whole split at once."""
     n = arrays["x"].shape[0]
     chunk = min(chunk_size, n)
     n_chunks = -(-n // chunk)
@@ -144,16 +149,17 @@ def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int):
         return v.reshape(n_chunks, chunk, *v.shape[1:])
 
     chunks = jax.tree.map(to_chunks, arrays)
-    out = jax.lax.map(lambda args: fn(*args), (chunks, jnp.arange(n_chunks)))
+    out = jax.lax.map(lambda args: fn(*args), (chunks, jnp.arange(n_chunks) + first_chunk))
     return out.reshape(-1)[:n]
 
 
 def score_split(apply_fn: Callable, variables, rng, arrays, n_particles: int, score: Callable,
-                chunk_size: int = 1024):
+                chunk_size: int = 1024, first_chunk=0):
     """Per-cell scores ``[n]`` over a whole split, in chunks of cells.
 
     ``n_particles`` global draws are shared by every chunk (and so by every cell); local
     draws differ per chunk. ``score(terms, batch) -> [chunk]`` reduces the particles.
+    ``first_chunk``: see :func:`chunked_per_cell`.
     """
     global_keys, _ = particle_keys(rng, n_particles)
     local_key = jax.random.fold_in(rng, 1)
@@ -162,23 +168,24 @@ def score_split(apply_fn: Callable, variables, rng, arrays, n_particles: int, sc
         local_keys = jax.random.split(jax.random.fold_in(local_key, index), n_particles)
         return score(sample_particles(apply_fn, variables, batch, global_keys, local_keys), batch)
 
-    return chunked_per_cell(per_chunk, arrays, chunk_size)
+    return chunked_per_cell(per_chunk, arrays, chunk_size, first_chunk)
 
 
 def split_objective(apply_fn: Callable, config: ObjectiveConfig, variables, rng, arrays, plate_scale,
-                    chunk_size: int = 1024):
+                    chunk_size: int = 1024, first_chunk=0):
     """Per-cell training objective ``[n]`` on a whole split (e.g. the validation loss),
     with the split's own ``plate_scale`` (``1 / N_t``)."""
     def score(terms, batch):
         return reduce_objective(elbo_per_cell(terms, batch["dosages"], plate_scale, config), config.kind)
 
-    return score_split(apply_fn, variables, rng, arrays, config.n_particles, score, chunk_size)
+    return score_split(apply_fn, variables, rng, arrays, config.n_particles, score, chunk_size, first_chunk)
 
 
-def predictive_iwelbo(apply_fn: Callable, variables, rng, arrays, n_particles: int, chunk_size: int = 1024):
+def predictive_iwelbo(apply_fn: Callable, variables, rng, arrays, n_particles: int, chunk_size: int = 1024,
+                      first_chunk=0):
     """Per-cell predictive IWELBO ``[n]`` (SPEC 5): ``n_particles`` global draws from the
     guide shared by all cells; ``logsumexp_s log_w[s, i] - log S``."""
     def score(terms, batch):
         return reduce_objective(predictive_log_weights(terms), "iwelbo")
 
-    return score_split(apply_fn, variables, rng, arrays, n_particles, score, chunk_size)
+    return score_split(apply_fn, variables, rng, arrays, n_particles, score, chunk_size, first_chunk)

@@ -22,9 +22,11 @@ import pandas as pd
 from sams_jax.ate import LIBRARY_SIZE, METHODS, SCALES, model_expectations
 from sams_jax.checkpoint import Checkpointer, CheckpointError
 from sams_jax.data import DataError, PerturbationData
+from sams_jax.data.matrix import is_dense
 from sams_jax.likelihoods import COUNT_LIKELIHOODS
 from sams_jax.models import create_model
 from sams_jax.objective import predictive_iwelbo
+from sams_jax.streaming import host_cell_scores
 from sams_jax.train import create_optimizer, create_train_state
 
 
@@ -157,10 +159,11 @@ class Predictor:
         obs.index = obs.index.astype(str)
         return anndata.AnnData(X=np.asarray(x), obs=obs, var=pd.DataFrame(index=self.feature_names))
 
-    def register(self, adata_or_path) -> PerturbationData:
+    def register(self, adata_or_path, backed: bool = False) -> PerturbationData:
         """An AnnData (or ``.h5ad`` path) read with the training data's registration
         (perturbation column, control, delimiter, counts layer, ...), checked against the
-        model's genes (reordered to them) and perturbation vocabulary."""
+        model's genes (reordered to them) and perturbation vocabulary; ``backed`` leaves
+        the counts of a file on disk (see ``from_anndata``)."""
         from sams_jax.data.anndata_io import from_anndata
 
         registration = dict(self.metadata.get("registration") or {})
@@ -168,32 +171,65 @@ class Predictor:
                 "library_size_key", "encode_combinations", "use_highly_variable")
         return from_anndata(adata_or_path, **{k: registration[k] for k in keys if k in registration},
                             likelihood=self.config.model.likelihood, perturbations=self.perturbation_names,
-                            feature_names=self.feature_names)
+                            feature_names=self.feature_names, backed=backed)
 
-    def _arrays(self, data) -> dict[str, jnp.ndarray]:
-        """Cell arrays from a PerturbationData, an AnnData / ``.h5ad`` path, or a dict of
-        ``x [n, G]``, ``dosages [n, T]`` and ``library_size [n]``."""
+    def _data(self, data):
+        """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes
+        checked) or a dict of arrays."""
         if not isinstance(data, (PerturbationData, dict)):
             data = self.register(data)
         if isinstance(data, PerturbationData):
             check_features(self.feature_names, data.feature_names)
-            data = {"x": data.x, "dosages": data.dosages, "library_size": data.library_size}
+        return data
+
+    def _streamed(self, data, split: str | None):
+        """Cell positions to read in blocks when ``data`` holds a sparse or backed ``x``; else None."""
+        if isinstance(data, PerturbationData) and not is_dense(data.x):
+            return data.rows(split) if split else np.arange(data.x.shape[0])
+        return None
+
+    def _arrays(self, data, split: str | None = None) -> dict[str, jnp.ndarray]:
+        """Cell arrays from a PerturbationData (the cells of ``split``, or all), an AnnData /
+        ``.h5ad`` path, or a dict of ``x [n, G]``, ``dosages [n, T]`` and ``library_size [n]``."""
+        data = self._data(data)
+        if isinstance(data, PerturbationData):
+            data = data.arrays(split) if split else {"x": data.x, "dosages": data.dosages,
+                                                     "library_size": data.library_size}
+        elif split:
+            raise ValueError("split= selects cells of a PerturbationData; a dict of arrays has no splits")
         if data["x"].shape[1] != len(self.feature_names) or data["dosages"].shape[1] != len(self._index):
             raise DataError(f"x must have {len(self.feature_names)} genes and dosages {len(self._index)} columns; "
                             f"got {data['x'].shape[1]} and {data['dosages'].shape[1]}")
         return {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
 
-    def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int = 1024) -> np.ndarray:
-        """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data``."""
-        arrays = self._arrays(data)
-        return np.asarray(self._iwelbo(self.variables, jax.random.key(seed), arrays, n_particles=n_particles,
-                                       chunk_size=chunk_size))
+    def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int = 1024,
+               split: str | None = None) -> np.ndarray:
+        """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data`` (of its
+        ``split`` only, for a PerturbationData). A sparse or backed ``x`` is read and scored
+        in blocks of cells, with the same result as scoring all cells at once."""
+        data = self._data(data)
+        key = jax.random.key(seed)
+        cells = self._streamed(data, split)
+        if cells is not None:
+            def block(arrays, first_chunk):
+                return self._iwelbo(self.variables, key, arrays, n_particles=n_particles, chunk_size=chunk_size,
+                                    first_chunk=first_chunk)
 
-    def latent(self, data, n_particles: int = 10, seed: int = 0) -> np.ndarray:
+            return host_cell_scores(block, data, cells, chunk_size, put=jax.device_put)
+        arrays = self._arrays(data, split)
+        return np.asarray(self._iwelbo(self.variables, key, arrays, n_particles=n_particles, chunk_size=chunk_size))
+
+    def latent(self, data, n_particles: int = 10, seed: int = 0, split: str | None = None) -> np.ndarray:
         """Posterior mean of the basal latent state (``[n, K]``), averaged over
-        ``n_particles`` draws of the global variables."""
-        arrays = self._arrays(data)
+        ``n_particles`` draws of the global variables (cells of ``split`` only, for a
+        PerturbationData; a sparse or backed ``x`` is read in blocks of cells)."""
+        data = self._data(data)
         keys = jax.random.split(jax.random.key(seed), n_particles)
+        cells = self._streamed(data, split)
+        if cells is not None:
+            return host_cell_scores(lambda arrays, _: self._encode(self.variables, arrays["x"], arrays["dosages"], keys),
+                                    data, cells, 1024, put=jax.device_put)
+        arrays = self._arrays(data, split)
         return np.asarray(self._encode(self.variables, arrays["x"], arrays["dosages"], keys))
 
     def _per_perturbation(self, method: str) -> pd.DataFrame:

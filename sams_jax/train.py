@@ -1,10 +1,21 @@
 """Training: ``python -m sams_jax.train --config configs/simulation.py --workdir runs/simulation``.
 
-The training data sit on the device; each jitted dispatch runs
-``train.steps_per_dispatch`` steps in a ``lax.scan``, gathering mini-batches on the
-device from host-computed indices. Mini-batch order and per-step random keys are pure
-functions of ``(seed, step)``, so a run that is interrupted and resumed from its latest
-checkpoint ends with exactly the parameters of an uninterrupted run.
+Each jitted dispatch runs ``train.steps_per_dispatch`` steps in a ``lax.scan``. Where
+the training cells live is ``train.data_placement``:
+
+* ``device``: the training split sits (dense) on the device and each step gathers its
+  mini-batch there from host-computed indices;
+* ``host``: ``x`` stays on the host as stored (dense, CSR, or rows of an ``.h5ad`` file);
+  a background thread densifies each dispatch's mini-batches ``[n_steps, B, G]`` from the
+  same indices and puts them on the device while it runs the previous dispatch
+  (:mod:`sams_jax.streaming`);
+* ``auto`` (default): ``device`` when ``x`` is not backed and the dense training split
+  fits in ``AUTO_DEVICE_MAX_BYTES``, else ``host``.
+
+Both placements run the same step on the same batches (the same losses and parameters).
+Mini-batch order and per-step random keys are pure functions of ``(seed, step)``, so a
+run that is interrupted and resumed from its latest checkpoint ends with exactly the
+parameters of an uninterrupted run.
 
 Every ``train.eval_every`` steps: validation loss (fixed particles, the validation
 split's own ``N_t``), a row of ``<workdir>/history.csv``, and a checkpoint (the latest
@@ -35,9 +46,14 @@ from sams_jax import metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
 from sams_jax.config import ConfigError, validate_against_data, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
+from sams_jax.data import matrix as matrix_lib
 from sams_jax.models import check_data as check_model_data, create_model
 from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
+from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
+# data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
+# sizes as float32, per device) is at most this, and x is not backed; larger data stream from the host
+AUTO_DEVICE_MAX_BYTES = 2 * 2 ** 30
 HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
 MASK_COLUMNS = ["mask_density", "mask_f1"]  # added for simulations of models with a mask
 
@@ -110,13 +126,22 @@ class BatchSchedule:
         return out.reshape(n_steps, self.batch_size).astype(np.int32)
 
 
-def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
-    """Jitted ``(state, train_arrays, plate_scale, train_key, indices [n, B]) ->
-    (state, losses [n])``: ``n`` steps in one ``lax.scan``."""
+def dispatch_plan(step: int, max_steps: int, eval_every: int, steps_per_dispatch: int):
+    """``(first_step, n_steps)`` of each dispatch from ``step`` to ``max_steps``: at most
+    ``steps_per_dispatch`` steps, ending at every multiple of ``eval_every``."""
+    while step < max_steps:
+        next_eval = min((step // eval_every + 1) * eval_every, max_steps)
+        n_steps = min(steps_per_dispatch, next_eval - step)
+        yield step, n_steps
+        step += n_steps
 
-    def step(carry, batch_indices, train_arrays, scale, train_key):
-        state = carry
-        batch = jax.tree.map(lambda v: jnp.take(v, batch_indices, axis=0), train_arrays)
+
+def make_train_step(apply_fn, objective: ObjectiveConfig, optimizer):
+    """``(state, batch, plate_scale, train_key) -> (state, loss)``: one optimizer step on
+    ``batch`` (``{"x": [B, G], "dosages": [B, T], "library_size": [B]}``), with the random
+    key ``fold_in(train_key, state.step)``. The body of both train-chunk variants."""
+
+    def step(state, batch, scale, train_key):
         rng = jax.random.fold_in(train_key, state.step)
 
         def loss_of(params):
@@ -129,12 +154,48 @@ def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
                               opt_state=opt_state)
         return state, loss
 
+    return step
+
+
+def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
+    """Jitted ``(state, train_arrays, plate_scale, train_key, indices [n, B]) ->
+    (state, losses [n])``: ``n`` steps in one ``lax.scan``, each gathering its batch from
+    the device-resident ``train_arrays`` (leaves ``[n_train, ...]``)."""
+    step = make_train_step(apply_fn, objective, optimizer)
+
     @jax.jit
     def train_chunk(state, train_arrays, scale, train_key, indices):
-        body = partial(step, train_arrays=train_arrays, scale=scale, train_key=train_key)
+        def body(state, batch_indices):
+            batch = jax.tree.map(lambda v: jnp.take(v, batch_indices, axis=0), train_arrays)
+            return step(state, batch, scale, train_key)
+
         return jax.lax.scan(body, state, indices)
 
     return train_chunk
+
+
+def make_batch_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
+    """Jitted ``(state, batches, plate_scale, train_key) -> (state, losses [n])``: ``n``
+    steps in one ``lax.scan`` over ready-made ``batches`` (``{"x": [n, B, G], "dosages":
+    [n, B, T], "library_size": [n, B]}``, densified on the host)."""
+    step = make_train_step(apply_fn, objective, optimizer)
+
+    @jax.jit
+    def train_chunk(state, batches, scale, train_key):
+        return jax.lax.scan(partial(step, scale=scale, train_key=train_key), state, batches)
+
+    return train_chunk
+
+
+def resolve_placement(placement: str, data: PerturbationData) -> str:
+    """``"device"`` or ``"host"`` for ``train.data_placement`` (see the module docstring)."""
+    if placement != "auto":
+        return placement
+    if data.storage == "backed":
+        return "host"
+    n_train = int((data.split == "train").sum())
+    dense_bytes = 4 * n_train * (data.n_genes + data.n_perturbations + 1)
+    return "device" if dense_bytes <= AUTO_DEVICE_MAX_BYTES else "host"
 
 
 def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedSharding]:
@@ -146,10 +207,22 @@ def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedS
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
+# fields that change how data are read, not what is trained: a run may resume with other values
+STORAGE_FIELDS = {"data": ("backed",)}
+
+
 def _compatible(saved: dict, config) -> list[str]:
-    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run."""
+    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run
+    (ignoring :data:`STORAGE_FIELDS`)."""
     current = json.loads(config.to_json_best_effort())
-    return [key for key in current if key not in ("train", "eval") and saved.get(key) != current[key]]
+
+    def comparable(section: str, value):
+        if isinstance(value, dict) and section in STORAGE_FIELDS:
+            return {k: v for k, v in value.items() if k not in STORAGE_FIELDS[section]}
+        return value
+
+    return [key for key in current if key not in ("train", "eval")
+            and comparable(key, saved.get(key)) != comparable(key, current[key])]
 
 
 def _read_history(path: str, upto_step: int) -> list[dict]:
@@ -181,10 +254,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     os.makedirs(workdir, exist_ok=True)
     model = create_model(config.model, data.n_genes, data.n_perturbations)
     optimizer = create_optimizer(config.train)
-    metadata = data.metadata(config.model.normalization)
+    stats = data.normalization_stats(config.model.normalization)
+    metadata = data.metadata(config.model.normalization, stats)
     config_dict = json.loads(config.to_json_best_effort())
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-    state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
+    state = create_train_state(model, optimizer, stats, init_key)
 
     checkpointer = Checkpointer(workdir)
     history_path = os.path.join(workdir, "history.csv")
@@ -199,39 +273,70 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         state = checkpointer.restore_state(latest, state)
         history = _read_history(history_path, latest)
 
-    # data parallelism: parameters, optimizer state and data replicated on every device;
-    # each step's mini-batch split across devices (the same global draws everywhere)
+    # data parallelism: parameters, optimizer state and (device placement) data replicated on
+    # every device; each step's mini-batch split across devices (the same global draws everywhere)
     replicated, batch_sharding = data_parallel_shardings(config.train.num_devices)
     state = jax.device_put(state, replicated)
-    train_arrays = jax.device_put(data.arrays("train"), replicated)
-    val_arrays = jax.device_put(data.arrays("val"), replicated)
     train_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
     val_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("val")))
-    train_chunk = make_train_chunk(model.apply, objective, optimizer)
     chunk_size = config.train.eval_batch_size
-
-    @jax.jit
-    def validation_loss_fn(variables, arrays, scale):
-        return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
-
-    def validation_loss(variables):
-        return validation_loss_fn(variables, val_arrays, val_scale)
-
     schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
     max_steps, eval_every = config.train.max_steps, config.train.eval_every
     step = int(state.step)
+    plan = partial(dispatch_plan, max_steps=max_steps, eval_every=eval_every,
+                   steps_per_dispatch=config.train.steps_per_dispatch)
+
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not config.train.progress,
+               dynamic_ncols=True)
+    if resolve_placement(config.train.data_placement, data) == "device":
+        train_arrays = jax.device_put(data.arrays("train"), replicated)
+        val_arrays = jax.device_put(data.arrays("val"), replicated)
+        train_chunk = make_train_chunk(model.apply, objective, optimizer)
+        prefetcher = None
+
+        def run_dispatch(state, first_step, n_steps):
+            indices = jax.device_put(schedule.indices(first_step, n_steps), batch_sharding)
+            return train_chunk(state, train_arrays, train_scale, train_key, indices)
+
+        @jax.jit
+        def validation_loss_fn(variables, arrays, scale):
+            return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
+
+        def validation_loss(variables):
+            return validation_loss_fn(variables, val_arrays, val_scale)
+    else:
+        train_chunk = make_batch_train_chunk(model.apply, objective, optimizer)
+        train_cells = data.rows("train")
+
+        def produce(dispatch):  # runs in the prefetch thread
+            first_step, n_steps = dispatch
+            batches = host_batches(data, train_cells, schedule.indices(first_step, n_steps))
+            return jax.device_put(batches, batch_sharding)
+
+        prefetcher = Prefetcher(produce, plan(step), depth=config.train.prefetch)
+
+        def run_dispatch(state, first_step, n_steps):
+            dispatch, batches = prefetcher.get()
+            assert dispatch == (first_step, n_steps), (dispatch, first_step, n_steps)
+            return train_chunk(state, batches, train_scale, train_key)
+
+        @jax.jit
+        def validation_block(variables, scale, arrays, first_chunk):
+            return split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size,
+                                   first_chunk)
+
+        def validation_loss(variables):
+            scores = host_cell_scores(partial(validation_block, variables, val_scale), data, data.rows("val"),
+                                      chunk_size, put=partial(jax.device_put, device=replicated))
+            return -scores.mean()
+
     window_losses: list[np.ndarray] = []
     window_start, run_start = time.perf_counter(), time.perf_counter()
     window_first_step = step
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not config.train.progress,
-               dynamic_ncols=True)
     last_val = history[-1]["val_loss"] if history else float("nan")
     try:
-        while step < max_steps:
-            next_eval = min((step // eval_every + 1) * eval_every, max_steps)
-            n_steps = min(config.train.steps_per_dispatch, next_eval - step)
-            indices = jax.device_put(schedule.indices(step, n_steps), batch_sharding)
-            new_state, losses = train_chunk(state, train_arrays, train_scale, train_key, indices)
+        for _, n_steps in plan(step):
+            new_state, losses = run_dispatch(state, step, n_steps)
             losses = np.asarray(losses)
             if not np.all(np.isfinite(losses)):
                 bad = step + int(np.argmax(~np.isfinite(losses)))
@@ -246,7 +351,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             cells_per_s = (step - window_first_step) * config.train.batch_size / max(elapsed, 1e-9)
             train_loss = float(np.concatenate(window_losses).mean())
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
-            if step == next_eval:
+            if step % eval_every == 0 or step == max_steps:
                 last_val = float(validation_loss(state.variables))
                 if not np.isfinite(last_val):
                     raise TrainingDiverged(f"non-finite validation loss at step {step}; the last good checkpoint "
@@ -269,6 +374,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         results["best_step"] = int(best)
         results["steps"] = int(step)
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         bar.close()
         checkpointer.close()
     _write_json(os.path.join(workdir, "metrics.json"), results)
@@ -292,16 +399,26 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     ``rng = jax.random.key(config.seed)`` the IWELBO equals ``sams_jax.load(workdir)
     .iwelbo(split, n_particles, seed=config.seed, chunk_size=config.train.eval_batch_size)``."""
     n_particles = config.eval.iwelbo_n_particles
+    chunk_size = config.train.eval_batch_size
     results: dict[str, float] = {}
 
     @jax.jit
     def iwelbo(variables, arrays):
-        return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles,
-                                 config.train.eval_batch_size).mean()
+        return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size).mean()
+
+    @jax.jit
+    def iwelbo_block(variables, arrays, first_chunk):
+        return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size, first_chunk)
 
     for split in ("val", "test"):
-        if data.mask(split).any():
+        if not data.mask(split).any():
+            continue
+        if matrix_lib.is_dense(data.x):
             results[f"{split}/IWELBO"] = float(iwelbo(variables, jax.device_put(data.arrays(split))))
+        else:  # sparse or backed x: blocks of cells, never the whole split densified
+            scores = host_cell_scores(partial(iwelbo_block, variables), data, data.rows(split), chunk_size,
+                                      put=jax.device_put)
+            results[f"{split}/IWELBO"] = float(scores.mean())
     results.update(mask_recovery(model, data, variables, full=True))
     return results
 

@@ -1,4 +1,5 @@
-"""Data-parallel training on 2 fake CPU devices equals single-device training.
+"""Data-parallel training on 2 fake CPU devices equals single-device training, with the
+training data on the devices and streamed from the host.
 
 Runs in a subprocess because ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` must
 be set before JAX is imported.
@@ -25,10 +26,12 @@ SCRIPT = textwrap.dedent("""
     assert jax.local_device_count() == 2, jax.devices()
     out = {{}}
     params = {{}}
-    for n in (1, 2):
+    for n, placement in ((1, "device"), (2, "device"), (2, "host")):
         config = test_config.get_config()
-        config.train.update(num_devices=n, max_steps=30, eval_every=10, steps_per_dispatch=10)
-        workdir = f"{{sys.argv[1]}}/devices_{{n}}"
+        config.train.update(num_devices=n, max_steps=30, eval_every=10, steps_per_dispatch=10,
+                            data_placement=placement)
+        workdir = f"{{sys.argv[1]}}/devices_{{n}}_{{placement}}"
+        n = n if placement == "device" else "host"
         out[n] = train_and_evaluate(config, workdir)
         out[f"history_{{n}}"] = pd.read_csv(f"{{workdir}}/history.csv")[["train_loss", "val_loss"]].to_numpy().tolist()
         ckpt = Checkpointer(workdir, read_only=True)
@@ -38,6 +41,7 @@ SCRIPT = textwrap.dedent("""
         params[n] = jax.tree.leaves(restored["state"]["params"])
         ckpt.close()
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(params[1], params[2])]
+    host_diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(params[1], params["host"])]
     config = test_config.get_config()
     config.train.update(num_devices=2, batch_size=31)
     try:
@@ -46,7 +50,9 @@ SCRIPT = textwrap.dedent("""
     except ConfigError as e:
         error = str(e)
     print(json.dumps({{"metrics_1": out[1], "metrics_2": out[2], "history_1": out["history_1"],
-                       "history_2": out["history_2"], "max_param_diff": max(diffs), "error": error}}))
+                       "history_2": out["history_2"], "max_param_diff": max(diffs), "error": error,
+                       "metrics_host": out["host"], "history_host": out["history_host"],
+                       "max_host_param_diff": max(host_diffs)}}))
 """)
 
 
@@ -62,3 +68,9 @@ def test_two_devices_match_one_device(tmp_path):
     assert abs(out["metrics_1"]["test/IWELBO"] - out["metrics_2"]["test/IWELBO"]) < 1e-3 * abs(
         out["metrics_1"]["test/IWELBO"])
     assert "train.batch_size=31 must be divisible by the number of devices (2)" in out["error"]
+    # batches densified on the host and split over the 2 devices: the same training
+    assert out["max_host_param_diff"] < 1e-4
+    for a, b in zip(out["history_1"], out["history_host"]):
+        assert abs(a[0] - b[0]) < 1e-3 * abs(a[0]) and abs(a[1] - b[1]) < 1e-3 * abs(a[1])
+    assert abs(out["metrics_1"]["test/IWELBO"] - out["metrics_host"]["test/IWELBO"]) < 1e-3 * abs(
+        out["metrics_1"]["test/IWELBO"])
