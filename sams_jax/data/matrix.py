@@ -190,12 +190,15 @@ class BackedMatrix:
         return BackedMatrix(self.path, self.key, rows, columns)
 
     def _read_sorted(self, stored_rows: np.ndarray):
-        """Stored rows (sorted, unique) as CSR or dense, all stored columns."""
-        if len(stored_rows) and stored_rows[-1] - stored_rows[0] + 1 == len(stored_rows):
-            selection = slice(int(stored_rows[0]), int(stored_rows[-1]) + 1)  # one contiguous read
-        else:
-            selection = stored_rows
-        block = self._element[selection]
+        """Stored rows (sorted, unique, not empty) as CSR or dense, all stored columns. Rows
+        that fill at least half of their span (a pass over a split) are read as one slice
+        and then selected; scattered rows (a mini-batch) are read one run at a time."""
+        first, span = int(stored_rows[0]), int(stored_rows[-1] - stored_rows[0] + 1)
+        if span <= 2 * len(stored_rows):
+            block = self._element[first:first + span]
+            block = sp.csr_matrix(block) if self._kind == "csr" else np.asarray(block)
+            return block if span == len(stored_rows) else block[stored_rows - first]
+        block = self._element[stored_rows]
         return sp.csr_matrix(block) if self._kind == "csr" else np.asarray(block)
 
     def __getitem__(self, rows):
