@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.objective.variable_weights = ""
     # "name,...": plated variables counted once per cell that received t (extra weight N_t)
     config.objective.per_cell_variables = ""
+    # "name,...": variables whose log p - log q is replaced by the closed-form -KL(q || p)
+    # (e.g. "mask,embedding,z_basal"; elbo only). Default "": the paper's sampled estimator.
+    config.objective.analytic_kl = ""
 
     config.train = ml_collections.ConfigDict()
     config.train.learning_rate = 3e-4

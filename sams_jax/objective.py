@@ -13,6 +13,15 @@ custom weights (default 1). Variables listed in ``per_cell_variables`` instead g
 ``w_v[i, t] = 1[D[i, t] != 0]`` (their term is counted once per cell that received ``t``,
 i.e. an extra weight ``N_t``).
 
+Variables listed in ``analytic_kl`` (an option; the paper's estimator is the default)
+contribute ``-KL(q_v || p_v)`` in closed form (given the particle's draws of what ``q_v``
+and ``p_v`` condition on) instead of the one-sample ``log p_v - log q_v``. Both have the
+same expectation, so the ELBO is unchanged, but the closed form has no sampling noise:
+for the mask, the sampled term's gradient with respect to the logits is ``m - sigmoid(l)``
+(zero mean, pure noise) plus a straight-through path, while the closed form gives the
+exact pull ``sigmoid'(l) (l - logit(prior))`` towards the prior. Only with ``kind="elbo"``:
+the importance weights of an IWELBO need sampled densities.
+
 ``kind="elbo"``: loss = ``-mean_{s,i} elbo[s, i]``.
 ``kind="iwelbo"``: loss = ``-mean_i (logsumexp_s elbo[s, i] - log S)``.
 """
@@ -36,11 +45,17 @@ class ObjectiveConfig:
     n_particles: int = 5
     variable_weights: tuple[tuple[str, float], ...] = ()  # ((name, multiplier), ...)
     per_cell_variables: tuple[str, ...] = ()
+    analytic_kl: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.analytic_kl and self.kind != "elbo":
+            raise ValueError(f"objective.analytic_kl={','.join(self.analytic_kl)!r} needs objective.kind='elbo' "
+                             f"(got {self.kind!r}): importance weights need sampled densities")
 
     @classmethod
     def from_config(cls, objective_config) -> "ObjectiveConfig":
         """From ``config.objective``; ``variable_weights`` is a string ``"mask=0.5,..."``
-        and ``per_cell_variables`` a string ``"mask,embedding"``."""
+        and ``per_cell_variables`` / ``analytic_kl`` strings ``"mask,embedding"``."""
         weights = []
         for item in _split_list(objective_config.variable_weights):
             name, _, value = item.partition("=")
@@ -51,7 +66,8 @@ class ObjectiveConfig:
                                  "expected 'name=number,...', e.g. 'mask=0.5'") from None
         return cls(kind=objective_config.kind, n_particles=int(objective_config.n_particles),
                    variable_weights=tuple(sorted(weights)),
-                   per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)))
+                   per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)),
+                   analytic_kl=tuple(_split_list(objective_config.get("analytic_kl", ""))))
 
     def weight(self, name: str) -> float:
         return dict(self.variable_weights).get(name, 1.0)
@@ -84,18 +100,49 @@ def sample_particles(apply_fn: Callable, variables, batch, global_keys, local_ke
     return jax.vmap(one)(global_keys, local_keys)
 
 
+def _log_ratio(name: str, log_p: dict, log_q: dict, kl: dict, config: ObjectiveConfig):
+    """``log p_v - log q_v`` of variable ``name``, or ``-KL(q_v || p_v)`` if it is in
+    ``config.analytic_kl``."""
+    if name not in config.analytic_kl:
+        return log_p[name] - log_q[name]
+    if name not in kl:
+        offered = sorted(kl) or "none"
+        raise ValueError(f"objective.analytic_kl names {name!r}, but this model has no closed-form KL for it; "
+                         f"variables with one: {offered}")
+    return -kl[name]
+
+
+def check_analytic_kl(apply_fn: Callable, variables, batch, config: ObjectiveConfig) -> None:
+    """Raise ``ValueError`` if ``config.analytic_kl`` names a variable the model does not
+    have or cannot give in closed form. Traces one particle abstractly (nothing runs)."""
+    if not config.analytic_kl:
+        return
+    keys = particle_keys(jax.random.key(0), 1)
+    terms = jax.eval_shape(lambda v, b: sample_particles(apply_fn, v, b, *keys), variables, batch)
+    known = set(terms.local_log_p) | set(terms.global_log_p)
+    offered = sorted(set(terms.local_kl) | set(terms.global_kl))
+    for name in config.analytic_kl:
+        if name not in known:
+            raise ValueError(f"objective.analytic_kl names {name!r}, which this model does not have; its "
+                             f"variables: {sorted(known)}")
+        if name not in offered:
+            raise ValueError(f"objective.analytic_kl names {name!r}, but this model has no closed-form KL for "
+                             f"it; variables with one: {offered or 'none'}")
+
+
 def elbo_per_cell(terms: ParticleTerms, dosages, plate_scale, config: ObjectiveConfig):
     """``elbo[s, i]`` (``[S, n]``) from particle terms (leaves ``[S, ...]``)."""
     elbo = terms.log_likelihood
     for name in terms.local_log_p:
-        elbo = elbo + config.weight(name) * (terms.local_log_p[name] - terms.local_log_q[name])
+        elbo = elbo + config.weight(name) * _log_ratio(name, terms.local_log_p, terms.local_log_q,
+                                                       terms.local_kl, config)
     if not terms.global_log_p:
         return elbo
     global_term = 0.0  # [S, T]: sum_v c_v * (log p_v - log q_v) * (1/N_t, or 1 if per-cell)
     for name in terms.global_log_p:
         scale = 1.0 if name in config.per_cell_variables else plate_scale
-        global_term = global_term + config.weight(name) * scale * (
-            terms.global_log_p[name] - terms.global_log_q[name])
+        global_term = global_term + config.weight(name) * scale * _log_ratio(
+            name, terms.global_log_p, terms.global_log_q, terms.global_kl, config)
     received = (dosages != 0).astype(global_term.dtype)  # [n, T]
     elbo = elbo + global_term @ received.T
     return elbo

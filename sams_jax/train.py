@@ -36,7 +36,7 @@ from sams_jax.checkpoint import Checkpointer
 from sams_jax.config import ConfigError, validate_against_data, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
+from sams_jax.objective import ObjectiveConfig, check_analytic_kl, loss_fn, predictive_iwelbo, split_objective
 
 HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
 MASK_COLUMNS = ["mask_density", "mask_f1"]  # added for simulations of models with a mask
@@ -178,13 +178,18 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only
     objective = ObjectiveConfig.from_config(config.objective)
 
-    os.makedirs(workdir, exist_ok=True)
     model = create_model(config.model, data.n_genes, data.n_perturbations)
     optimizer = create_optimizer(config.train)
     metadata = data.metadata(config.model.normalization)
     config_dict = json.loads(config.to_json_best_effort())
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
+    try:
+        check_analytic_kl(model.apply, state.variables, jax.tree.map(lambda v: v[:1], data.arrays("train")),
+                          objective)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    os.makedirs(workdir, exist_ok=True)
 
     checkpointer = Checkpointer(workdir)
     history_path = os.path.join(workdir, "history.csv")
