@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "name,...": variables whose log p - log q is replaced by the closed-form -KL(q || p)
     # (e.g. "mask,embedding,z_basal"; elbo only). Default "": the paper's sampled estimator.
     config.objective.analytic_kl = ""
+    # annealed multipliers: training starts at these ("mask=500") and reaches
+    # variable_weights after weight_anneal_steps steps (geometric interpolation); "" = off
+    config.objective.initial_variable_weights = ""
+    config.objective.weight_anneal_steps = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.learning_rate = 3e-4
@@ -176,6 +180,7 @@ def validate_config(config) -> None:
                           "q(embedding) is mean-field; set model.guide='mean_field' (configs/cpa_vae_*.py do)")
     _check_choice(config, "objective.kind", OBJECTIVES)
     _check_number(config, "objective.n_particles", 1, integer=True)
+    _check_number(config, "objective.weight_anneal_steps", 0, integer=True)
     try:
         ObjectiveConfig.from_config(config.objective)
     except ValueError as error:

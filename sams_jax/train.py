@@ -121,7 +121,7 @@ def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
 
         def loss_of(params):
             return loss_fn(apply_fn, objective, {"params": params, "normalization": state.normalization},
-                           rng, batch, scale)
+                           rng, batch, scale, state.step)
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

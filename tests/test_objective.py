@@ -1,6 +1,8 @@
 """The shared objective (SPEC 3): plate weights, IWELBO, custom weights, and the
 SAMS-VAE particle terms that feed it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,3 +269,27 @@ def test_analytic_kl_unknown_or_unavailable_variable_is_a_config_error(tmp_path)
         with pytest.raises(ConfigError, match=message):
             train_and_evaluate(config, str(tmp_path / name))
         assert not (tmp_path / name).exists()  # nothing written
+
+
+def test_annealed_weights_interpolate_geometrically_and_train_only():
+    config = ObjectiveConfig(variable_weights=(("mask", 4.0),), initial_variable_weights=(("mask", 100.0),),
+                             weight_anneal_steps=10)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(0)), 100.0, rtol=1e-6)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(5)), 20.0, rtol=1e-5)  # sqrt(100 * 4)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(50)), 4.0, rtol=1e-6)
+    assert config.weight("mask") == 4.0 and config.weight("embedding", jnp.asarray(0)) == 1.0
+    n, t = 6, 3
+    dosages = jnp.asarray(np.eye(t, dtype=np.float32)[np.arange(n) % t])
+    scale = jnp.asarray(plate_scale(np.asarray(dosages).sum(0)))
+    terms = _terms(n, t)
+    np.testing.assert_allclose(
+        elbo_per_cell(terms, dosages, scale, config, jnp.asarray(5)),
+        elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("mask", 20.0),))), rtol=1e-5)
+    np.testing.assert_allclose(elbo_per_cell(terms, dosages, scale, config),
+                               elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("mask", 4.0),))),
+                               rtol=1e-6)
+    from ml_collections import ConfigDict
+    parsed = ObjectiveConfig.from_config(ConfigDict(dict(kind="elbo", n_particles=1, variable_weights="mask=4",
+                                                         per_cell_variables="", initial_variable_weights="mask=100",
+                                                         weight_anneal_steps=10)))
+    assert parsed == dataclasses.replace(config, n_particles=1)
