@@ -27,8 +27,8 @@ import numpy as np
 from sams_jax.data import load_data, plate_scale
 from sams_jax.models import create_model
 from sams_jax.objective import ObjectiveConfig
-from sams_jax.train import (BatchSchedule, create_optimizer, create_train_state, data_parallel_shardings,
-                            make_train_chunk)
+from sams_jax.distributed import DataParallel
+from sams_jax.train import BatchSchedule, create_optimizer, create_train_state, make_train_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flops, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
@@ -41,23 +41,24 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
     objective = ObjectiveConfig.from_config(config.objective)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
-    replicated, batch_sharding = data_parallel_shardings(num_devices)
-    state = jax.device_put(state, replicated)
-    train_arrays = jax.device_put(data.arrays("train"), replicated)
-    scale = jax.device_put(plate_scale(data.cells_per_perturbation("train")), replicated)
-    chunk = make_train_chunk(model.apply, objective, optimizer)
+    parallel = DataParallel(num_devices)  # one process: the training cells on every device
+    state = parallel.replicate(state)
+    train_key = parallel.replicate(train_key)
+    train_arrays = parallel.put_process_rows(data.arrays("train"))
+    scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
+    chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
     schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
     n_steps = config.train.steps_per_dispatch
     step_flops = flops(chunk, state, train_arrays, scale, train_key,
-                       jax.device_put(schedule.indices(0, 1), batch_sharding))
+                       parallel.put_batch_indices(schedule.indices(0, 1)))
 
     start = time.perf_counter()
     state, losses = chunk(state, train_arrays, scale, train_key,
-                          jax.device_put(schedule.indices(0, n_steps), batch_sharding))
+                          parallel.put_batch_indices(schedule.indices(0, n_steps)))
     jax.block_until_ready(losses)
     compile_s = time.perf_counter() - start
 
-    indices = [jax.device_put(schedule.indices((i + 1) * n_steps, n_steps), batch_sharding)
+    indices = [parallel.put_batch_indices(schedule.indices((i + 1) * n_steps, n_steps))
                for i in range(n_dispatches)]
     start = time.perf_counter()
     for batch_indices in indices:
