@@ -17,6 +17,7 @@ from sams_jax.data.simulation import OBSERVATIONS
 from sams_jax.data.splits import TASKS
 from sams_jax.likelihoods import LIKELIHOODS
 from sams_jax.models import GUIDES, MODELS
+from sams_jax.nn import COMPUTE_DTYPES
 from sams_jax.objective import OBJECTIVES, ObjectiveConfig
 
 
@@ -82,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Beta(a, b) prior on mask probabilities (svae_plus, sams_vae_beta_bernoulli); SVAE+ paper runs: Beta(1, 2)
     config.model.mask_beta_a = 1.0
     config.model.mask_beta_b = 2.0
+    # dtype of the matrix-multiply inputs of the encoder / decoder / embedding networks: "float32"
+    # (the paper's) or "bfloat16" (float32 parameters, accumulation and everything downstream)
+    config.model.compute_dtype = "float32"
 
     config.objective = ml_collections.ConfigDict()
     config.objective.kind = "elbo"  # or "iwelbo"
@@ -169,6 +173,10 @@ def validate_config(config) -> None:
     _check_choice(config, "model.likelihood", LIKELIHOODS)
     _check_choice(config, "model.guide", GUIDES)
     _check_choice(config, "model.normalization", NORMALIZATIONS)
+    if config.model.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.compute_dtype={config.model.compute_dtype!r} is not allowed; choose one of "
+                          f"{list(COMPUTE_DTYPES)} (bfloat16: matrix-multiply inputs of the networks in bfloat16, "
+                          "parameters and the objective in float32)")
     for prefix in ("decoder", "basal_encoder", "embedding_encoder"):
         _check_number(config, f"model.{prefix}_n_layers", 1, integer=True)
         _check_number(config, f"model.{prefix}_n_hidden", 1, integer=True)
