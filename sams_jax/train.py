@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sams_jax import distributed, metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
-from sams_jax.config import ConfigError, validate_against_data, validate_config
+from sams_jax.config import ConfigError, base_config, validate_against_data, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
@@ -180,9 +180,18 @@ def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedS
 
 
 def _compatible(saved: dict, config) -> list[str]:
-    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run."""
+    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run.
+    A field the saved run does not have (added in a later version) counts as its default."""
     current = json.loads(config.to_json_best_effort())
-    return [key for key in current if key not in ("train", "eval") and saved.get(key) != current[key]]
+    defaults = json.loads(base_config().to_json_best_effort())
+
+    def with_defaults(key):
+        value = saved.get(key)
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            return {**{k: v for k, v in defaults[key].items() if k in current[key]}, **value}
+        return value
+
+    return [key for key in current if key not in ("train", "eval") and with_defaults(key) != current[key]]
 
 
 def _read_history(path: str, upto_step: int) -> list[dict]:

@@ -89,3 +89,15 @@ def test_unknown_compute_dtype_is_a_clear_error(tiny_config):
     with pytest.raises(ConfigError, match=r"model.compute_dtype='float16' is not allowed; choose one of "
                                           r"\['float32', 'bfloat16'\]"):
         validate_config(tiny_config)
+
+
+def test_runs_saved_before_the_field_resume_with_the_default(tiny_config):
+    import json
+
+    from sams_jax.train import _compatible
+
+    saved = json.loads(tiny_config.to_json_best_effort())
+    del saved["model"]["compute_dtype"]
+    assert _compatible(saved, tiny_config) == []
+    tiny_config.model.compute_dtype = "bfloat16"
+    assert _compatible(saved, tiny_config) == ["model"]
