@@ -53,12 +53,15 @@ class PerturbationVAE(nn.Module):
     decoder_n_hidden: int = 50
     basal_encoder_n_layers: int = 1
     basal_encoder_n_hidden: int = 50
+    compute_dtype: str = "float32"  # matrix-multiply inputs of every network (sams_jax.nn.matmul)
 
     def setup(self):
-        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers)
-        self.basal_head = NormalHead(self.n_latent)
-        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers)
-        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes)
+        dtype = self.compute_dtype
+        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers,
+                                         compute_dtype=dtype)
+        self.basal_head = NormalHead(self.n_latent, compute_dtype=dtype)
+        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers, compute_dtype=dtype)
+        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes, compute_dtype=dtype)
         self.norm_mean = self.variable("normalization", "mean", jnp.zeros, (self.n_genes,))
         self.norm_scale = self.variable("normalization", "scale", jnp.ones, (self.n_genes,))
 

@@ -62,8 +62,9 @@ class AdditiveShiftVAE(PerturbationVAE):
             self.embedding_log_scale = self.param("embedding_log_scale", nn.initializers.zeros, (t, k))
         elif self.guide == "correlated":
             self.embedding_encoder = ResidualMLP(
-                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True, n_rows=t)
-            self.embedding_head = NormalHead(k)
+                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True, n_rows=t,
+                compute_dtype=self.compute_dtype)
+            self.embedding_head = NormalHead(k, compute_dtype=self.compute_dtype)
         else:
             raise ValueError(f"unknown guide {self.guide!r}; allowed: {GUIDES}")
         super().setup()
