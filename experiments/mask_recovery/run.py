@@ -5,7 +5,7 @@
     python experiments/mask_recovery/run.py --counts            # the count-valued simulation
 
 Every run trains SAMS-VAE (correlated guide) on the default simulation
-(``configs/simulation.py``: K = 15, T = 100, true mask density 208 / 1,500, prior 2/15,
+(``configs/simulation.py``: K = 15, T = 100, true mask density 198 / 1,500, prior 2/15,
 20,000 steps) with the model's ``seed`` varied; the data set is the same for every run.
 Variants (config overrides; see the README's "Sparse masks" notes for what each changes):
 
