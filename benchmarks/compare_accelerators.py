@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def backends() -> dict[str, int]:
-    """``{backend: local device count}`` for the backends JAX can start here."""
+def backends(names=("cpu", "cuda", "rocm", "tpu")) -> dict[str, int]:
+    """``{backend: local device count}`` for the backends among ``names`` JAX can start here."""
     found = {}
-    for name in ("cpu", "cuda", "rocm", "tpu"):
+    for name in names:
         probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.local_device_count())"],
                                env={**os.environ, "JAX_PLATFORMS": name}, capture_output=True, text=True)
         if probe.returncode == 0 and probe.stdout.strip().isdigit():
@@ -33,11 +33,18 @@ def backends() -> dict[str, int]:
     return found
 
 
-def run(script: str, args: list[str], backend: str) -> list[dict]:
+def run(script: str, args: list[str], backend: str, timeout: float | None = None) -> list[dict]:
+    """One benchmark in its own process; ``[]`` (and a message) when it fails or times out."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        result = subprocess.run([sys.executable, os.path.join(HERE, script), *args, "--out", out], cwd=ROOT,
-                                env={**os.environ, "JAX_PLATFORMS": backend}, capture_output=True, text=True)
+        command = [sys.executable, os.path.join(HERE, script), *args, "--out", out]
+        print("running:", " ".join(command[1:]), f"[{backend}]", flush=True)
+        try:
+            result = subprocess.run(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": backend},
+                                    capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{script} {' '.join(args)} on {backend} timed out after {timeout} s", file=sys.stderr)
+            return []
         if result.returncode != 0:
             print(f"{script} {' '.join(args)} on {backend} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
             return []
@@ -52,12 +59,12 @@ def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
         lines.append(f"| {r['backend']} | {r['device']} | {r['num_devices']} | {r['config']} | {r['batch_size']} | "
                      f"{r['cells_per_s']:,.0f} | {r['steps_per_s']:,.1f} | {r['compile_s']:.1f} | "
                      f"{r['flops_per_step']:.3g} | {100 * r['fraction_of_matmul']:.0f} | {r['peak_rss_mb']:,.0f} | "
-                     f"{r['peak_device_mb'] or '-'} |")
+                     f"{'-' if r['peak_device_mb'] is None else format(r['peak_device_mb'], ',.0f')} |")
     lines += ["", "| backend | device | task | IWELBO cells x particles | IWELBO s | ATE interventions x particles | "
               "ATE s | peak RSS MB |", "|" + "---|" * 8]
     for r in eval_rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['task']} | {r['n_cells']:,} x {r['iwelbo_particles']} | "
-                     f"{r['iwelbo_s']:.2f} | {r['n_interventions']} x {r['ate_particles']} | {r['ate_s']:.2f} | "
+                     f"{r['iwelbo_s']:.3g} | {r['n_interventions']} x {r['ate_particles']} | {r['ate_s']:.3g} | "
                      f"{r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -66,26 +73,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out/compare", help="output prefix (.json and .md)")
     parser.add_argument("--quick", action="store_true", help="few dispatches and particles (smoke run)")
+    parser.add_argument("--backends", nargs="*", default=None,
+                        help="backends to measure (default: every one JAX can start: cpu, cuda, rocm, tpu)")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=None,
+                        help="training batch sizes at the two screen scales (default: the paper's 512)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation benchmarks")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per benchmark process")
     args = parser.parse_args()
     dispatches = ["--dispatches", "2" if args.quick else "10"]
     particles = ["--ate-particles", "50", "--iwelbo-particles", "5"] if args.quick else []
+    batches = ["--batch-size", *map(str, args.batch_sizes)] if args.batch_sizes else []
+    found = backends(args.backends) if args.backends else backends()
+    if args.backends and set(args.backends) - set(found):
+        parser.error(f"backend(s) {sorted(set(args.backends) - set(found))} cannot start here")
     train_rows, eval_rows = [], []
-    for backend, n_devices in backends().items():
+
+    def save() -> str:  # after every benchmark, so a timeout later loses nothing
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as handle:
+            json.dump({"train": train_rows, "eval": eval_rows}, handle, indent=2)
+        table = markdown(train_rows, eval_rows)
+        with open(args.out + ".md", "w") as handle:
+            handle.write(table)
+        return table
+
+    for backend, n_devices in found.items():
         counts = sorted({1, n_devices})
         device_args = ["--num-devices", *map(str, counts)]
         train_rows += run("train_throughput.py", ["--config", "configs/simulation.py", *dispatches, *device_args],
-                          backend)
+                          backend, args.timeout)
+        save()
         for scale in ("replogle_scale", "norman_scale"):
-            train_rows += run("train_throughput.py", ["--config", scale, *dispatches, *device_args], backend)
-        for task in ("simulation", "replogle"):
-            eval_rows += run("ate_throughput.py", ["--task", task, *particles], backend)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
-        json.dump({"train": train_rows, "eval": eval_rows}, handle, indent=2)
-    table = markdown(train_rows, eval_rows)
-    with open(args.out + ".md", "w") as handle:
-        handle.write(table)
-    print(table)
+            train_rows += run("train_throughput.py", ["--config", scale, *dispatches, *device_args, *batches],
+                              backend, args.timeout)
+            save()
+        for task in ([] if args.no_eval else ["simulation", "replogle"]):
+            eval_rows += run("ate_throughput.py", ["--task", task, *particles], backend, args.timeout)
+            save()
+    print(save())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --config configs/simulation.py --out benchmarks/out/train.json
     python benchmarks/train_throughput.py --config replogle_scale --num-devices 1 2
+    python benchmarks/train_throughput.py --config replogle_scale --compute-dtype float32 bfloat16
 
 ``--config`` is a configs/*.py file or a named synthetic scale (``replogle_scale``,
 ``norman_scale``; see ``benchmarks/common.py``). Times the same ``make_train_chunk`` and
@@ -9,6 +10,8 @@ data-parallel placement that ``sams_jax.train`` uses, after one warm-up dispatch
 time is ``compile_s``). Writes JSON with ``cells_per_s``, ``steps_per_s``, ``compile_s``,
 ``peak_rss_mb``, peak device memory, the step's FLOPs (XLA cost analysis of one step),
 achieved FLOP/s and its fraction of the float32 matmul rate measured in the same run.
+``--compute-dtype`` sets ``model.compute_dtype`` (bfloat16 matrix-multiply inputs of the
+networks); give both values to compare them in one run.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 from sams_jax.data import load_data, plate_scale
 from sams_jax.models import create_model
 from sams_jax.objective import ObjectiveConfig
-from sams_jax.train import (BatchSchedule, create_optimizer, create_train_state, data_parallel_shardings,
-                            make_train_chunk)
+from sams_jax.distributed import DataParallel
+from sams_jax.train import BatchSchedule, create_optimizer, create_train_state, make_train_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flops, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
@@ -41,23 +44,24 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
     objective = ObjectiveConfig.from_config(config.objective)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
-    replicated, batch_sharding = data_parallel_shardings(num_devices)
-    state = jax.device_put(state, replicated)
-    train_arrays = jax.device_put(data.arrays("train"), replicated)
-    scale = jax.device_put(plate_scale(data.cells_per_perturbation("train")), replicated)
-    chunk = make_train_chunk(model.apply, objective, optimizer)
+    parallel = DataParallel(num_devices)  # one process: the training cells on every device
+    state = parallel.replicate(state)
+    train_key = parallel.replicate(train_key)
+    train_arrays = parallel.put_process_rows(data.arrays("train"))
+    scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
+    chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
     schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
     n_steps = config.train.steps_per_dispatch
     step_flops = flops(chunk, state, train_arrays, scale, train_key,
-                       jax.device_put(schedule.indices(0, 1), batch_sharding))
+                       parallel.put_batch_indices(schedule.indices(0, 1)))
 
     start = time.perf_counter()
     state, losses = chunk(state, train_arrays, scale, train_key,
-                          jax.device_put(schedule.indices(0, n_steps), batch_sharding))
+                          parallel.put_batch_indices(schedule.indices(0, n_steps)))
     jax.block_until_ready(losses)
     compile_s = time.perf_counter() - start
 
-    indices = [jax.device_put(schedule.indices((i + 1) * n_steps, n_steps), batch_sharding)
+    indices = [parallel.put_batch_indices(schedule.indices((i + 1) * n_steps, n_steps))
                for i in range(n_dispatches)]
     start = time.perf_counter()
     for batch_indices in indices:
@@ -75,6 +79,7 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
         "flops_per_step": step_flops,
         "flops_per_s": step_flops * steps / elapsed,
         "batch_size": config.train.batch_size,
+        "compute_dtype": config.model.compute_dtype,
         "n_particles": config.objective.n_particles,
         "steps_per_dispatch": n_steps,
         "final_loss": float(np.asarray(losses)[-1]),
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--dispatches", type=int, default=20)
     parser.add_argument("--num-devices", type=int, nargs="*", default=[1],
                         help="data-parallel device counts to measure")
+    parser.add_argument("--compute-dtype", nargs="*", default=None, choices=["float32", "bfloat16"],
+                        help="model.compute_dtype values to measure (default: the config's)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
 
@@ -98,14 +105,16 @@ def main() -> None:
         config.train.steps_per_dispatch = args.steps_per_dispatch
     results = []
     rate = matmul_rate()
-    for num_devices in args.num_devices:
-        for batch_size in args.batch_size or [config.train.batch_size]:
-            config.train.batch_size = batch_size
-            row = {"config": os.path.basename(args.config), **benchmark(config, args.dispatches, num_devices),
-                   "matmul_flops_per_s": rate, **machine()}
-            row["fraction_of_matmul"] = row["flops_per_s"] / rate
-            print(json.dumps(row))
-            results.append(row)
+    for compute_dtype in args.compute_dtype or [config.model.compute_dtype]:
+        config.model.compute_dtype = compute_dtype
+        for num_devices in args.num_devices:
+            for batch_size in args.batch_size or [config.train.batch_size]:
+                config.train.batch_size = batch_size
+                row = {"config": os.path.basename(args.config), **benchmark(config, args.dispatches, num_devices),
+                       "matmul_flops_per_s": rate, **machine()}
+                row["fraction_of_matmul"] = row["flops_per_s"] / rate
+                print(json.dumps(row))
+                results.append(row)
     write_json(args.out, results)
 
 

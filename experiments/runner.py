@@ -579,13 +579,15 @@ def _str_list(text: str) -> list[str]:
 
 
 def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description: str,
-         data_help: str | None = None, argv: Sequence[str] | None = None) -> int:
+         data_help: str | None = None, argv: Sequence[str] | None = None,
+         after_aggregate: Callable[[Grid, pathlib.Path], None] | None = None) -> int:
     """The command line of an experiment; returns the exit code (1 if any cell failed).
 
     ``make_grid(args)`` builds the grid from the parsed arguments (``args.data``,
     ``args.smoke``, ``args.out``). ``data_help`` is None for experiments without an input
     file (the simulation); otherwise ``--data`` is required outside ``--smoke`` and
-    ``data_help`` says what to download.
+    ``data_help`` says what to download. ``after_aggregate(grid, out)``, if given, adds an
+    experiment's own tables or plots after the standard ones.
     """
     parser = argparse.ArgumentParser(prog=f"python experiments/{name}/run.py", description=description)
     if data_help is not None:
@@ -638,6 +640,8 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         except KeyboardInterrupt:
             return 130
     aggregate(grid, out)
+    if after_aggregate is not None:
+        after_aggregate(grid, out)
     report_failures(failures, out)
     return 1 if failures else 0
 

@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from sams_jax.data.anndata_io import write_h5ad
+
 
 def _counts(effects: np.ndarray, rng: np.random.Generator, n_genes: int) -> np.ndarray:
     """NB counts ``[cells, genes]`` for per-cell log-rate shifts ``effects [cells, genes]``."""
@@ -65,7 +67,7 @@ def norman_like(path: str | os.PathLike, n_singles: int = 6, n_pairs: int = 12, 
     var = pd.DataFrame({"highly_variable": np.arange(n_genes) % 4 != 3}, index=[f"gene{g}" for g in range(n_genes)])
     adata = anndata.AnnData(X=np.log1p(counts), obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    adata.write_h5ad(path)
+    write_h5ad(adata, path)
     return os.fspath(path)
 
 
@@ -87,5 +89,5 @@ def replogle_like(path: str | os.PathLike, n_targets: int = 8, n_genes: int = 32
                        index=[f"BC{i}-1" for i in range(len(labels))])
     var = pd.DataFrame({"gene_name": [f"gene{g}" for g in range(n_genes)]}, index=[f"ENSG{g:05d}" for g in range(n_genes)])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    anndata.AnnData(X=counts, obs=obs, var=var).write_h5ad(path)
+    write_h5ad(anndata.AnnData(X=counts, obs=obs, var=var), path)
     return os.fspath(path)

@@ -7,6 +7,8 @@ single fields (unknown fields are rejected by ml_collections).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from sams_jax.data import DATA_SOURCES, NORMALIZATIONS
@@ -15,6 +17,7 @@ from sams_jax.data.simulation import OBSERVATIONS
 from sams_jax.data.splits import TASKS
 from sams_jax.likelihoods import LIKELIHOODS
 from sams_jax.models import GUIDES, MODELS
+from sams_jax.nn import COMPUTE_DTYPES
 from sams_jax.objective import OBJECTIVES, ObjectiveConfig
 
 DATA_PLACEMENTS = ("auto", "device", "host")
@@ -83,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Beta(a, b) prior on mask probabilities (svae_plus, sams_vae_beta_bernoulli); SVAE+ paper runs: Beta(1, 2)
     config.model.mask_beta_a = 1.0
     config.model.mask_beta_b = 2.0
+    # dtype of the matrix-multiply inputs of the encoder / decoder / embedding networks: "float32"
+    # (the paper's) or "bfloat16" (float32 parameters, accumulation and everything downstream)
+    config.model.compute_dtype = "float32"
 
     config.objective = ml_collections.ConfigDict()
     config.objective.kind = "elbo"  # or "iwelbo"
@@ -91,6 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.objective.variable_weights = ""
     # "name,...": plated variables counted once per cell that received t (extra weight N_t)
     config.objective.per_cell_variables = ""
+    # "name,...": variables whose log p - log q is replaced by the closed-form -KL(q || p)
+    # (e.g. "mask,embedding,z_basal"; elbo only). Default "": the paper's sampled estimator.
+    config.objective.analytic_kl = ""
+    # annealed multipliers: training starts at these ("mask=500") and reaches
+    # variable_weights after weight_anneal_steps steps (geometric interpolation); "" = off
+    config.objective.initial_variable_weights = ""
+    config.objective.weight_anneal_steps = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.learning_rate = 3e-4
@@ -102,7 +115,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps_per_dispatch = 100  # training steps per jitted lax.scan call
     config.train.eval_batch_size = 2_048  # cells per chunk in validation / IWELBO
     config.train.progress = True  # tqdm bar
-    config.train.num_devices = 0  # data-parallel devices; 0 = all local devices
+    config.train.num_devices = 0  # data-parallel devices per process; 0 = all local devices
+    # shards of the training cells (sams_jax.distributed); 0 = one per process. A multiple of the
+    # number of processes; fixing it gives the same mini-batches on any process count dividing it
+    config.train.data_shards = 0
+    # several processes (hosts), see README "Multiple hosts"; unset (""/0/-1) = one process, unless
+    # SAMS_JAX_DISTRIBUTED=1 asks jax.distributed.initialize to read the cluster environment (SLURM, ...)
+    config.train.distributed = ml_collections.ConfigDict()
+    config.train.distributed.coordinator_address = ""  # "host:port" of process 0, the same for all
+    config.train.distributed.num_processes = 0
+    config.train.distributed.process_id = -1
+    config.train.distributed.local_device_ids = ""  # "0,1": devices this process uses; "" = all / auto
+    config.train.distributed.initialization_timeout = 300  # seconds to wait for all processes
     # where the training cells live: "device" (dense on the device, batches gathered there), "host" (x stays
     # on the host, dense / CSR / backed; each dispatch's batches are densified by a prefetch thread), or
     # "auto": device when the dense training split fits sams_jax.train.AUTO_DEVICE_MAX_BYTES and x is not backed
@@ -164,6 +188,10 @@ def validate_config(config) -> None:
     _check_choice(config, "model.likelihood", LIKELIHOODS)
     _check_choice(config, "model.guide", GUIDES)
     _check_choice(config, "model.normalization", NORMALIZATIONS)
+    if config.model.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.compute_dtype={config.model.compute_dtype!r} is not allowed; choose one of "
+                          f"{list(COMPUTE_DTYPES)} (bfloat16: matrix-multiply inputs of the networks in bfloat16, "
+                          "parameters and the objective in float32)")
     for prefix in ("decoder", "basal_encoder", "embedding_encoder"):
         _check_number(config, f"model.{prefix}_n_layers", 1, integer=True)
         _check_number(config, f"model.{prefix}_n_hidden", 1, integer=True)
@@ -181,6 +209,7 @@ def validate_config(config) -> None:
                           "q(embedding) is mean-field; set model.guide='mean_field' (configs/cpa_vae_*.py do)")
     _check_choice(config, "objective.kind", OBJECTIVES)
     _check_number(config, "objective.n_particles", 1, integer=True)
+    _check_number(config, "objective.weight_anneal_steps", 0, integer=True)
     try:
         ObjectiveConfig.from_config(config.objective)
     except ValueError as error:
@@ -199,10 +228,38 @@ def validate_config(config) -> None:
     if config.data.backed and config.data.source != "anndata":
         raise ConfigError("data.backed=True reads an .h5ad file on demand; it needs data.source='anndata'")
     _check_number(config, "eval.iwelbo_n_particles", 1, integer=True)
+    _check_number(config, "train.num_devices", 0, integer=True)
+    _check_number(config, "train.data_shards", 0, integer=True)
+    _check_distributed(config)
+
+
+def _check_distributed(config) -> None:
+    settings = config.train.distributed
+    _check_number(config, "train.distributed.num_processes", 0, integer=True)
+    _check_number(config, "train.distributed.process_id", -1, integer=True)
+    _check_number(config, "train.distributed.initialization_timeout", 1, integer=True)
+    ids = str(settings.local_device_ids).replace(" ", "")
+    if ids and not all(part.isdigit() for part in ids.split(",")):
+        raise ConfigError(f"train.distributed.local_device_ids={settings.local_device_ids!r} must be "
+                          "comma-separated device numbers, e.g. '0,1', or '' for all")
+    if settings.coordinator_address:
+        if settings.coordinator_address.rpartition(":")[2].isdigit() is False:
+            raise ConfigError(f"train.distributed.coordinator_address={settings.coordinator_address!r} must be "
+                              "'host:port' (process 0's host and a free port), the same for every process")
+        if os.environ.get("SAMS_JAX_DISTRIBUTED", "") in ("", "0") and (
+                settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes):
+            raise ConfigError(
+                "train.distributed.coordinator_address is set, so train.distributed.num_processes (>= 1) and "
+                f"train.distributed.process_id (0 <= id < num_processes) must be too; got num_processes="
+                f"{settings.num_processes}, process_id={settings.process_id} (or set SAMS_JAX_DISTRIBUTED=1 to "
+                "read them from the cluster environment, e.g. SLURM)")
+    elif settings.num_processes > 1:
+        raise ConfigError(f"train.distributed.num_processes={settings.num_processes} needs "
+                          "train.distributed.coordinator_address ('host:port' of process 0)")
 
 
 def validate_against_data(config, data) -> None:
-    """Checks that need the data (sizes), still before any compilation."""
+    """Checks that need the data (sizes) or the devices, still before any compilation."""
     n_train = int((data.split == "train").sum())
     import jax
 
@@ -210,10 +267,34 @@ def validate_against_data(config, data) -> None:
     if config.train.num_devices < 0 or config.train.num_devices > available:
         raise ConfigError(f"train.num_devices={config.train.num_devices} is out of range; this machine has "
                           f"{available} local device(s) (0 = all)")
-    n_devices = config.train.num_devices or available
+    n_processes = jax.process_count()
+    if n_processes > 1:
+        from sams_jax.train import resolve_placement  # train imports this module
+
+        if resolve_placement(config.train.data_placement, data) == "host":
+            raise ConfigError(
+                f"train.data_placement={config.train.data_placement!r} means streaming the training cells from "
+                f"the host here, which supports a single process only; this run has {n_processes} processes. "
+                "Set train.data_placement='device' (with data.backed=False: each process keeps its own shards of "
+                "the training cells on its devices) or run one process")
+    n_devices = (config.train.num_devices or available) * n_processes
+    where = f"{n_devices // n_processes} per process x {n_processes} processes" if n_processes > 1 else ""
     if config.train.batch_size % n_devices:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the number of devices "
-                          f"({n_devices}); choose a multiple of {n_devices} or set train.num_devices")
+                          f"({n_devices}{', ' + where if where else ''}); choose a multiple of {n_devices} or set "
+                          "train.num_devices")
+    n_shards = config.train.data_shards or n_processes
+    if n_shards % n_processes:
+        raise ConfigError(f"train.data_shards={config.train.data_shards} must be a multiple of the number of "
+                          f"processes ({n_processes}), or 0 (one shard per process)")
+    if config.train.batch_size % n_shards:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the number of data "
+                          f"shards ({n_shards}); choose a multiple of {n_shards}")
     if config.train.batch_size > n_train:
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the training set "
                           f"({n_train} cells); choose train.batch_size <= {n_train}")
+    smallest = n_train // n_shards
+    if config.train.batch_size // n_shards > smallest:
+        raise ConfigError(f"train.batch_size / data shards = {config.train.batch_size // n_shards} is larger than "
+                          f"the smallest shard of the training set ({smallest} cells); use a smaller batch or "
+                          "fewer shards")

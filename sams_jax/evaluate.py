@@ -35,6 +35,7 @@ from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
+from sams_jax.data.anndata_io import write_h5ad
 from sams_jax.predictor import InterventionError, Predictor, check_features, load
 
 TOP_K = 20
@@ -123,15 +124,15 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, model
     pad = lambda values, fill: np.concatenate([values, np.full(n - n_observed, fill, values.dtype)])
     obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
                         **{f"in_{split}": pad(member, False) for split, member in membership.items()}},
-                       index=pd.Index(names, name="intervention"))
+                       index=pd.Index(names, name="intervention", dtype=object))
     data_layer = np.full(model_ate.shape, np.nan, np.float32)
     data_layer[:n_observed] = data_ate
     result = anndata.AnnData(X=model_ate.astype(np.float32), obs=obs,
-                             var=pd.DataFrame(index=pd.Index(predictor.feature_names, name="gene")),
+                             var=pd.DataFrame(index=pd.Index(predictor.feature_names, name="gene", dtype=object)),
                              layers={"model": model_ate.astype(np.float32), "data": data_layer})
     result.uns.update(control=control, scale=scale, method=method, n_particles=n_particles,
                       checkpoint_step=predictor.step)
-    result.write_h5ad(os.path.join(out_dir, "ate.h5ad"))
+    write_h5ad(result, os.path.join(out_dir, "ate.h5ad"))
 
 
 def _write_plots(out_dir, workdir, predictor, data_ate, model_ate) -> None:

@@ -29,16 +29,19 @@ class LikelihoodHead(nn.Module):
 
     likelihood: str
     n_genes: int
+    compute_dtype: str = "float32"  # matrix-multiply inputs of the linear layer (sams_jax.nn.matmul)
 
     @nn.compact
     def __call__(self, hidden, library_size):
+        dtype = self.compute_dtype
         if self.likelihood == "normal":
-            return NormalHead(self.n_genes, name="normal")(hidden)
+            return NormalHead(self.n_genes, compute_dtype=dtype, name="normal")(hidden)
         if self.likelihood == "poisson":
-            rate = jax.nn.softplus(TorchDense(self.n_genes, name="rate")(hidden))
+            rate = jax.nn.softplus(TorchDense(self.n_genes, compute_dtype=dtype, name="rate")(hidden))
             return dist.Poisson(rate)
         if self.likelihood == "library_nb":
-            log_rho = jax.nn.log_softmax(TorchDense(self.n_genes, name="logits")(hidden), axis=-1)
+            log_rho = jax.nn.log_softmax(TorchDense(self.n_genes, compute_dtype=dtype, name="logits")(hidden),
+                                         axis=-1)
             mean = library_size[..., None] * jnp.exp(log_rho)
             log_theta = self.param("log_theta", nn.initializers.zeros, (self.n_genes,))
             concentration = jnp.exp(log_theta)

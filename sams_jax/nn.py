@@ -11,6 +11,11 @@
 Parameters are initialised like PyTorch's ``nn.Linear`` (uniform on
 ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` for kernel and bias), the convention of the
 authors' code, with ``fan_in`` the total input width of the layer.
+
+``compute_dtype`` (config ``model.compute_dtype``): ``"float32"`` (default) or
+``"bfloat16"``, the dtype of the matrix-multiply inputs of every layer here (see
+:func:`matmul`). Parameters, biases, activations between layers and everything
+downstream (densities, KL terms, the objective) stay float32.
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ import flax.linen as nn
 import numpyro.distributions as dist
 
 VARIANCE_FLOOR = 1e-4
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def matmul(x, kernel, compute_dtype: str = "float32"):
+    """``x @ kernel``. With ``compute_dtype="bfloat16"`` both inputs are rounded to
+    bfloat16 and the products are accumulated and returned in float32
+    (``preferred_element_type``); ``"float32"`` is the plain float32 product."""
+    if compute_dtype == "float32":
+        return x @ kernel
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {compute_dtype!r}; allowed: {COMPUTE_DTYPES}")
+    dtype = jnp.dtype(compute_dtype)
+    return jnp.matmul(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def torch_uniform_init(fan_in: int):
@@ -38,12 +56,13 @@ class TorchDense(nn.Module):
 
     features: int
     use_bias: bool = True
+    compute_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x):  # [..., d_in] -> [..., features]
         fan_in = x.shape[-1]
         kernel = self.param("kernel", torch_uniform_init(fan_in), (fan_in, self.features))
-        y = x @ kernel
+        y = matmul(x, kernel, self.compute_dtype)
         if self.use_bias:
             y = y + self.param("bias", torch_uniform_init(fan_in), (self.features,))
         return y
@@ -68,6 +87,7 @@ class ResidualMLP(nn.Module):
     row_one_hot: bool = False
 
     n_rows: int = 0  # with row_one_hot: the number of rows (e.g. perturbations)
+    compute_dtype: str = "float32"  # matrix-multiply inputs (see matmul)
 
     @nn.compact
     def __call__(self, *inputs, row_index=None):  # each [..., d_j] -> [..., n_hidden]
@@ -82,13 +102,14 @@ class ResidualMLP(nn.Module):
         init = torch_uniform_init(fan_in)
         h = self.param("bias_0", init, (self.n_hidden,))
         for j, x in enumerate(inputs):
-            h = h + x @ self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden))
+            h = h + matmul(x, self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden)), self.compute_dtype)
         if self.row_one_hot:
             row_kernel = self.param("kernel_0_rows", init, (n_rows, self.n_hidden))
             h = h + (row_kernel if row_index is None else row_kernel[row_index])
         h = nn.leaky_relu(h, self.negative_slope)
         for layer in range(1, self.n_layers):
-            h = h + nn.leaky_relu(TorchDense(self.n_hidden, name=f"dense_{layer}")(h), self.negative_slope)
+            dense = TorchDense(self.n_hidden, compute_dtype=self.compute_dtype, name=f"dense_{layer}")
+            h = h + nn.leaky_relu(dense(h), self.negative_slope)
         return h
 
 
@@ -96,11 +117,12 @@ class NormalHead(nn.Module):
     """Linear mean and log-variance heads: ``Normal(mean, sqrt(exp(logvar) + 1e-4))``."""
 
     features: int
+    compute_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, h):  # [..., d] -> Normal with batch shape [..., features]
-        loc = TorchDense(self.features, name="loc")(h)
-        logvar = TorchDense(self.features, name="logvar")(h)
+        loc = TorchDense(self.features, compute_dtype=self.compute_dtype, name="loc")(h)
+        logvar = TorchDense(self.features, compute_dtype=self.compute_dtype, name="logvar")(h)
         return dist.Normal(loc, jnp.sqrt(jnp.exp(logvar) + VARIANCE_FLOOR))
 
 

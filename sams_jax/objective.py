@@ -13,6 +13,20 @@ custom weights (default 1). Variables listed in ``per_cell_variables`` instead g
 ``w_v[i, t] = 1[D[i, t] != 0]`` (their term is counted once per cell that received ``t``,
 i.e. an extra weight ``N_t``).
 
+Variables listed in ``analytic_kl`` (an option; the paper's estimator is the default)
+contribute ``-KL(q_v || p_v)`` in closed form (given the particle's draws of what ``q_v``
+and ``p_v`` condition on) instead of the one-sample ``log p_v - log q_v``. Both have the
+same expectation, so the ELBO is unchanged, but the closed form has no sampling noise:
+for the mask, the sampled term's gradient with respect to the logits is ``m - sigmoid(l)``
+(zero mean, pure noise) plus a straight-through path, while the closed form gives the
+exact pull ``sigmoid'(l) (l - logit(prior))`` towards the prior. Only with ``kind="elbo"``:
+the importance weights of an IWELBO need sampled densities.
+
+A multiplier may be annealed (an option): with ``initial_variable_weights`` (e.g.
+``"mask=500"``) and ``weight_anneal_steps = A``, training step ``n`` uses
+``c_v(n) = c0_v^(1 - r) * c_v^r`` with ``r = min(n / A, 1)`` (linear when either is 0);
+validation, model selection and evaluation use the final ``c_v``.
+
 ``kind="elbo"``: loss = ``-mean_{s,i} elbo[s, i]``.
 ``kind="iwelbo"``: loss = ``-mean_i (logsumexp_s elbo[s, i] - log S)``.
 """
@@ -36,25 +50,52 @@ class ObjectiveConfig:
     n_particles: int = 5
     variable_weights: tuple[tuple[str, float], ...] = ()  # ((name, multiplier), ...)
     per_cell_variables: tuple[str, ...] = ()
+    analytic_kl: tuple[str, ...] = ()
+    initial_variable_weights: tuple[tuple[str, float], ...] = ()  # annealed towards variable_weights
+    weight_anneal_steps: int = 0
+
+    def __post_init__(self):
+        if self.analytic_kl and self.kind != "elbo":
+            raise ValueError(f"objective.analytic_kl={','.join(self.analytic_kl)!r} needs objective.kind='elbo' "
+                             f"(got {self.kind!r}): importance weights need sampled densities")
 
     @classmethod
     def from_config(cls, objective_config) -> "ObjectiveConfig":
         """From ``config.objective``; ``variable_weights`` is a string ``"mask=0.5,..."``
-        and ``per_cell_variables`` a string ``"mask,embedding"``."""
-        weights = []
-        for item in _split_list(objective_config.variable_weights):
-            name, _, value = item.partition("=")
-            try:
-                weights.append((name.strip(), float(value)))
-            except ValueError:
-                raise ValueError(f"objective.variable_weights: cannot parse {item!r}; "
-                                 "expected 'name=number,...', e.g. 'mask=0.5'") from None
+        and ``per_cell_variables`` / ``analytic_kl`` strings ``"mask,embedding"``."""
         return cls(kind=objective_config.kind, n_particles=int(objective_config.n_particles),
-                   variable_weights=tuple(sorted(weights)),
-                   per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)))
+                   variable_weights=_parse_weights(objective_config.variable_weights, "variable_weights"),
+                   initial_variable_weights=_parse_weights(objective_config.get("initial_variable_weights", ""),
+                                                           "initial_variable_weights"),
+                   weight_anneal_steps=int(objective_config.get("weight_anneal_steps", 0)),
+                   per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)),
+                   analytic_kl=tuple(_split_list(objective_config.get("analytic_kl", ""))))
 
-    def weight(self, name: str) -> float:
-        return dict(self.variable_weights).get(name, 1.0)
+    def weight(self, name: str, step=None):
+        """Multiplier of variable ``name``: the final one, or its annealed value at
+        training step ``step`` (a traced integer) when an annealing schedule is set."""
+        final = dict(self.variable_weights).get(name, 1.0)
+        initial = dict(self.initial_variable_weights).get(name, final)
+        if step is None or self.weight_anneal_steps <= 0 or initial == final:
+            return final
+        progress = jnp.minimum(step / self.weight_anneal_steps, 1.0)
+        if initial > 0 and final > 0:
+            return jnp.exp((1 - progress) * jnp.log(initial) + progress * jnp.log(final))
+        return (1 - progress) * initial + progress * final
+
+
+def _parse_weights(spec: str, field: str) -> tuple[tuple[str, float], ...]:
+    weights = []
+    for item in _split_list(spec):
+        name, _, value = item.partition("=")
+        try:
+            weights.append((name.strip(), float(value)))
+        except ValueError:
+            raise ValueError(f"objective.{field}: cannot parse {item!r}; expected 'name=number,...', "
+                             "e.g. 'mask=0.5'") from None
+    if any(value < 0 for _, value in weights):
+        raise ValueError(f"objective.{field}={spec!r}: multipliers must be >= 0")
+    return tuple(sorted(weights))
 
 
 def _split_list(spec: str) -> list[str]:
@@ -84,18 +125,50 @@ def sample_particles(apply_fn: Callable, variables, batch, global_keys, local_ke
     return jax.vmap(one)(global_keys, local_keys)
 
 
-def elbo_per_cell(terms: ParticleTerms, dosages, plate_scale, config: ObjectiveConfig):
-    """``elbo[s, i]`` (``[S, n]``) from particle terms (leaves ``[S, ...]``)."""
+def _log_ratio(name: str, log_p: dict, log_q: dict, kl: dict, config: ObjectiveConfig):
+    """``log p_v - log q_v`` of variable ``name``, or ``-KL(q_v || p_v)`` if it is in
+    ``config.analytic_kl``."""
+    if name not in config.analytic_kl:
+        return log_p[name] - log_q[name]
+    if name not in kl:
+        offered = sorted(kl) or "none"
+        raise ValueError(f"objective.analytic_kl names {name!r}, but this model has no closed-form KL for it; "
+                         f"variables with one: {offered}")
+    return -kl[name]
+
+
+def check_analytic_kl(apply_fn: Callable, variables, batch, config: ObjectiveConfig) -> None:
+    """Raise ``ValueError`` if ``config.analytic_kl`` names a variable the model does not
+    have or cannot give in closed form. Traces one particle abstractly (nothing runs)."""
+    if not config.analytic_kl:
+        return
+    keys = particle_keys(jax.random.key(0), 1)
+    terms = jax.eval_shape(lambda v, b: sample_particles(apply_fn, v, b, *keys), variables, batch)
+    known = set(terms.local_log_p) | set(terms.global_log_p)
+    offered = sorted(set(terms.local_kl) | set(terms.global_kl))
+    for name in config.analytic_kl:
+        if name not in known:
+            raise ValueError(f"objective.analytic_kl names {name!r}, which this model does not have; its "
+                             f"variables: {sorted(known)}")
+        if name not in offered:
+            raise ValueError(f"objective.analytic_kl names {name!r}, but this model has no closed-form KL for "
+                             f"it; variables with one: {offered or 'none'}")
+
+
+def elbo_per_cell(terms: ParticleTerms, dosages, plate_scale, config: ObjectiveConfig, step=None):
+    """``elbo[s, i]`` (``[S, n]``) from particle terms (leaves ``[S, ...]``); ``step``
+    (training only) selects annealed multipliers."""
     elbo = terms.log_likelihood
     for name in terms.local_log_p:
-        elbo = elbo + config.weight(name) * (terms.local_log_p[name] - terms.local_log_q[name])
+        elbo = elbo + config.weight(name, step) * _log_ratio(name, terms.local_log_p, terms.local_log_q,
+                                                       terms.local_kl, config)
     if not terms.global_log_p:
         return elbo
     global_term = 0.0  # [S, T]: sum_v c_v * (log p_v - log q_v) * (1/N_t, or 1 if per-cell)
     for name in terms.global_log_p:
         scale = 1.0 if name in config.per_cell_variables else plate_scale
-        global_term = global_term + config.weight(name) * scale * (
-            terms.global_log_p[name] - terms.global_log_q[name])
+        global_term = global_term + config.weight(name, step) * scale * _log_ratio(
+            name, terms.global_log_p, terms.global_log_q, terms.global_kl, config)
     received = (dosages != 0).astype(global_term.dtype)  # [n, T]
     elbo = elbo + global_term @ received.T
     return elbo
@@ -110,14 +183,15 @@ def reduce_objective(elbo, kind: str):
     raise ValueError(f"unknown objective kind {kind!r}; allowed: {OBJECTIVES}")
 
 
-def loss_fn(apply_fn: Callable, config: ObjectiveConfig, variables, rng, batch, plate_scale):
+def loss_fn(apply_fn: Callable, config: ObjectiveConfig, variables, rng, batch, plate_scale, step=None):
     """Scalar training loss (minus the mean per-cell objective) for one mini-batch.
 
     batch: ``{"x": [n, G], "dosages": [n, T], "library_size": [n]}``; plate_scale ``[T]``
-    (``1 / N_t`` of the split, 0 where ``N_t = 0``).
+    (``1 / N_t`` of the split, 0 where ``N_t = 0``); ``step``: the training step (for
+    annealed multipliers; None = final multipliers).
     """
     terms = sample_particles(apply_fn, variables, batch, *particle_keys(rng, config.n_particles))
-    elbo = elbo_per_cell(terms, batch["dosages"], plate_scale, config)
+    elbo = elbo_per_cell(terms, batch["dosages"], plate_scale, config, step)
     return -reduce_objective(elbo, config.kind).mean()
 
 

@@ -137,8 +137,8 @@ class Predictor:
         means = self.expectations([control, *interventions], n_particles, scale, method, seed, library_size)
         result = anndata.AnnData(
             X=(means[1:] - means[0]).astype(np.float32),
-            obs=pd.DataFrame(index=pd.Index(interventions, name="intervention")),
-            var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene")),
+            obs=pd.DataFrame(index=pd.Index(interventions, name="intervention", dtype=object)),
+            var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)),
             layers={"expectation": means[1:].astype(np.float32)},
         )
         result.uns.update(control=control, control_expectation=means[0].astype(np.float32), scale=scale,
@@ -155,9 +155,10 @@ class Predictor:
         global_key, local_key = jax.random.split(jax.random.key(seed))
         x, _ = self._generate(self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size),
                               max_active, {"globals": global_key, "local": local_key})
-        obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(list(interventions), n))})
-        obs.index = obs.index.astype(str)
-        return anndata.AnnData(X=np.asarray(x), obs=obs, var=pd.DataFrame(index=self.feature_names))
+        obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(list(interventions), n))},
+                           index=pd.Index([str(i) for i in range(len(dosages))], dtype=object))
+        return anndata.AnnData(X=np.asarray(x), obs=obs,
+                               var=pd.DataFrame(index=pd.Index(self.feature_names, dtype=object)))
 
     def register(self, adata_or_path, backed: bool = False) -> PerturbationData:
         """An AnnData (or ``.h5ad`` path) read with the training data's registration

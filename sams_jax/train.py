@@ -3,12 +3,13 @@
 Each jitted dispatch runs ``train.steps_per_dispatch`` steps in a ``lax.scan``. Where
 the training cells live is ``train.data_placement``:
 
-* ``device``: the training split sits (dense) on the device and each step gathers its
-  mini-batch there from host-computed indices;
-* ``host``: ``x`` stays on the host as stored (dense, CSR, or rows of an ``.h5ad`` file);
-  a background thread densifies each dispatch's mini-batches ``[n_steps, B, G]`` from the
-  same indices and puts them on the device while it runs the previous dispatch
-  (:mod:`sams_jax.streaming`);
+* ``device``: the training split sits (dense) on the devices and each step gathers its
+  mini-batch there from host-computed indices; with several processes each holds its own
+  shards of the training cells (:mod:`sams_jax.distributed`);
+* ``host`` (one process): ``x`` stays on the host as stored (dense, CSR, or rows of an
+  ``.h5ad`` file); a background thread densifies each dispatch's mini-batches
+  ``[n_steps, B, G]`` from the same indices and puts them on the devices while they run
+  the previous dispatch (:mod:`sams_jax.streaming`);
 * ``auto`` (default): ``device`` when ``x`` is not backed and the dense training split
   fits in ``AUTO_DEVICE_MAX_BYTES``, else ``host``.
 
@@ -39,16 +40,17 @@ import numpy as np
 import optax
 import pandas as pd
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from sams_jax import metrics as metrics_lib
+from sams_jax import distributed, metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
-from sams_jax.config import ConfigError, validate_against_data, validate_config
+from sams_jax.config import ConfigError, base_config, validate_against_data, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.data import matrix as matrix_lib
+from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import ObjectiveConfig, loss_fn, predictive_iwelbo, split_objective
+from sams_jax.objective import ObjectiveConfig, check_analytic_kl, loss_fn, predictive_iwelbo, split_objective
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
 # data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
@@ -103,27 +105,51 @@ class BatchSchedule:
     The training cells are read as one stream of epochs, each a fresh permutation seeded
     by ``(seed, epoch)``; step ``s`` takes positions ``[s * B, (s + 1) * B)`` of the
     stream, so every cell is used once per epoch and no batch is ragged.
+
+    With ``n_shards = S > 1`` (several processes, :mod:`sams_jax.distributed`) the
+    training cells are split into shards (shard ``k``: positions ``k, k + S, ...``), each
+    shard is such a stream of its own (permutations seeded by ``(seed, epoch, S, k)``) and
+    step ``s`` concatenates ``B / S`` cells of every shard, in shard order.
     """
 
-    def __init__(self, n_train: int, batch_size: int, seed: int):
-        self.n_train, self.batch_size, self.seed = n_train, batch_size, seed
-        self._cache: dict[int, np.ndarray] = {}
+    def __init__(self, n_train: int, batch_size: int, seed: int, n_shards: int = 1):
+        if batch_size % n_shards:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of n_shards {n_shards}")
+        self.n_train, self.batch_size, self.seed, self.n_shards = n_train, batch_size, seed, n_shards
+        self.shard_sizes = [len(range(k, n_train, n_shards)) for k in range(n_shards)]
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            if len(self._cache) > 4:
+    def _permutation(self, shard: int, epoch: int) -> np.ndarray:
+        if (shard, epoch) not in self._cache:
+            if len(self._cache) > 4 * self.n_shards:
                 self._cache.clear()
-            self._cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
-        return self._cache[epoch]
+            key = [self.seed, epoch] if self.n_shards == 1 else [self.seed, epoch, self.n_shards, shard]
+            self._cache[shard, epoch] = np.random.default_rng(key).permutation(self.shard_sizes[shard])
+        return self._cache[shard, epoch]
 
-    def indices(self, start_step: int, n_steps: int) -> np.ndarray:  # [n_steps, B] int32
-        positions = np.arange(start_step * self.batch_size, (start_step + n_steps) * self.batch_size)
-        epochs, offsets = np.divmod(positions, self.n_train)
+    def shard_positions(self, shard: int, start_step: int, n_steps: int) -> np.ndarray:
+        """``[n_steps, B / S]`` positions within ``shard`` (row ``i`` of the shard is
+        training cell ``shard + i * S``)."""
+        per_step = self.batch_size // self.n_shards
+        positions = np.arange(start_step * per_step, (start_step + n_steps) * per_step)
+        epochs, offsets = np.divmod(positions, self.shard_sizes[shard])
         out = np.empty_like(positions)
         for epoch in np.unique(epochs):
             where = epochs == epoch
-            out[where] = self._permutation(int(epoch))[offsets[where]]
-        return out.reshape(n_steps, self.batch_size).astype(np.int32)
+            out[where] = self._permutation(shard, int(epoch))[offsets[where]]
+        return out.reshape(n_steps, per_step)
+
+    def indices(self, start_step: int, n_steps: int) -> np.ndarray:  # [n_steps, B] int32
+        """Indices into the training cells."""
+        return np.concatenate([shard + self.n_shards * self.shard_positions(shard, start_step, n_steps)
+                               for shard in range(self.n_shards)], axis=1).astype(np.int32)
+
+    def local_indices(self, start_step: int, n_steps: int, shards) -> np.ndarray:  # [n_steps, B * |shards| / S]
+        """Indices into the rows ``sams_jax.distributed.shard_rows(train, S, shards)`` (each
+        shard padded to ``ceil(n_train / S)`` rows): a process's part of each batch."""
+        size = -(-self.n_train // self.n_shards)
+        return np.concatenate([j * size + self.shard_positions(shard, start_step, n_steps)
+                               for j, shard in enumerate(shards)], axis=1).astype(np.int32)
 
 
 def dispatch_plan(step: int, max_steps: int, eval_every: int, steps_per_dispatch: int):
@@ -146,7 +172,7 @@ def make_train_step(apply_fn, objective: ObjectiveConfig, optimizer):
 
         def loss_of(params):
             return loss_fn(apply_fn, objective, {"params": params, "normalization": state.normalization},
-                           rng, batch, scale)
+                           rng, batch, scale, state.step)
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -157,21 +183,28 @@ def make_train_step(apply_fn, objective: ObjectiveConfig, optimizer):
     return step
 
 
-def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
+def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer, gather=None):
     """Jitted ``(state, train_arrays, plate_scale, train_key, indices [n, B]) ->
     (state, losses [n])``: ``n`` steps in one ``lax.scan``, each gathering its batch from
-    the device-resident ``train_arrays`` (leaves ``[n_train, ...]``)."""
+    the device-resident ``train_arrays`` (leaves ``[n_train, ...]``). ``gather(train_arrays,
+    indices [B])`` makes a step's batch (default: ``jnp.take`` of every array; with
+    several processes :meth:`sams_jax.distributed.DataParallel.gather`)."""
     step = make_train_step(apply_fn, objective, optimizer)
+    if gather is None:
+        gather = take_rows
 
     @jax.jit
     def train_chunk(state, train_arrays, scale, train_key, indices):
         def body(state, batch_indices):
-            batch = jax.tree.map(lambda v: jnp.take(v, batch_indices, axis=0), train_arrays)
-            return step(state, batch, scale, train_key)
+            return step(state, gather(train_arrays, batch_indices), scale, train_key)
 
         return jax.lax.scan(body, state, indices)
 
     return train_chunk
+
+
+def take_rows(arrays, indices):
+    return jax.tree.map(lambda v: jnp.take(v, indices, axis=0), arrays)
 
 
 def make_batch_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
@@ -199,12 +232,12 @@ def resolve_placement(placement: str, data: PerturbationData) -> str:
 
 
 def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedSharding]:
-    """``(replicated, batch)`` shardings over a 1-D ``("data",)`` mesh of the first
-    ``num_devices`` local devices (0 = all): parameters, optimizer state and data are
-    replicated; the step indices ``[n_steps, B]`` are split along the batch axis."""
-    devices = jax.local_devices()[: num_devices or None]
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(None, "data"))
+    """``(replicated, batch)`` shardings over the ``("process", "device")`` mesh of the
+    first ``num_devices`` local devices (0 = all) of every process: parameters, optimizer
+    state and (single process) data are replicated; the step indices ``[n_steps, B]`` are
+    split along the batch axis. See :class:`sams_jax.distributed.DataParallel`."""
+    parallel = DataParallel(num_devices)
+    return parallel.replicated, parallel.batch
 
 
 # fields that change how data are read, not what is trained: a run may resume with other values
@@ -212,9 +245,17 @@ STORAGE_FIELDS = {"data": ("backed",)}
 
 
 def _compatible(saved: dict, config) -> list[str]:
-    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run
-    (ignoring :data:`STORAGE_FIELDS`)."""
+    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run,
+    ignoring :data:`STORAGE_FIELDS`. A field the saved run does not have (added in a later
+    version) counts as its default."""
     current = json.loads(config.to_json_best_effort())
+    defaults = json.loads(base_config().to_json_best_effort())
+
+    def with_defaults(key):
+        value = saved.get(key)
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            return {**{k: v for k, v in defaults[key].items() if k in current[key]}, **value}
+        return value
 
     def comparable(section: str, value):
         if isinstance(value, dict) and section in STORAGE_FIELDS:
@@ -222,7 +263,7 @@ def _compatible(saved: dict, config) -> list[str]:
         return value
 
     return [key for key in current if key not in ("train", "eval")
-            and comparable(key, saved.get(key)) != comparable(key, current[key])]
+            and comparable(key, with_defaults(key)) != comparable(key, current[key])]
 
 
 def _read_history(path: str, upto_step: int) -> list[dict]:
@@ -242,6 +283,12 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
     ``data`` may be given directly (Python API); otherwise it is built from
     ``config.data``. All input checks run before anything is compiled or written.
+
+    Several processes: every process calls this with the same config after
+    :func:`sams_jax.distributed.initialize` (the CLI does); each keeps its own shards of
+    the training cells on its devices, and only process 0 writes ``history.csv`` and
+    ``metrics.json`` (checkpoints are written together, by Orbax). Every process
+    returns the same metrics.
     """
     validate_config(config)
     if data is None:
@@ -251,7 +298,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only
     objective = ObjectiveConfig.from_config(config.objective)
 
-    os.makedirs(workdir, exist_ok=True)
+    main_process = is_main_process()
     model = create_model(config.model, data.n_genes, data.n_perturbations)
     optimizer = create_optimizer(config.train)
     stats = data.normalization_stats(config.model.normalization)
@@ -259,6 +306,19 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     config_dict = json.loads(config.to_json_best_effort())
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(model, optimizer, stats, init_key)
+    try:
+        check_analytic_kl(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]), objective)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if main_process:
+        os.makedirs(workdir, exist_ok=True)
+
+    # data parallelism over every device of every process (sams_jax.distributed):
+    # parameters, optimizer state and keys replicated; each step's batch split across all
+    # devices (device placement: the training cells split into shards, each process holding its own)
+    parallel = DataParallel(config.train.num_devices)
+    state = parallel.replicate(state)
+    train_key = parallel.replicate(train_key)
 
     checkpointer = Checkpointer(workdir)
     history_path = os.path.join(workdir, "history.csv")
@@ -273,29 +333,28 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         state = checkpointer.restore_state(latest, state)
         history = _read_history(history_path, latest)
 
-    # data parallelism: parameters, optimizer state and (device placement) data replicated on
-    # every device; each step's mini-batch split across devices (the same global draws everywhere)
-    replicated, batch_sharding = data_parallel_shardings(config.train.num_devices)
-    state = jax.device_put(state, replicated)
-    train_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
+    n_shards = config.train.data_shards or parallel.n_processes
+    train_scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
+    # validation: every process on its first device, on the whole split
     val_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("val")))
     chunk_size = config.train.eval_batch_size
-    schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
+    schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed, n_shards)
     max_steps, eval_every = config.train.max_steps, config.train.eval_every
     step = int(state.step)
     plan = partial(dispatch_plan, max_steps=max_steps, eval_every=eval_every,
                    steps_per_dispatch=config.train.steps_per_dispatch)
 
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not config.train.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step",
+               disable=not (config.train.progress and main_process), dynamic_ncols=True)
     if resolve_placement(config.train.data_placement, data) == "device":
-        train_arrays = jax.device_put(data.arrays("train"), replicated)
-        val_arrays = jax.device_put(data.arrays("val"), replicated)
-        train_chunk = make_train_chunk(model.apply, objective, optimizer)
+        shards = parallel.shards_of_process(n_shards)
+        train_arrays = parallel.put_process_rows(shard_rows(data.arrays("train"), n_shards, shards))
+        val_arrays = jax.device_put(data.arrays("val"))
+        train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
         prefetcher = None
 
         def run_dispatch(state, first_step, n_steps):
-            indices = jax.device_put(schedule.indices(first_step, n_steps), batch_sharding)
+            indices = parallel.put_batch_indices(schedule.local_indices(first_step, n_steps, shards))
             return train_chunk(state, train_arrays, train_scale, train_key, indices)
 
         @jax.jit
@@ -303,15 +362,15 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
 
         def validation_loss(variables):
-            return validation_loss_fn(variables, val_arrays, val_scale)
-    else:
+            return validation_loss_fn(parallel.local(variables), val_arrays, val_scale)
+    else:  # one process only (validate_against_data): the same global batches, densified on the host
         train_chunk = make_batch_train_chunk(model.apply, objective, optimizer)
         train_cells = data.rows("train")
 
         def produce(dispatch):  # runs in the prefetch thread
             first_step, n_steps = dispatch
             batches = host_batches(data, train_cells, schedule.indices(first_step, n_steps))
-            return jax.device_put(batches, batch_sharding)
+            return jax.device_put(batches, parallel.batch)
 
         prefetcher = Prefetcher(produce, plan(step), depth=config.train.prefetch)
 
@@ -326,8 +385,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                                    first_chunk)
 
         def validation_loss(variables):
-            scores = host_cell_scores(partial(validation_block, variables, val_scale), data, data.rows("val"),
-                                      chunk_size, put=partial(jax.device_put, device=replicated))
+            scores = host_cell_scores(partial(validation_block, parallel.local(variables), val_scale), data,
+                                      data.rows("val"), chunk_size, put=jax.device_put)
             return -scores.mean()
 
     window_losses: list[np.ndarray] = []
@@ -358,10 +417,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                                            f"is step {checkpointer.latest_step()} in {checkpointer.directory}")
                 history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
                                 "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start,
-                                **mask_recovery(model, data, state.variables)})
+                                **mask_recovery(model, data, parallel.local(state.variables))})
                 checkpointer.save(step, state, last_val, config_dict, metadata)
-                columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
-                pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
+                if main_process:
+                    columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
+                    pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
                 window_losses, window_start, window_first_step = [], time.perf_counter(), step
         bar.close()
@@ -370,7 +430,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
         best = checkpointer.best_step()
         best_state = checkpointer.restore_state(best, state)
-        results = final_metrics(model, config, data, best_state.variables, jax.random.key(config.seed))
+        results = final_metrics(model, config, data, parallel.local(best_state.variables),
+                                jax.random.key(config.seed))
         results["best_step"] = int(best)
         results["steps"] = int(step)
     finally:
@@ -378,7 +439,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             prefetcher.close()
         bar.close()
         checkpointer.close()
-    _write_json(os.path.join(workdir, "metrics.json"), results)
+    if main_process:
+        _write_json(os.path.join(workdir, "metrics.json"), results)
     return results
 
 
@@ -431,11 +493,14 @@ def main(argv) -> None:
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     try:
+        validate_config(config)
+        distributed.initialize(config)  # several processes: join them before any JAX computation
         results = train_and_evaluate(config, workdir)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(results, indent=2, sort_keys=True))
+    if distributed.is_main_process():
+        print(json.dumps(results, indent=2, sort_keys=True))
 
 
 def _config_path(argv) -> str | None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import anndata
+import pandas as pd
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +216,24 @@ def test_evaluate_command_end_to_end(trained):
     missing = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir / "nothing")],
                              cwd=ROOT, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "no checkpoints" in missing.stderr
+
+
+def test_evaluate_writes_ate_h5ad_with_pandas_default_strings(trained):
+    """pandas >= 3 stores strings in its own string dtype, which anndata refuses to write
+    unless asked; evaluation must still write ate.h5ad (emulated on pandas 2 by
+    ``future.infer_string``)."""
+    from sams_jax.evaluate import evaluate
+
+    workdir, _ = trained
+    try:
+        pd.get_option("future.infer_string")
+    except KeyError:  # pandas.errors.OptionError
+        pytest.skip("this pandas has no future.infer_string")
+    with pd.option_context("future.infer_string", True):
+        evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
+        sampled = sams_jax.load(str(workdir)).sample(["1"], n=3)
+    ate = anndata.read_h5ad(workdir / "eval" / "ate.h5ad")
+    assert ate.obs_names[0] == "1" and ate.shape[1] == 12
+    from sams_jax.data.anndata_io import write_h5ad
+    write_h5ad(sampled, workdir / "sampled.h5ad")
+    assert anndata.read_h5ad(workdir / "sampled.h5ad").obs["intervention"].tolist() == ["1"] * 3

@@ -21,6 +21,7 @@ from experiments import runner  # noqa: E402
 from experiments.norman_data_efficiency import run as norman_data_efficiency  # noqa: E402
 from experiments.norman_ood import run as norman_ood  # noqa: E402
 from experiments.replogle import run as replogle  # noqa: E402
+from experiments.mask_recovery import run as mask_recovery  # noqa: E402
 from experiments.simulation import run as simulation  # noqa: E402
 
 
@@ -211,3 +212,21 @@ def test_simulation_smoke_end_to_end_skips_finished_cells_and_reports_failures(t
     failures = (out / "failures.txt").read_text()
     assert "sams_vae-s0" in failures and "batch_size" in failures
     assert json.loads((out / "runs" / "sams_vae-s0" / "done.json").read_text())["config"]["train"]["batch_size"] == 32
+
+
+def test_mask_recovery_grid_is_valid():
+    """Every variant of the mask-recovery grid is a valid config on the same data and
+    training schedule as the paper's; ``--counts`` switches to the count simulation."""
+    import ml_collections
+
+    from sams_jax.config import validate_config
+
+    grid = mask_recovery.make_grid(_args(data=None, counts=False))
+    cells = grid.cells()
+    assert len(cells) == len(mask_recovery.VARIANTS) * 5 and grid.reference == "paper"
+    paper = next(c for c in cells if c.variant == "paper" and c.seed == 0).config
+    for cell in cells:
+        validate_config(ml_collections.ConfigDict(cell.config))
+        assert cell.config["data"] == paper["data"] and cell.config["train"] == paper["train"]
+    counts = mask_recovery.make_grid(_args(data=None, counts=True)).cells()[0].config
+    assert counts["data"]["observation"] == "library_nb" and counts["model"]["likelihood"] == "library_nb"

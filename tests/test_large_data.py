@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sams_jax.config import ConfigError, validate_config
+from sams_jax.config import ConfigError, validate_against_data, validate_config
 from sams_jax.data import DataError, load_data
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.data.anndata_io import from_anndata
@@ -228,6 +228,34 @@ def test_host_streaming_equals_device_training_and_resumes(tiny_config, tmp_path
         np.testing.assert_allclose(history["host"][column], history["device"][column], rtol=1e-5)
     for a, b in zip(_params(tmp_path / "device", tiny_config, dense), _params(tmp_path / "host", tiny_config, dense)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_host_streaming_draws_the_batches_of_data_shards(tiny_config, tmp_path):
+    """With train.data_shards=2 (the batches of a two-process run) on one process, the host
+    path streams the same batches the device path gathers from its shard rows."""
+    tiny_config.train.update(max_steps=10, eval_every=10, data_shards=2, data_placement="device")
+    data = load_data(tiny_config.data)
+    device = train_and_evaluate(tiny_config, str(tmp_path / "device"), data=data)
+    tiny_config.train.data_placement = "host"
+    host = train_and_evaluate(tiny_config, str(tmp_path / "host"), data=data)
+    for key in device:
+        np.testing.assert_allclose(host[key], device[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(_params(tmp_path / "device", tiny_config, data), _params(tmp_path / "host", tiny_config, data)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_host_streaming_with_several_processes_is_a_config_error(tiny_config, tmp_path, monkeypatch):
+    data = load_data(tiny_config.data)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    tiny_config.train.update(data_placement="host", batch_size=32)
+    with pytest.raises(ConfigError, match="train.data_placement='host' .* single process only; this run has 2"):
+        validate_against_data(tiny_config, data)
+    backed = from_anndata(write(screen(), tmp_path / "screen.h5ad"), split_key="split", backed=True)
+    tiny_config.train.update(data_placement="auto", batch_size=4)
+    with pytest.raises(ConfigError, match="train.data_placement='auto' .* Set train.data_placement='device'"):
+        validate_against_data(tiny_config, backed)
+    tiny_config.train.update(data_placement="device", batch_size=32)
+    validate_against_data(tiny_config, data)  # the device path shards the cells by process
 
 
 def test_training_from_a_backed_file_then_evaluation(tmp_path):

@@ -1,6 +1,8 @@
 """The shared objective (SPEC 3): plate weights, IWELBO, custom weights, and the
 SAMS-VAE particle terms that feed it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +116,7 @@ def test_sams_vae_terms_match_hand_computation(small):
     terms = model.apply(variables, batch["x"], batch["dosages"], batch["library_size"], rngs=rngs)
 
     def capture(module):
-        shift, _, _ = module.sample_globals()
+        shift, *_ = module.sample_globals()
         return shift
     shift = model.apply(variables, method=capture, rngs={"globals": jax.random.key(5)})
     p = variables["params"]
@@ -146,7 +148,7 @@ def test_offset_enters_encoder_unless_mean_field_encoder(small):
         variables = _init(model, batch)
 
         def q_z(module, dosages):
-            shift, _, _ = module.sample_globals()
+            shift, *_ = module.sample_globals()
             offset = None if module.mean_field_encoder else dosages @ shift
             return module.basal_head(module.basal_encoder(batch["x"], offset)).loc
 
@@ -195,3 +197,99 @@ def test_predictive_iwelbo_chunking_is_invariant(small):
     chunked = predictive_iwelbo(model.apply, variables, jax.random.key(1), arrays, 8, chunk_size=5)
     assert whole.shape == chunked.shape == (arrays["x"].shape[0],)
     np.testing.assert_allclose(whole.mean(), chunked.mean(), rtol=0.05)
+
+
+# --- closed-form KL option (objective.analytic_kl) ------------------------------------------
+
+def test_bernoulli_kl_matches_enumeration_and_gradient():
+    from sams_jax.models.components import bernoulli_kl
+
+    logits = jnp.array([-30.0, -3.0, -0.5, 0.0, 1.2, 30.0])
+    prior = 0.2
+    q_on = jax.nn.sigmoid(logits)
+    enumerated = q_on * jnp.log(q_on / prior) + (1 - q_on) * jnp.log((1 - q_on) / (1 - prior))
+    np.testing.assert_allclose(bernoulli_kl(logits[1:-1], prior), enumerated[1:-1], rtol=1e-5)
+    assert np.all(np.isfinite(bernoulli_kl(logits, prior)))  # saturated logits stay finite
+    np.testing.assert_allclose(bernoulli_kl(jnp.array([30.0]), prior), -np.log(prior), rtol=1e-4)
+    # exact gradient: sigmoid'(l) * (l - logit(prior))
+    grad = jax.vmap(jax.grad(lambda l: bernoulli_kl(l, prior)))(logits[1:-1])
+    expected = q_on[1:-1] * (1 - q_on[1:-1]) * (logits[1:-1] - np.log(prior / (1 - prior)))
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("guide", ["mean_field", "correlated"])
+def test_closed_form_kls_are_the_mean_of_the_sampled_terms(small, guide):
+    """For mask, embedding (given the mask draw) and z_basal, the average over many
+    particles of the sampled ``log q - log p`` equals the average closed-form KL."""
+    data, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, guide=guide, mask_prior_prob=0.3,
+                    embedding_prior_scale=1.5, normalization="none", mask_init_logits=0.4,
+                    embedding_loc_init_scale=0.5)
+    variables = _init(model, batch)
+    terms = sample_particles(model.apply, variables, batch, *particle_keys(jax.random.key(3), 4000))
+    for kind, log_p, log_q, kl in (("global", terms.global_log_p, terms.global_log_q, terms.global_kl),
+                                   ("local", terms.local_log_p, terms.local_log_q, terms.local_kl)):
+        assert set(kl) == set(log_p), kind
+        for name in kl:
+            sampled = np.asarray(log_q[name] - log_p[name]).mean(0)
+            closed = np.asarray(kl[name]).mean(0)
+            spread = np.asarray(log_q[name] - log_p[name]).std(0) / np.sqrt(4000)
+            np.testing.assert_array_less(np.abs(sampled - closed), 5 * spread + 1e-3, err_msg=name)
+    # the mask's KL does not depend on the draw; it equals the closed form at the logits
+    from sams_jax.models.components import bernoulli_kl
+    np.testing.assert_allclose(terms.global_kl["mask"][0],
+                               bernoulli_kl(variables["params"]["mask_logits"], 0.3).sum(-1), rtol=1e-5)
+
+
+def test_analytic_kl_replaces_sampled_terms_in_the_objective():
+    n, t = 6, 3
+    dosages = jnp.asarray(np.eye(t, dtype=np.float32)[np.arange(n) % t])
+    scale = jnp.asarray(plate_scale(np.asarray(dosages).sum(0)))
+    terms = _terms(n, t)._replace(global_kl={"mask": jnp.full((1, t), 2.0), "embedding": jnp.full((1, t), 3.0)},
+                                  local_kl={"z_basal": jnp.full((1, n), 0.5)})
+    sampled = elbo_per_cell(terms, dosages, scale, ObjectiveConfig())
+    analytic = elbo_per_cell(terms, dosages, scale, ObjectiveConfig(analytic_kl=("mask", "z_basal")))
+    mask_sampled = (terms.global_log_p["mask"] - terms.global_log_q["mask"]) @ (scale * dosages).T
+    z_sampled = terms.local_log_p["z_basal"] - terms.local_log_q["z_basal"]
+    np.testing.assert_allclose(analytic, sampled - mask_sampled - z_sampled - 2.0 / 2 - 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="elbo"):
+        ObjectiveConfig(kind="iwelbo", analytic_kl=("mask",))
+
+
+def test_analytic_kl_unknown_or_unavailable_variable_is_a_config_error(tmp_path):
+    from configs import test as test_config
+    from sams_jax.config import ConfigError
+    from sams_jax.train import train_and_evaluate
+
+    for model_name, name, message in (("sams_vae", "masks", "does not have"),
+                                      ("sams_vae_beta_bernoulli", "mask_prob", "no closed-form KL")):
+        config = test_config.get_config()
+        config.model.name = model_name
+        config.objective.analytic_kl = name
+        with pytest.raises(ConfigError, match=message):
+            train_and_evaluate(config, str(tmp_path / name))
+        assert not (tmp_path / name).exists()  # nothing written
+
+
+def test_annealed_weights_interpolate_geometrically_and_train_only():
+    config = ObjectiveConfig(variable_weights=(("mask", 4.0),), initial_variable_weights=(("mask", 100.0),),
+                             weight_anneal_steps=10)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(0)), 100.0, rtol=1e-6)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(5)), 20.0, rtol=1e-5)  # sqrt(100 * 4)
+    np.testing.assert_allclose(config.weight("mask", jnp.asarray(50)), 4.0, rtol=1e-6)
+    assert config.weight("mask") == 4.0 and config.weight("embedding", jnp.asarray(0)) == 1.0
+    n, t = 6, 3
+    dosages = jnp.asarray(np.eye(t, dtype=np.float32)[np.arange(n) % t])
+    scale = jnp.asarray(plate_scale(np.asarray(dosages).sum(0)))
+    terms = _terms(n, t)
+    np.testing.assert_allclose(
+        elbo_per_cell(terms, dosages, scale, config, jnp.asarray(5)),
+        elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("mask", 20.0),))), rtol=1e-5)
+    np.testing.assert_allclose(elbo_per_cell(terms, dosages, scale, config),
+                               elbo_per_cell(terms, dosages, scale, ObjectiveConfig(variable_weights=(("mask", 4.0),))),
+                               rtol=1e-6)
+    from ml_collections import ConfigDict
+    parsed = ObjectiveConfig.from_config(ConfigDict(dict(kind="elbo", n_particles=1, variable_weights="mask=4",
+                                                         per_cell_variables="", initial_variable_weights="mask=100",
+                                                         weight_anneal_steps=10)))
+    assert parsed == dataclasses.replace(config, n_particles=1)

@@ -587,3 +587,12 @@ def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
         likelihood=likelihood,
         backed=bool(data_config.get("backed", False)),
     )
+
+
+def write_h5ad(adata, path) -> None:
+    """``adata.write_h5ad(path)``, also under pandas >= 3, whose default string columns
+    anndata writes only when asked to (``allow_write_nullable_strings``)."""
+    import anndata
+
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path)

@@ -33,6 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sams_jax.data.dataset import DataError
+from sams_jax.data.anndata_io import write_h5ad
 
 GENE_NAME_COLUMN = "gene_name"
 CONTROL_SEED = 0  # numpy.random.seed(0) of the authors' preprocessing
@@ -123,7 +124,7 @@ def prepare_replogle(raw_path: str, out_path: str, spec: dict[str, Any] | None =
     result.uns["pathways"] = {name: list(genes) for name, genes in spec["pathways"].items()}
     result.uns["prepare_replogle"] = {"raw_file": os.path.basename(raw_path), "control_seed": CONTROL_SEED,
                                       "n_control_cells": int((targets == spec["control_label"]).sum())}
-    result.write_h5ad(out_path)
+    write_h5ad(result, out_path)
     return {"n_cells": int(result.n_obs), "n_genes": int(result.n_vars),
             "n_control_cells": int((targets == spec["control_label"]).sum()),
             "n_targets": len(found - {spec["control_label"]}), "missing_targets": missing_targets}

@@ -8,7 +8,11 @@ particle** and returns its log-densities as :class:`ParticleTerms`:
 * *perturbation-plated* (global) variables (one per perturbation, e.g. ``mask``,
   ``embedding``): ``log p`` and ``log q`` of shape ``[n_perturbations]``, summed over
   latent dimensions, drawn once per particle and shared by every cell;
-* ``log_likelihood``: ``log p(x | z)`` of shape ``[n_cells]``, summed over genes.
+* ``log_likelihood``: ``log p(x | z)`` of shape ``[n_cells]``, summed over genes;
+* ``local_kl`` / ``global_kl``: where the model can compute it in closed form, the exact
+  ``KL(q || p)`` of a variable (given the particle's draws of the variables it is
+  conditioned on), same shapes as its ``log p``; the objective uses it in place of the
+  sampled ``log q - log p`` when asked to (``objective.analytic_kl``).
 
 Random numbers come from two named streams: ``"globals"`` (perturbation-plated draws) and
 ``"local"`` (per-cell draws), so evaluation can share global draws across chunks of cells.
@@ -29,3 +33,5 @@ class ParticleTerms(NamedTuple):
     local_log_q: dict  # name -> [n_cells]
     global_log_p: dict  # name -> [n_perturbations]
     global_log_q: dict  # name -> [n_perturbations]
+    local_kl: dict = {}  # name -> [n_cells], closed-form KL(q || p) where available
+    global_kl: dict = {}  # name -> [n_perturbations]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpyro.distributions as dist
 from jax.scipy.special import betaln
+from numpyro.distributions.kl import kl_divergence
 
 from sams_jax.data import normalize_input
 from sams_jax.likelihoods import LikelihoodHead
@@ -52,12 +53,15 @@ class PerturbationVAE(nn.Module):
     decoder_n_hidden: int = 50
     basal_encoder_n_layers: int = 1
     basal_encoder_n_hidden: int = 50
+    compute_dtype: str = "float32"  # matrix-multiply inputs of every network (sams_jax.nn.matmul)
 
     def setup(self):
-        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers)
-        self.basal_head = NormalHead(self.n_latent)
-        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers)
-        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes)
+        dtype = self.compute_dtype
+        self.basal_encoder = ResidualMLP(self.basal_encoder_n_hidden, self.basal_encoder_n_layers,
+                                         compute_dtype=dtype)
+        self.basal_head = NormalHead(self.n_latent, compute_dtype=dtype)
+        self.decoder = ResidualMLP(self.decoder_n_hidden, self.decoder_n_layers, compute_dtype=dtype)
+        self.likelihood_head = LikelihoodHead(self.likelihood, self.n_genes, compute_dtype=dtype)
         self.norm_mean = self.variable("normalization", "mean", jnp.zeros, (self.n_genes,))
         self.norm_scale = self.variable("normalization", "scale", jnp.ones, (self.n_genes,))
 
@@ -75,10 +79,11 @@ class PerturbationVAE(nn.Module):
         return self.likelihood_head(self.decoder(z, *extra), library_size)
 
     def local_terms(self, x, library_size, q_z, p_z, name: str, shift=0.0, decoder_extra=(),
-                    global_log_p=None, global_log_q=None) -> ParticleTerms:
+                    global_log_p=None, global_log_q=None, global_kl=None) -> ParticleTerms:
         """Draw the local latent from ``q_z`` (``"local"`` stream), decode ``z + shift``
         (with ``decoder_extra`` inputs) and return the particle's terms, the local latent
-        under ``name`` scored by ``p_z`` and ``q_z`` (summed over latent dimensions)."""
+        under ``name`` scored by ``p_z`` and ``q_z`` (summed over latent dimensions; both
+        Normal, so its closed-form KL is returned too)."""
         z = q_z.rsample(self.make_rng("local"))
         p_x = self.p_x(z + shift, library_size, *decoder_extra)
         return ParticleTerms(
@@ -87,6 +92,8 @@ class PerturbationVAE(nn.Module):
             local_log_q={name: q_z.log_prob(z).sum(-1)},
             global_log_p={} if global_log_p is None else global_log_p,
             global_log_q={} if global_log_q is None else global_log_q,
+            local_kl={name: kl_divergence(q_z, p_z).sum(-1)},
+            global_kl={} if global_kl is None else global_kl,
         )
 
     def sample_x(self, shift, library_size, *decoder_extra):
@@ -134,6 +141,14 @@ def active_perturbations(dosages, max_active: int):
     return jnp.take_along_axis(dosages, rows, axis=-1), rows
 
 
+def bernoulli_kl(logits, prior_prob: float):
+    """``KL(Bernoulli(sigmoid(logits)) || Bernoulli(prior_prob))`` elementwise, in log
+    space (finite for any ``logits``)."""
+    q_on, q_off = jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
+    return (q_on * (jax.nn.log_sigmoid(logits) - jnp.log(prior_prob))
+            + q_off * (jax.nn.log_sigmoid(-logits) - jnp.log1p(-prior_prob)))
+
+
 def beta_log_density_at_logits(logits, a: float, b: float):
     """``log Beta(sigmoid(logits); a, b)`` (density with respect to the probability),
     computed with ``log_sigmoid`` so that it stays finite for large ``|logits|``."""
@@ -142,17 +157,18 @@ def beta_log_density_at_logits(logits, a: float, b: float):
 
 
 def beta_bernoulli_mask_terms(logits, mask, a: float, b: float):
-    """Perturbation-plated ``(log_p, log_q)`` (dicts of ``[T]``) of a mask with a
+    """Perturbation-plated ``(log_p, log_q, kl)`` (dicts of ``[T]``) of a mask with a
     Beta-Bernoulli prior, ``mask_prob ~ Beta(a, b)``, ``mask ~ Bernoulli(mask_prob)``,
     under the guide ``q(mask_prob)`` = point mass at ``sigmoid(logits)`` (``log q = 0``,
     ``log p`` = the Beta log-density there) and ``q(mask | mask_prob) =
     Bernoulli(mask_prob)`` (``mask`` [T, K] is its straight-through sample). The mask's
     prior and guide are then the same Bernoulli, so its ``log p - log q`` is zero and the
-    Beta density is the only prior pull on the logits (as in Lopez et al. 2022)."""
+    Beta density is the only prior pull on the logits (as in Lopez et al. 2022). The
+    mask's closed-form KL is therefore zero; a point mass has none against a density."""
     log_mask = dist.BernoulliLogits(logits).log_prob(mask).sum(-1)
     log_p = {"mask_prob": beta_log_density_at_logits(logits, a, b).sum(-1), "mask": log_mask}
     log_q = {"mask_prob": jnp.zeros(logits.shape[:-1], logits.dtype), "mask": log_mask}
-    return log_p, log_q
+    return log_p, log_q, {"mask": jnp.zeros(logits.shape[:-1], logits.dtype)}
 
 
 STANDARD_NORMAL = dist.Normal(0.0, 1.0)

@@ -32,8 +32,10 @@ import flax.linen as nn
 import numpyro.distributions as dist
 
 from sams_jax.models.base import ParticleTerms
+from numpyro.distributions.kl import kl_divergence
+
 from sams_jax.models.components import (STANDARD_NORMAL, LearnedMask, PerturbationVAE, active_perturbations,
-                                        beta_bernoulli_mask_terms)
+                                        bernoulli_kl, beta_bernoulli_mask_terms)
 from sams_jax.nn import NormalHead, ResidualMLP, VARIANCE_FLOOR
 
 GUIDES = ("mean_field", "correlated")
@@ -60,8 +62,9 @@ class AdditiveShiftVAE(PerturbationVAE):
             self.embedding_log_scale = self.param("embedding_log_scale", nn.initializers.zeros, (t, k))
         elif self.guide == "correlated":
             self.embedding_encoder = ResidualMLP(
-                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True, n_rows=t)
-            self.embedding_head = NormalHead(k)
+                self.embedding_encoder_n_hidden, self.embedding_encoder_n_layers, row_one_hot=True, n_rows=t,
+                compute_dtype=self.compute_dtype)
+            self.embedding_head = NormalHead(k, compute_dtype=self.compute_dtype)
         else:
             raise ValueError(f"unknown guide {self.guide!r}; allowed: {GUIDES}")
         super().setup()
@@ -80,15 +83,18 @@ class AdditiveShiftVAE(PerturbationVAE):
     def sample_globals(self):
         """One particle of the perturbation-plated variables.
 
-        Returns ``(shift [T, K], log_p, log_q)`` with ``shift = embedding * mask`` and
-        ``log_p`` / ``log_q`` dicts of ``[T]`` arrays (summed over latent dimensions).
+        Returns ``(shift [T, K], log_p, log_q, kl)`` with ``shift = embedding * mask`` and
+        ``log_p`` / ``log_q`` / ``kl`` dicts of ``[T]`` arrays (summed over latent
+        dimensions; ``kl`` the closed-form KL of each variable given the mask draw).
         """
-        mask, log_p, log_q = self.sample_mask()
+        mask, log_p, log_q, kl = self.sample_mask()
         q_embedding = self.q_embedding(mask)
+        p_embedding = dist.Normal(0.0, self.embedding_prior_scale)
         embedding = q_embedding.rsample(self.make_rng("globals"))
         log_q = {**log_q, "embedding": q_embedding.log_prob(embedding).sum(-1)}
-        log_p = {**log_p, "embedding": dist.Normal(0.0, self.embedding_prior_scale).log_prob(embedding).sum(-1)}
-        return embedding * mask, log_p, log_q
+        log_p = {**log_p, "embedding": p_embedding.log_prob(embedding).sum(-1)}
+        kl = {**kl, "embedding": kl_divergence(q_embedding, p_embedding).sum(-1)}
+        return embedding * mask, log_p, log_q, kl
 
     def q_z_basal(self, x, offset):  # x [n, G], offset [n, K] -> Normal [n, K]
         return self.q_local(x, None if self.mean_field_encoder else offset)
@@ -96,10 +102,11 @@ class AdditiveShiftVAE(PerturbationVAE):
     # --- one particle ---------------------------------------------------------------
     def __call__(self, x, dosages, library_size) -> ParticleTerms:
         """x ``[n, G]``, dosages ``[n, T]``, library_size ``[n]`` -> :class:`ParticleTerms`."""
-        shift, global_log_p, global_log_q = self.sample_globals()
+        shift, global_log_p, global_log_q, global_kl = self.sample_globals()
         offset = dosages @ shift  # [n, K]
         return self.local_terms(x, library_size, self.q_z_basal(x, offset), STANDARD_NORMAL, "z_basal",
-                                shift=offset, global_log_p=global_log_p, global_log_q=global_log_q)
+                                shift=offset, global_log_p=global_log_p, global_log_q=global_log_q,
+                                global_kl=global_kl)
 
     # --- prediction -----------------------------------------------------------------
     def sample_offsets(self, dosages, max_active: int):
@@ -123,7 +130,7 @@ class AdditiveShiftVAE(PerturbationVAE):
 
     def encode(self, x, dosages):
         """Posterior mean of ``z_basal`` (``[n, K]``) for one draw of the global variables."""
-        shift, _, _ = self.sample_globals()
+        shift, _, _, _ = self.sample_globals()
         return self.q_z_basal(x, dosages @ shift).loc
 
     # --- interpretation ---------------------------------------------------------------
@@ -140,14 +147,14 @@ class SAMSVAE(LearnedMask, AdditiveShiftVAE):
     mask_prior_prob: float = 0.01
 
     def sample_mask(self):
-        """Straight-through mask sample ``[T, K]`` and its ``(log_p, log_q)`` dicts."""
+        """Straight-through mask sample ``[T, K]`` and its ``(log_p, log_q, kl)`` dicts."""
         mask = self.straight_through_mask()
         return (mask, *self.mask_terms(mask))
 
     def mask_terms(self, mask):
         log_q = {"mask": dist.BernoulliLogits(self.mask_logits).log_prob(mask).sum(-1)}
         log_p = {"mask": dist.BernoulliProbs(self.mask_prior_prob).log_prob(mask).sum(-1)}
-        return log_p, log_q
+        return log_p, log_q, {"mask": bernoulli_kl(self.mask_logits, self.mask_prior_prob).sum(-1)}
 
 
 class SAMSVAEBetaBernoulli(SAMSVAE):
@@ -186,7 +193,7 @@ class CPAVAE(AdditiveShiftVAE):
 
     def sample_mask(self):
         self.make_rng("globals")  # the mask's key, unused (see the class docstring)
-        return jnp.ones((self.n_perturbations, self.n_latent)), {}, {}
+        return jnp.ones((self.n_perturbations, self.n_latent)), {}, {}, {}
 
     def sample_row_masks(self, rows):
         self.make_rng("globals")

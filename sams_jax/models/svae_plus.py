@@ -65,12 +65,12 @@ class SVAEPlus(LearnedMask):
         """x ``[n, G]``, dosages ``[n, T]`` (one-hot or zero rows), library_size ``[n]`` ->
         :class:`ParticleTerms`."""
         mask = self.straight_through_mask()
-        global_log_p, global_log_q = beta_bernoulli_mask_terms(self.mask_logits, mask, self.mask_beta_a,
-                                                               self.mask_beta_b)
+        global_log_p, global_log_q, global_kl = beta_bernoulli_mask_terms(self.mask_logits, mask,
+                                                                          self.mask_beta_a, self.mask_beta_b)
         received = (dosages != 0).astype(mask.dtype)  # [n, T], one non-zero per perturbed cell
         p_z = dist.Normal(received @ (mask * self.prior_mean), 1.0)
         return self.local_terms(x, library_size, self.q_local(x), p_z, "z",
-                                global_log_p=global_log_p, global_log_q=global_log_q)
+                                global_log_p=global_log_p, global_log_q=global_log_q, global_kl=global_kl)
 
     def generate(self, dosages, library_size, max_active: int = 2):
         """Sample ``x`` under interventions ``dosages`` (``[n, T]``, one-hot or zero rows):

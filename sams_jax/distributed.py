@@ -1,0 +1,162 @@
+"""Several processes (hosts): start-up, the device mesh and where the data live.
+
+One training run may span several processes, typically one per host (or one per GPU),
+each driving its local devices; together they form one global ``("process", "device")``
+mesh. :func:`initialize` joins the processes (``jax.distributed.initialize``) and must run
+before any JAX computation; with one process nothing changes.
+
+Data parallelism (:class:`DataParallel`):
+
+* parameters, optimizer state, normalisation statistics and random keys are replicated on
+  every device of every process; XLA averages the gradients;
+* the training cells are split into ``S`` shards (``train.data_shards``, 0 = one per
+  process): shard ``s`` holds the training cells whose position among the training cells
+  is ``s`` modulo ``S``. Process ``p`` of ``P`` keeps shards ``p * S / P`` to
+  ``(p + 1) * S / P - 1`` on its devices (each padded to the largest shard's size), and
+  every step draws ``B / S`` cells from each shard (:class:`sams_jax.train.BatchSchedule`),
+  so each process builds its own part of the global batch from its own cells
+  (``jax.make_array_from_process_local_data``); the gather runs per device
+  (``jax.shard_map``);
+* validation loss, final IWELBO and mask scores are computed by every process on its own
+  first device from the full validation / test splits (the same numbers everywhere; only
+  process 0 writes files).
+
+Because the shards, not the processes, define the mini-batches, a run with ``S`` shards
+gives the same batches on any number of processes dividing ``S`` (one process included),
+which is how the two-process test checks itself against a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+ENV_FLAG = "SAMS_JAX_DISTRIBUTED"  # "1": initialise from the cluster environment (SLURM, Open MPI, ...)
+AXES = ("process", "device")
+
+
+def requested(config) -> bool:
+    """Whether this run asks for ``jax.distributed.initialize`` (config or environment)."""
+    return bool(config.train.distributed.coordinator_address) or os.environ.get(ENV_FLAG, "") not in ("", "0")
+
+
+def initialize(config) -> bool:
+    """Join the processes of a multi-process run; a no-op (``False``) for a single process.
+
+    Explicit settings come from ``config.train.distributed`` (``coordinator_address``,
+    ``num_processes``, ``process_id``, ``local_device_ids``; empty / 0 / -1 = unset). With
+    ``SAMS_JAX_DISTRIBUTED=1`` in the environment, unset values are detected by
+    ``jax.distributed.initialize`` from the cluster (SLURM, Open MPI, ...; also
+    ``JAX_COORDINATOR_ADDRESS``). Call once, before any JAX computation.
+    """
+    if not requested(config):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    settings = config.train.distributed
+    kwargs: dict[str, Any] = {"initialization_timeout": int(settings.initialization_timeout)}
+    if settings.coordinator_address:
+        kwargs["coordinator_address"] = settings.coordinator_address
+    if settings.num_processes > 0:
+        kwargs["num_processes"] = int(settings.num_processes)
+    if settings.process_id >= 0:
+        kwargs["process_id"] = int(settings.process_id)
+    if settings.local_device_ids:
+        kwargs["local_device_ids"] = [int(i) for i in str(settings.local_device_ids).split(",")]
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files and shows progress."""
+    return jax.process_index() == 0
+
+
+def process_devices(num_devices: int = 0) -> list[list]:
+    """The first ``num_devices`` (0 = all) local devices of every process, by process."""
+    by_process: dict[int, list] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(device.process_index, []).append(device)
+    rows = [devices[: num_devices or None] for _, devices in sorted(by_process.items())]
+    if len({len(row) for row in rows}) != 1:
+        raise ValueError(f"processes have different device counts: {[len(row) for row in rows]}")
+    return rows
+
+
+class DataParallel:
+    """The global ``("process", "device")`` mesh and placement of state and data."""
+
+    def __init__(self, num_devices: int = 0):
+        self.mesh = Mesh(np.asarray(process_devices(num_devices), dtype=object), AXES)
+        self.n_processes, self.devices_per_process = self.mesh.devices.shape
+        self.process_index = jax.process_index()
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch = NamedSharding(self.mesh, PartitionSpec(None, AXES))  # [n_steps, B] step indices
+        self.process_rows = NamedSharding(self.mesh, PartitionSpec("process"))  # each process's own cells
+
+    @property
+    def n_devices(self) -> int:
+        return self.n_processes * self.devices_per_process
+
+    def replicate(self, tree):
+        """Every leaf (equal in every process) replicated on all devices of all processes."""
+        def put(leaf):
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+            return jax.make_array_from_process_local_data(self.replicated, np.asarray(leaf))
+
+        return jax.tree.map(put, tree)
+
+    def put_process_rows(self, tree):
+        """This process's rows (leaves ``[n_local, ...]``, the same ``n_local`` in every
+        process) as global arrays ``[P * n_local, ...]`` sharded by process."""
+        return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(
+            self.process_rows, np.asarray(leaf), (self.n_processes * leaf.shape[0], *leaf.shape[1:])), tree)
+
+    def put_batch_indices(self, local_indices: np.ndarray):
+        """This process's step indices ``[n_steps, B / P]`` (into its own rows) as the global
+        ``[n_steps, B]`` array, split over all devices along the batch axis."""
+        n_steps, local_batch = local_indices.shape
+        return jax.make_array_from_process_local_data(self.batch, local_indices,
+                                                      (n_steps, self.n_processes * local_batch))
+
+    def gather(self, rows, indices):
+        """Inside ``jit``: ``rows`` (leaves sharded by process) at ``indices`` ``[B]``
+        (sharded over all devices, each pointing into its own process's rows) -> leaves
+        ``[B, ...]`` sharded along the batch. Each device gathers locally."""
+        spec = PartitionSpec(AXES)
+        return jax.shard_map(lambda r, i: jax.tree.map(lambda v: jnp.take(v, i, axis=0), r), mesh=self.mesh,
+                             in_specs=(PartitionSpec("process"), spec), out_specs=spec)(rows, indices)
+
+    @staticmethod
+    def local(tree):
+        """A replicated tree's copy on this process's first device (for per-process work)."""
+        return jax.tree.map(lambda leaf: leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf, tree)
+
+    def shards_of_process(self, n_shards: int) -> range:
+        """The data shards this process holds (``n_shards`` is a multiple of the process count)."""
+        per_process = n_shards // self.n_processes
+        return range(self.process_index * per_process, (self.process_index + 1) * per_process)
+
+
+def shard_rows(arrays: dict[str, np.ndarray], n_shards: int, shards) -> dict[str, np.ndarray]:
+    """The rows of ``shards`` (shard ``s``: rows ``s, s + S, s + 2S, ...``), each shard
+    padded with zeros to ``ceil(n / S)`` rows, concatenated in order."""
+    if n_shards == 1:
+        return dict(arrays)
+    n = len(next(iter(arrays.values())))
+    size = -(-n // n_shards)
+    out = {}
+    for key, value in arrays.items():
+        blocks = []
+        for shard in shards:
+            block = value[shard::n_shards]
+            pad = np.zeros((size - len(block), *value.shape[1:]), value.dtype)
+            blocks.append(np.concatenate([block, pad]))
+        out[key] = np.concatenate(blocks)
+    return out

@@ -1,0 +1,143 @@
+"""Two processes on localhost (CPU, Gloo collectives) train like one process.
+
+Each process is a subprocess that joins the run with ``jax.distributed.initialize``
+(through ``sams_jax.distributed.initialize`` and the config), holds one of the two shards
+of the training cells and builds its half of every batch. A single process with
+``train.data_shards=2`` draws the same batches, so it must reach the same parameters and
+metrics up to float rounding (the gradient sum runs in a different order).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sams_jax import distributed
+from sams_jax.config import ConfigError, validate_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from configs import test as test_config
+    from sams_jax import distributed
+    from sams_jax.checkpoint import Checkpointer
+    from sams_jax.data import load_data
+    from sams_jax.models import create_model
+    from sams_jax.train import create_optimizer, create_train_state, train_and_evaluate
+
+    workdir, address, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    config = test_config.get_config()
+    config.train.update(max_steps=20, eval_every=10, steps_per_dispatch=10, data_shards=2)
+    if address:
+        config.train.distributed.update(coordinator_address=address, num_processes=2, process_id=process_id)
+    assert distributed.initialize(config) == bool(address)
+    results = train_and_evaluate(config, workdir)
+
+    # this process's copy of the final parameters, from the checkpoint all processes wrote
+    data = load_data(config.data)
+    model = create_model(config.model, data.n_genes, data.n_perturbations)
+    target = create_train_state(model, create_optimizer(config.train),
+                                data.normalization_stats(config.model.normalization), jax.random.key(0))
+    parallel = distributed.DataParallel()
+    checkpointer = Checkpointer(workdir)
+    state = checkpointer.restore_state(checkpointer.latest_step(), parallel.replicate(target))
+    checkpointer.close()
+    params = np.concatenate([np.ravel(p) for p in jax.tree.leaves(parallel.local(state.params))])
+    print("RESULT " + json.dumps({{"process": jax.process_index(), "processes": jax.process_count(),
+                                   "devices": jax.device_count(), "metrics": results,
+                                   "params": params.tolist()}}))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _result(proc) -> dict:
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_two_processes_match_one_process(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    env.pop(distributed.ENV_FLAG, None)
+    script = DRIVER.format(root=str(ROOT))
+    address = f"localhost:{_free_port()}"
+
+    def launch(workdir, address, process_id):
+        return subprocess.Popen([sys.executable, "-c", script, str(workdir), address, str(process_id)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [launch(tmp_path / "two", address, i) for i in range(2)] + [launch(tmp_path / "one", "", -1)]
+    *two, one = [_result(p) for p in procs]
+
+    assert [r["process"] for r in two] == [0, 1] and two[0]["processes"] == 2 and two[0]["devices"] == 2
+    assert one["processes"] == 1
+    # the processes agree exactly: replicated parameters, metrics computed by each
+    assert two[0]["params"] == two[1]["params"]
+    assert two[0]["metrics"] == two[1]["metrics"]
+    # and match one process drawing the same batches
+    np.testing.assert_allclose(two[0]["params"], one["params"], atol=1e-5)
+    for key in ("val/IWELBO", "test/IWELBO"):
+        assert abs(two[0]["metrics"][key] - one["metrics"][key]) < 1e-4 * abs(one["metrics"][key])
+    # process 0 wrote the files, once
+    assert (tmp_path / "two" / "metrics.json").exists() and (tmp_path / "two" / "history.csv").exists()
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text()) == two[0]["metrics"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"coordinator_address": "localhost:1234"}, "train.distributed.num_processes (>= 1) and"),
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 2}, "0 <= id < num_processes"),
+    ({"coordinator_address": "localhost"}, "must be 'host:port'"),
+    ({"num_processes": 2}, "needs train.distributed.coordinator_address"),
+    ({"local_device_ids": "0;1"}, "comma-separated device numbers"),
+])
+def test_bad_distributed_settings_are_clear_errors(tiny_config, monkeypatch, fields, message):
+    monkeypatch.delenv(distributed.ENV_FLAG, raising=False)
+    tiny_config.train.distributed.update(fields)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(tiny_config)
+
+
+def test_single_process_is_a_no_op(tiny_config, monkeypatch):
+    monkeypatch.delenv(distributed.ENV_FLAG, raising=False)
+    assert not distributed.requested(tiny_config)
+    assert distributed.initialize(tiny_config) is False
+    monkeypatch.setenv(distributed.ENV_FLAG, "1")
+    assert distributed.requested(tiny_config)
+
+
+def test_shard_rows_and_schedule_agree():
+    from sams_jax.train import BatchSchedule
+
+    n, shards = 103, 4
+    cells = {"i": np.arange(n)}
+    schedule = BatchSchedule(n, 32, seed=5, n_shards=shards)
+    batches = schedule.indices(0, 30)  # several epochs of every shard
+    assert batches.shape == (30, 32)
+    first_epoch = batches[:3].ravel()  # 3 x 8 < 25 cells of every shard: no cell twice
+    assert len(set(first_epoch.tolist())) == first_epoch.size
+    assert sorted(set((batches % shards).ravel().tolist())) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(batches[:, 8:16] % shards, 1)  # columns 8-15 come from shard 1
+    for held in ([0, 1, 2, 3], [0, 1], [2, 3], [3]):
+        rows = distributed.shard_rows(cells, shards, held)["i"]
+        local = schedule.local_indices(0, 30, held)
+        np.testing.assert_array_equal(rows[local], batches[:, held[0] * 8:(held[-1] + 1) * 8])
+    # one shard: the single-process schedule, rows unchanged
+    one = BatchSchedule(n, 32, seed=5)
+    np.testing.assert_array_equal(one.local_indices(3, 4, [0]), one.indices(3, 4))
+    assert distributed.shard_rows(cells, 1, [0])["i"] is cells["i"]
