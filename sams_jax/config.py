@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 3e-4
     config.train.weight_decay = 1e-6  # PyTorch-style L2 added to the gradient
     config.train.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+    config.train.mask_learning_rate = 0.0  # Adam learning rate of the mask logits; 0 = learning_rate
     config.train.batch_size = 512
     config.train.max_steps = 20_000
     config.train.eval_every = 1_000  # validation loss, history row and checkpoint
@@ -217,6 +218,7 @@ def validate_config(config) -> None:
     _check_number(config, "train.learning_rate", 0.0, low_open=True)
     _check_number(config, "train.weight_decay", 0.0)
     _check_number(config, "train.grad_clip_norm", 0.0)
+    _check_number(config, "train.mask_learning_rate", 0.0)
     _check_number(config, "train.batch_size", 1, integer=True)
     _check_number(config, "train.max_steps", 0, integer=True)
     for field in ("eval_every", "steps_per_dispatch", "eval_batch_size"):

@@ -78,13 +78,25 @@ class TrainState:
 
 def create_optimizer(train_config) -> optax.GradientTransformation:
     """Optional global-norm clipping, PyTorch-style weight decay (L2 added to the
-    gradient before Adam, as ``torch.optim.Adam(weight_decay=...)``), then Adam."""
+    gradient before Adam, as ``torch.optim.Adam(weight_decay=...)``), then Adam.
+
+    With ``train.mask_learning_rate > 0`` the mask logits (parameters named
+    ``mask_logits``) get their own Adam learning rate; every other parameter keeps
+    ``train.learning_rate``."""
     parts = []
     if train_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
     if train_config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(train_config.weight_decay))
-    parts.append(optax.adam(train_config.learning_rate))
+    mask_learning_rate = train_config.get("mask_learning_rate", 0.0)
+    if mask_learning_rate > 0:
+        def labels(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "mask" if getattr(path[-1], "key", None) == "mask_logits" else "rest", params)
+        parts.append(optax.multi_transform({"mask": optax.adam(mask_learning_rate),
+                                            "rest": optax.adam(train_config.learning_rate)}, labels))
+    else:
+        parts.append(optax.adam(train_config.learning_rate))
     return optax.chain(*parts)
 
 

@@ -183,3 +183,25 @@ def test_training_learns_the_simulation(tiny_config, tmp_path):
     trained = train_and_evaluate(tiny_config, str(tmp_path / "trained"))
     assert trained["test/IWELBO"] > untrained["test/IWELBO"] + 5.0
     assert trained["best_step"] > 0
+
+
+def test_mask_learning_rate_applies_to_mask_logits_only():
+    """Adam's first step moves each parameter by about its learning rate (sign of the
+    gradient): the mask logits by train.mask_learning_rate, the rest by learning_rate;
+    with mask_learning_rate = 0 the optimizer is the plain one."""
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+
+    params = {"mask_logits": jnp.zeros((3, 2)), "decoder": {"kernel": jnp.zeros((2, 2))}}
+    grads = jax.tree.map(lambda v: jnp.full_like(v, 0.3), params)
+    base = dict(grad_clip_norm=0.0, weight_decay=0.0, learning_rate=1e-3)
+    optimizer = create_optimizer(ml_collections.ConfigDict({**base, "mask_learning_rate": 5e-2}))
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["mask_logits"], -5e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["decoder"]["kernel"], -1e-3, rtol=1e-4)
+    plain = create_optimizer(ml_collections.ConfigDict({**base, "mask_learning_rate": 0.0}))
+    updates, _ = plain.update(grads, plain.init(params), params)
+    np.testing.assert_allclose(updates["mask_logits"], -1e-3, rtol=1e-4)
+    reference = optax.adam(1e-3)
+    assert jax.tree.structure(plain.init(params)) == jax.tree.structure(optax.chain(reference).init(params))
