@@ -29,6 +29,23 @@ class DataError(ValueError):
     """Bad input data; the message names the problem and the fix."""
 
 
+def _non_finite_error(key: str, n_values: int, rows: list[int]) -> DataError:
+    return DataError(f"{key} contains {n_values} non-finite values (NaN or inf), e.g. in cells {rows}; "
+                     "remove or impute those cells before training")
+
+
+def _check_finite(key: str, values: np.ndarray) -> None:
+    """Raise :class:`DataError` naming ``key`` if ``values`` (rows = cells) has NaN or inf."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise _non_finite_error(key, int(bad.sum()), np.unique(np.nonzero(bad)[0])[:5].tolist())
+
+
+def _count_error(likelihood: str, needed: str, found: str) -> DataError:
+    return DataError(f"likelihood {likelihood!r} needs {needed} counts, but x has {found} values; "
+                     "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+
+
 @dataclasses.dataclass
 class PerturbationData:
     # [n_cells, n_genes] float32 (raw counts for count likelihoods): np.ndarray, scipy.sparse.csr_matrix or
@@ -83,19 +100,12 @@ class PerturbationData:
             self._validate_blocks(likelihood)
             return
         for key, arr in (("x", self.x), ("dosages", self.dosages), ("library_size", self.library_size)):
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                rows = np.unique(np.nonzero(bad)[0])[:5].tolist()
-                raise DataError(
-                    f"{key} contains {int(bad.sum())} non-finite values (NaN or inf), e.g. in cells {rows}; "
-                    "remove or impute those cells before training")
+            _check_finite(key, arr)
         if likelihood in ("poisson", "library_nb"):
             if (self.x < 0).any():
-                raise DataError(f"likelihood {likelihood!r} needs non-negative counts, but x has negative values; "
-                                "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+                raise _count_error(likelihood, "non-negative", "negative")
             if not np.array_equal(self.x, np.round(self.x)):
-                raise DataError(f"likelihood {likelihood!r} needs integer counts, but x has non-integer values; "
-                                "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+                raise _count_error(likelihood, "integer", "non-integer")
 
     def _validate_blocks(self, likelihood: str | None) -> None:
         """The value checks of :meth:`validate` for sparse or backed ``x``, one block of
@@ -107,21 +117,13 @@ class PerturbationData:
         found = matrix_lib.value_problems(self.x, checks)
         if "non-finite" in found:
             n_values, _, rows, _ = found["non-finite"]
-            raise DataError(f"x contains {n_values} non-finite values (NaN or inf), e.g. in cells {rows}; "
-                            "remove or impute those cells before training")
+            raise _non_finite_error("x", n_values, rows)
         for key, arr in (("dosages", self.dosages), ("library_size", self.library_size)):
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                rows = np.unique(np.nonzero(bad)[0])[:5].tolist()
-                raise DataError(
-                    f"{key} contains {int(bad.sum())} non-finite values (NaN or inf), e.g. in cells {rows}; "
-                    "remove or impute those cells before training")
+            _check_finite(key, arr)
         if "negative" in found:
-            raise DataError(f"likelihood {likelihood!r} needs non-negative counts, but x has negative values; "
-                            "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+            raise _count_error(likelihood, "non-negative", "negative")
         if "non-integer" in found:
-            raise DataError(f"likelihood {likelihood!r} needs integer counts, but x has non-integer values; "
-                            "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
+            raise _count_error(likelihood, "integer", "non-integer")
 
     def mask(self, split: str) -> np.ndarray:  # [n_cells] bool
         if split not in SPLITS:
