@@ -61,7 +61,8 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
 
 
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
-                 max_rows: int = 200, value_range: tuple[float, float] | None = None) -> None:
+                 max_rows: int = 200, value_range: tuple[float, float] | None = None,
+                 xlabel: str = "latent dimension") -> None:
     """Perturbations (rows, ordered by similarity; at most ``max_rows``) x latent dims."""
     plt = _pyplot()
     values = frame.to_numpy()
@@ -79,7 +80,7 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
         value_range = (-limit, limit)
     low, high = value_range or (None, None)
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=low, vmax=high)
-    ax.set_xlabel("latent dimension")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perturbation")
     if values.shape[0] <= 60:
         ax.set_yticks(range(values.shape[0]), index, fontsize=6)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from sams_jax.basis import SparseBasis, fit_sparse_basis
 from sams_jax.ate import LIBRARY_SIZE, METHODS, SCALES, model_expectations
 from sams_jax.checkpoint import Checkpointer, CheckpointError
 from sams_jax.data import DataError, PerturbationData
@@ -247,6 +248,22 @@ class Predictor:
     def embeddings(self) -> pd.DataFrame:
         """Guide mean of the embeddings per perturbation x latent dimension."""
         return self._per_perturbation("embedding_means")
+
+    def shifts(self) -> pd.DataFrame:
+        """Expected latent shift per perturbation x latent dimension: the embedding means
+        (at the most probable mask) times ``q(mask = 1)``; the embedding means alone for
+        models without a mask."""
+        shifts = self.embeddings()
+        if hasattr(self.model, "mask_probs"):
+            shifts = shifts * self.mask_probs().to_numpy()
+        return shifts
+
+    def sparse_basis(self, n_restarts: int = 8, seed: int = 0, threshold: float | None = None) -> SparseBasis:
+        """The basis of the latent space in which the perturbations' shifts are sparsest,
+        with the effects and the mask read in it (:mod:`sams_jax.basis`). An
+        interpretation of the trained model; predictions do not change. Map latent states
+        into it with ``basis.transform(predictor.latent(adata))``."""
+        return fit_sparse_basis(self.shifts(), n_restarts=n_restarts, seed=seed, threshold=threshold)
 
 
 def check_features(expected: Sequence[str], given: Sequence[str]) -> None:

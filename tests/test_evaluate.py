@@ -171,6 +171,11 @@ def test_predictor_api_on_trained_run(trained):
     np.testing.assert_allclose(per_cell.mean(), reported, rtol=1e-5)  # same checkpoint, particles and seed
     assert predictor.latent(data).shape == (data.x.shape[0], 3)
     assert predictor.mask_probs().shape == (6, 3) and predictor.embeddings().shape == (6, 3)
+    np.testing.assert_allclose(predictor.shifts().to_numpy(),
+                               predictor.embeddings().to_numpy() * predictor.mask_probs().to_numpy())
+    basis = predictor.sparse_basis()
+    assert basis.mask.shape == (6, 3) and list(basis.mask.index) == predictor.perturbation_names
+    np.testing.assert_allclose(basis.effects.to_numpy(), predictor.shifts().to_numpy() @ basis.weights, rtol=1e-6)
     sampled = predictor.sample(["1", "2+3"], n=7)
     assert sampled.shape == (14, 12) and sampled.obs["intervention"].tolist() == ["1"] * 7 + ["2+3"] * 7
     ate = predictor.ate(n_particles=16)
@@ -201,14 +206,15 @@ def test_evaluate_command_end_to_end(trained):
         for name in ("IWELBO", "ATE_pearsonr", "ATE_r2", "ATE_pearsonr_top20", "ATE_r2_top20", "cosine_logfc",
                      "rmse_average", "cosine_logfc_rank", "rmse_rank"):
             assert np.isfinite(results[f"{name}-{split}"]), f"{name}-{split}"
-    assert {"mask_precision", "mask_recall", "mask_f1", "mcc"} <= set(results)
+    assert {"mask_precision", "mask_recall", "mask_f1", "mcc", "sparse_basis_f1"} <= set(results)
     assert results["ATE_pearsonr-all"] > 0.9  # 3,000 steps learn the effects (about 0.99)
     ate = anndata.read_h5ad(out / "ate.h5ad")
     assert list(ate.obs_names) == ["1", "2", "3", "4", "5", "1+2", "3+4"]
     assert ate.obs["observed"].tolist() == [True] * 5 + [False] * 2
     assert np.all(np.isnan(ate.layers["data"][5:])) and np.all(np.isfinite(ate.layers["model"]))
     assert ate.uns["control"] == "0"
-    for name in ("history.png", "ate_scatter.png", "mask_probs.png", "embeddings.png", "metrics.csv"):
+    for name in ("history.png", "ate_scatter.png", "mask_probs.png", "embeddings.png", "metrics.csv",
+                 "sparse_effects.png", "sparse_effects.csv", "sparse_basis.csv"):
         assert (out / name).stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
                           "--interventions", "1+nope"], cwd=ROOT, env=env, capture_output=True, text=True)
