@@ -51,7 +51,8 @@ VARIANTS = (
     runner.Variant("wide_embedding_prior", "simulation", {**SPARSE_INIT, "model.embedding_prior_scale": 5.0}),
 )
 METRICS = (("mask_precision", "mask_precision"), ("mask_recall", "mask_recall"), ("mask_f1", "mask_F1"),
-           ("IWELBO-test", "test_IWELBO"), ("ATE_pearsonr-test", "ATE_pearson"))
+           ("sparse_basis_f1", "sparse_basis_F1"), ("IWELBO-test", "test_IWELBO"),
+           ("ATE_pearsonr-test", "ATE_pearson"))
 EFFECT_THRESHOLD = 1.0  # |E[embedding]| of the decision rule that uses both q(mask) and the embedding
 
 SMOKE_DATA = {"data.n_latent": 3, "data.n_perturbations": 6, "data.n_genes": 12, "data.mask_prob": 0.3,
