@@ -34,7 +34,7 @@ from common import flops, machine, matmul_rate, peak_device_memory_mb, write_jso
 
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
-from sams_jax.predictor import Predictor, load  # noqa: E402
+from sams_jax.predictor import Predictor, iwelbo_chunk_size, load  # noqa: E402
 from sams_jax.train import create_optimizer, create_train_state  # noqa: E402
 
 
@@ -111,7 +111,9 @@ def main() -> None:
            "matmul_flops_per_s": matmul_rate(), **machine()}
 
     key = jax.random.key(0)
-    iwelbo_kwargs = dict(n_particles=args.iwelbo_particles, chunk_size=1024)
+    iwelbo_kwargs = dict(n_particles=args.iwelbo_particles,
+                         chunk_size=iwelbo_chunk_size(args.iwelbo_particles, len(predictor.feature_names)))
+    row["iwelbo_chunk_size"] = iwelbo_kwargs["chunk_size"]
     _, row["iwelbo_compile_s"], row["iwelbo_s"] = _timed(predictor._iwelbo, predictor.variables, key, arrays,
                                                           **iwelbo_kwargs)
     row["iwelbo_flops"] = flops(predictor._iwelbo, predictor.variables, key, arrays, **iwelbo_kwargs)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpyro.distributions as dist
+from jax.scipy.special import betaln
 
 from sams_jax.nn import NormalHead, TorchDense
 
@@ -83,8 +84,27 @@ def sample_gamma(key, shape_param, shape):
 
 
 class GammaPoisson(dist.GammaPoisson):
-    """``numpyro``'s Gamma-Poisson (same log-density) with a faster exact sampler:
-    ``Poisson(Gamma(concentration) / rate)`` using :func:`sample_gamma`."""
+    """``numpyro``'s Gamma-Poisson with a faster exact sampler (``Poisson(Gamma(concentration)
+    / rate)`` using :func:`sample_gamma`) and a cheaper, more stable form of the same
+    log-density.
+
+    With concentration ``r``, mean ``m = r / rate`` and ``a = log1p(m / r)``::
+
+        log p(x) = -betaln(r, x + 1) - log(r + x) + x * (log m - log r - a) - r * a
+
+    which equals numpyro's ``-betaln(r, x + 1) - log(r + x) + r log(rate) - (r + x)
+    log1p(rate)`` (tested against it and against scipy) without its cancellation of
+    ``r log(rate)`` against ``(r + x) log1p(rate)`` when ``r >> m``. The first two terms do
+    not depend on ``m``, so under ``vmap`` over particles they are computed once per cell.
+    Measured on the 2-core CPU at Replogle scale, the held-out IWELBO (100 particles)
+    takes 27% less time than with numpyro's form (``benchmarks/RESULTS.md``).
+    """
+
+    def log_prob(self, value):
+        r = self.concentration
+        mean = r / self.rate
+        a = jnp.log1p(mean / r)
+        return -betaln(r, value + 1) - jnp.log(r + value) + value * (jnp.log(mean) - jnp.log(r) - a) - r * a
 
     def sample(self, key, sample_shape=()):
         gamma_key, poisson_key = jax.random.split(key)

@@ -188,6 +188,17 @@ def test_predictor_api_on_trained_run(trained):
         predictor.iwelbo(bad)
 
 
+def test_iwelbo_chunk_size_bounds_the_intermediates():
+    from sams_jax.predictor import IWELBO_CHUNK_ELEMENTS, iwelbo_chunk_size
+
+    assert iwelbo_chunk_size(100, 1_187) == 64 and iwelbo_chunk_size(100, 100) == 512
+    for particles, genes in [(100, 1_187), (100, 100), (7, 33), (2_500, 2_000)]:
+        cells = iwelbo_chunk_size(particles, genes)
+        assert cells & (cells - 1) == 0 and 8 <= cells <= 4096  # a power of two within the bounds
+        assert cells == 8 or cells * particles * genes <= IWELBO_CHUNK_ELEMENTS < 2 * cells * particles * genes \
+            or cells == 4096
+
+
 def test_load_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints"):
         sams_jax.load(str(tmp_path))

@@ -128,3 +128,28 @@ def test_fast_gamma_and_negative_binomial_samplers_match_moments():
     assert np.array_equal(counts, np.round(counts))
     np.testing.assert_allclose(counts.mean(), mean, rtol=0.02)
     np.testing.assert_allclose(counts.var(), mean + mean ** 2 / theta, rtol=0.05)
+
+
+def test_gamma_poisson_log_prob_matches_numpyro_and_scipy_with_gradients():
+    """The cheaper closed form of the NB log-density (sams_jax.likelihoods.GammaPoisson)
+    equals numpyro's, and scipy's where numpyro's form cancels (concentration >> mean)."""
+    import numpyro.distributions as dist
+
+    from sams_jax.likelihoods import GammaPoisson
+
+    concentration = jnp.array([0.3, 1.0, 5.0, 50.0])
+    mean = jnp.array([[0.01, 0.5, 3.0, 20.0], [2.0, 40.0, 0.2, 1.0]])
+    x = jnp.array([[0.0, 1.0, 4.0, 30.0], [5.0, 0.0, 0.0, 2.0]])
+    ours = lambda r, m: GammaPoisson(r, r / m).log_prob(x)
+    theirs = lambda r, m: dist.GammaPoisson(r, r / m).log_prob(x)
+    np.testing.assert_allclose(ours(concentration, mean), theirs(concentration, mean), rtol=1e-5, atol=1e-5)
+    for arg in (0, 1):
+        np.testing.assert_allclose(jax.grad(lambda r, m: ours(r, m).sum(), arg)(concentration, mean),
+                                   jax.grad(lambda r, m: theirs(r, m).sum(), arg)(concentration, mean),
+                                   rtol=1e-4, atol=1e-5)
+    big = jnp.array([1e4, 3e4])
+    small_mean = jnp.array([[0.02, 0.3]])
+    counts = jnp.array([[0.0, 1.0]])
+    expected = stats.nbinom(np.asarray(big, np.float64), np.asarray(big, np.float64)
+                            / (np.asarray(big, np.float64) + np.asarray(small_mean, np.float64))).logpmf(counts)
+    np.testing.assert_allclose(GammaPoisson(big, big / small_mean).log_prob(counts), expected, rtol=1e-5, atol=1e-5)
