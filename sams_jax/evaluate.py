@@ -180,8 +180,8 @@ def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None) -
                            "embedding means", cmap="RdBu_r", center=True)
     if basis is not None:
         plots.plot_heatmap(basis.effects, os.path.join(out_dir, "sparse_effects.png"),
-                           f"shifts in the sparse basis (on: |shift| > {basis.threshold:.2f})", cmap="RdBu_r",
-                           center=True, xlabel="sparse basis dimension")
+                           f"shifts in the sparse basis (dots: |shift| > {basis.threshold:.2f})", cmap="RdBu_r",
+                           center=True, xlabel="sparse basis dimension", marked=basis.mask)
 
 
 def main(argv=None) -> None:

@@ -62,17 +62,19 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
 
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
                  max_rows: int = 200, value_range: tuple[float, float] | None = None,
-                 xlabel: str = "latent dimension") -> None:
-    """Perturbations (rows, ordered by similarity; at most ``max_rows``) x latent dims."""
+                 xlabel: str = "latent dimension", marked: pd.DataFrame | None = None) -> None:
+    """Perturbations (rows, ordered by similarity; at most ``max_rows``) x latent dims;
+    entries where ``marked`` (same shape, booleans) is true get a dot."""
     plt = _pyplot()
     values = frame.to_numpy()
+    dots = np.zeros(values.shape, bool) if marked is None else marked.to_numpy(bool)
     if values.shape[0] > max_rows:  # keep the most active perturbations
         keep = np.sort(np.argsort(-np.abs(values).sum(1))[:max_rows])
-        values, index = values[keep], frame.index[keep]
+        values, index, dots = values[keep], frame.index[keep], dots[keep]
     else:
         index = frame.index
     order = similarity_order(values)
-    values, index = values[order], np.asarray(index)[order]
+    values, index, dots = values[order], np.asarray(index)[order], dots[order]
     height = min(2 + 0.12 * values.shape[0], 30)
     fig, ax = plt.subplots(figsize=(2 + 0.25 * values.shape[1], height))
     if value_range is None and center and values.size:
@@ -80,6 +82,9 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
         value_range = (-limit, limit)
     low, high = value_range or (None, None)
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=low, vmax=high)
+    if dots.any():
+        rows, columns = np.nonzero(dots)
+        ax.scatter(columns, rows, s=4, c="black", marker="o", linewidths=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perturbation")
     if values.shape[0] <= 60:
