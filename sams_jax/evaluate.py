@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--sparse-basis-restarts", type=int, default=8,
                         help="starts of the sparse-basis fit (sams_jax.basis); 0 skips it (about 1 s at K = 15, "
-                             "a minute at K = 100 on a 2-core CPU)")
+                             "17 s at K = 100 on a 2-core CPU)")
     args = parser.parse_args(argv)
     for name in ("iwelbo_particles", "ate_particles"):
         if getattr(args, name) < 1:
