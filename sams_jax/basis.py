@@ -138,9 +138,8 @@ def fit_sparse_basis(shifts, n_restarts: int = 8, seed: int = 0, smoothing: floa
     _, order = linear_sum_assignment(-np.abs(weights))  # new dimension order[i] best matches old dimension i
     weights = weights[:, order]
     effects = values @ weights
-    largest = effects[np.argmax(np.abs(effects), axis=0), np.arange(k)]
-    weights = weights * np.where(largest < 0, -1.0, 1.0)
-    effects = values @ weights
+    signs = np.where(effects[np.argmax(np.abs(effects), axis=0), np.arange(k)] < 0, -1.0, 1.0)
+    weights, effects = weights * signs, effects * signs
     cut = otsu_threshold(np.abs(effects)) if threshold is None else float(threshold)
     columns = [f"basis_{i}" for i in range(k)]
     effects_frame = pd.DataFrame(effects, index=frame.index, columns=columns)
