@@ -11,9 +11,11 @@ for a meaningful estimator comparison), otherwise freshly initialised parameters
 perturbations, K = 100, encoder / decoder 1 x 400, correlated guide with a 2 x 200
 embedding encoder, library-size NB; ``perturbseq`` ATEs with 2,500 particles.
 
-Each timing is the second of two identical calls (the first compiles). Achieved FLOP/s
-comes from XLA's cost analysis of the compiled computation and is reported next to the
-float32 matrix-multiply rate measured in the same process.
+Each timing is the median of ``--repeats`` identical calls after the first (which compiles).
+FLOPs come from XLA's cost analysis of one chunk of the computation (XLA counts a loop
+body once) times the number of chunks; achieved FLOP/s is reported next to the float32
+matrix-multiply rate measured in the same process. Data-dependent loops of the count
+samplers are counted once per chunk (elementwise work, small beside the dense layers).
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from sams_jax.predictor import Predictor, iwelbo_chunk_size, load  # noqa: E402
 from sams_jax.train import create_optimizer, create_train_state  # noqa: E402
 
 
-def _timed(fn, *args, **kwargs):
+def _timed(fn, *args, repeats: int = 3, **kwargs):
+    """(output, first call's seconds incl. compilation, median seconds of ``repeats`` more calls)."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args, **kwargs))
     first = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args, **kwargs))
-    return out, first, time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        seconds.append(time.perf_counter() - start)
+    return out, first, float(np.median(seconds))
 
 
 def fresh_predictor(task: str) -> tuple[Predictor, int]:
@@ -92,6 +98,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="trained run to load (simulation task)")
     parser.add_argument("--ate-particles", type=int, default=2_500)
     parser.add_argument("--iwelbo-particles", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median reported)")
     parser.add_argument("--spread", action="store_true", help="also measure estimator Monte-Carlo error")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -115,14 +122,24 @@ def main() -> None:
                          chunk_size=iwelbo_chunk_size(args.iwelbo_particles, len(predictor.feature_names)))
     row["iwelbo_chunk_size"] = iwelbo_kwargs["chunk_size"]
     _, row["iwelbo_compile_s"], row["iwelbo_s"] = _timed(predictor._iwelbo, predictor.variables, key, arrays,
-                                                          **iwelbo_kwargs)
-    row["iwelbo_flops"] = flops(predictor._iwelbo, predictor.variables, key, arrays, **iwelbo_kwargs)
+                                                          repeats=args.repeats, **iwelbo_kwargs)
+    # XLA's cost analysis counts a loop body once, so count single-chunk calls of c and 2c
+    # cells: their difference is the per-cell cost, the rest the once-per-call global draws.
+    chunk = min(iwelbo_kwargs["chunk_size"], n_cells // 2)
+    single = [flops(predictor._iwelbo, predictor.variables, key, {k: v[:c] for k, v in arrays.items()},
+                    n_particles=args.iwelbo_particles, chunk_size=c) for c in (chunk, 2 * chunk)]
+    per_cell = (single[1] - single[0]) / chunk
+    row["iwelbo_flops"] = single[0] - chunk * per_cell + n_cells * per_cell
 
     dosages = jnp.asarray(predictor.dosages([predictor.control, *interventions]))
     ate_kwargs = dict(n_particles=args.ate_particles, scale=predictor.default_scale, method="paper", max_active=1)
     _, row["ate_compile_s"], row["ate_s"] = _timed(predictor._expectations, predictor.variables, dosages, key,
-                                                    **ate_kwargs)
-    row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages, key, **ate_kwargs)
+                                                    repeats=args.repeats, **ate_kwargs)
+    # One chunk of interventions x particles (model_expectations' defaults), times the chunks.
+    rows, particles = min(8, dosages.shape[0]), min(256, args.ate_particles)
+    row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages[:rows], key,
+                             **{**ate_kwargs, "n_particles": particles}) \
+        * -(-dosages.shape[0] // rows) * -(-args.ate_particles // particles)
     for name in ("iwelbo", "ate"):
         row[f"{name}_flops_per_s"] = row[f"{name}_flops"] / row[f"{name}_s"]
         row[f"{name}_fraction_of_matmul"] = row[f"{name}_flops_per_s"] / row["matmul_flops_per_s"]

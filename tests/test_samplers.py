@@ -1,0 +1,81 @@
+"""Exact samplers (sams_jax/samplers.py): same bits as jax.random, and the right distributions
+in every branch (inversion, its continuation, PTRS, Gamma-Poisson)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from sams_jax import samplers
+
+
+def test_uniform_and_normal_equal_jax_random():
+    key = jax.random.key(11)
+    for shape in [(5,), (3, 7, 11)]:
+        np.testing.assert_array_equal(samplers.random_bits(key, shape), jax.random.bits(key, shape, jnp.uint32))
+        np.testing.assert_array_equal(samplers.uniform(key, shape), jax.random.uniform(key, shape))
+        np.testing.assert_array_equal(samplers.normal(key, shape), jax.random.normal(key, shape))
+
+
+def _chi_square_pvalue(draws, pmf, sf, kmax):
+    counts = np.bincount(draws.astype(np.int64))
+    observed = np.r_[np.pad(counts, (0, max(0, kmax + 1 - counts.size)))[:kmax + 1], (draws > kmax).sum()]
+    expected = np.r_[pmf(np.arange(kmax + 1)), sf(kmax)] * draws.size
+    keep = expected > 5
+    chi = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    return stats.chi2.sf(chi, max(keep.sum() - 1, 1))
+
+
+# Parameters are passed as jit arguments (constants would be folded at compile time).
+_poisson = jax.jit(lambda key, rate: samplers.sample_poisson(key, rate, (200_000,)))
+_negative_binomial = jax.jit(lambda key, r, m: samplers.sample_negative_binomial(key, r, m, (200_000,)))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 4.0, 9.99, 10.0, 60.0, 2000.0])
+def test_poisson_distribution(rate):
+    """Inversion below rate 10, PTRS at and above."""
+    draws = np.asarray(_poisson(jax.random.key(1), jnp.float32(rate)))
+    assert np.array_equal(draws, np.round(draws))
+    if rate == 0:
+        assert (draws == 0).all()
+        return
+    dist = stats.poisson(rate)
+    assert _chi_square_pvalue(draws, dist.pmf, dist.sf, int(dist.ppf(0.9999))) > 1e-3
+    np.testing.assert_allclose(draws.mean(), rate, rtol=0.01)
+
+
+@pytest.mark.parametrize("r,m", [(0.5, 2.0), (1.0, 8.4), (0.1, 1.4), (1e4, 5.0), (0.3, 0.01), (0.05, 15.0), (20.0, 300.0)])
+def test_negative_binomial_distribution(r, m):
+    """Inversion (with its gathered continuation for counts >= 48: r = 1, m = 8.4 needs it
+    for 0.5% of draws) for small means and light tails; Gamma-Poisson for heavy tails
+    (r = 0.05, m = 15) and large means (m = 300)."""
+    draws = np.asarray(_negative_binomial(jax.random.key(3), jnp.float32(r), jnp.float32(m)))
+    assert np.array_equal(draws, np.round(draws)) and draws.min() >= 0
+    dist = stats.nbinom(r, r / (r + m))
+    assert _chi_square_pvalue(draws, dist.pmf, dist.sf, int(dist.ppf(0.9999))) > 1e-3
+    assert (draws >= samplers.NB_INVERSION_STEPS).any() == (dist.sf(samplers.NB_INVERSION_STEPS - 1) > 1e-4)
+    # the far tail is not distorted (float32 inversion stops where the cdf stops growing)
+    assert draws.max() < dist.ppf(1 - 1e-9)
+
+
+def test_negative_binomial_per_element_parameters_and_determinism():
+    """Mixed parameters in one array: every element drawn from its own distribution."""
+    r = jnp.asarray([0.5, 20.0, 1.0, 0.05], jnp.float32)
+    m = jnp.asarray([0.2, 300.0, 8.4, 15.0], jnp.float32)
+    draw = jax.jit(lambda key: samplers.sample_negative_binomial(key, r, m, (50_000, 4)))
+    draws, again = draw(jax.random.key(5)), draw(jax.random.key(5))
+    np.testing.assert_array_equal(draws, again)
+    draws = np.asarray(draws)
+    for j in range(4):
+        dist = stats.nbinom(float(r[j]), float(r[j] / (r[j] + m[j])))
+        assert _chi_square_pvalue(draws[:, j], dist.pmf, dist.sf, int(dist.ppf(0.999))) > 1e-3, j
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 4.0])
+def test_gamma_distribution(alpha):
+    draws = np.asarray(jax.jit(lambda key, a: samplers.sample_gamma(key, a, (200_000,)))(jax.random.key(0),
+                                                                                      jnp.float32(alpha)))
+    assert draws.min() > 0
+    np.testing.assert_allclose(draws.mean(), alpha, rtol=0.02)
+    assert stats.kstest(draws[:50_000], stats.gamma(alpha).cdf).pvalue > 1e-3
