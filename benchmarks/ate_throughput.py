@@ -12,8 +12,8 @@ perturbations, K = 100, encoder / decoder 1 x 400, correlated guide with a 2 x 2
 embedding encoder, library-size NB; ``perturbseq`` ATEs with 2,500 particles.
 
 Each timing is the median of ``--repeats`` identical calls after the first (which compiles).
-FLOPs come from XLA's cost analysis of one chunk of the computation (XLA counts a loop
-body once) times the number of chunks; achieved FLOP/s is reported next to the float32
+FLOPs come from XLA's cost analysis of single-chunk calls (XLA counts a loop body once),
+scaled to the whole run; achieved FLOP/s is reported next to the float32
 matrix-multiply rate measured in the same process. Data-dependent loops of the count
 samplers are counted once per chunk (elementwise work, small beside the dense layers).
 """

@@ -178,8 +178,9 @@ def sample_gamma(key, shape_param, shape) -> jax.Array:
         accepted = (v > 0) & (log_u < 0.5 * z * z + d - d * safe_v + d * jnp.log(safe_v))
         return index + 1, jnp.where(~done & accepted, d * safe_v, value), done | accepted
 
+    valid = jnp.isfinite(alpha) & (alpha > 0)  # invalid shapes give NaN instead of an endless loop
     _, value, _ = jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_,
-                                     (0, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)))
+                                     (0, jnp.full(shape, jnp.nan, jnp.float32), ~valid))
     u = uniform(boost_key, shape, np.finfo(np.float32).tiny, 1.0)
     return jnp.where(boost, value * u ** (1.0 / alpha), value)
 
@@ -219,7 +220,9 @@ def sample_poisson(key, rate, shape) -> jax.Array:
         accepted, proposal = _ptrs(jax.random.fold_in(ptrs_key, index), large_rate)
         return index + 1, jnp.where(~done & accepted, proposal, value), done | accepted
 
-    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_, (0, count, small))[1]
+    valid = jnp.isfinite(rate) & (rate >= 0)  # invalid rates give NaN instead of an endless loop
+    count = jnp.where(valid, count, jnp.nan)
+    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_, (0, count, small | ~valid))[1]
 
 
 # ------------------------------------------------------------- negative binomial

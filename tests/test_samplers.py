@@ -79,3 +79,12 @@ def test_gamma_distribution(alpha):
     assert draws.min() > 0
     np.testing.assert_allclose(draws.mean(), alpha, rtol=0.02)
     assert stats.kstest(draws[:50_000], stats.gamma(alpha).cdf).pvalue > 1e-3
+
+
+def test_invalid_parameters_give_nan_not_a_hang():
+    r = jnp.asarray([1.0, jnp.nan, 2.0, -1.0, 1.0], jnp.float32)
+    m = jnp.asarray([3.0, 3.0, jnp.inf, 3.0, jnp.nan], jnp.float32)
+    draws = np.asarray(jax.jit(lambda key, r, m: samplers.sample_negative_binomial(key, r, m, (4, 5)))(
+        jax.random.key(0), r, m))
+    assert np.isfinite(draws[:, 0]).all()
+    assert np.isnan(draws[:, 1:]).all()
