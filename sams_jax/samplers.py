@@ -123,16 +123,17 @@ def _fill_pending(key, pending, values, propose, capacity: int, block: int = 32)
 # --------------------------------------------------------------------- inversion
 
 def _inversion_steps(u, count, pmf, cdf, ratio, steps: int):
-    """``steps`` unrolled steps of sequential inversion: starting at ``count`` with
-    ``pmf = p(count)`` and ``cdf = P(X < count)``, add one for every ``x`` in
+    """``steps`` unrolled steps of sequential inversion: starting at ``count`` (``None``: 0)
+    with ``pmf = p(count)`` and ``cdf = P(X < count)``, add one for every ``x`` in
     ``count .. count + steps - 1`` with ``P(X <= x) < u``. ``ratio(x)`` is
     ``p(x + 1) / p(x)``. Returns the new ``(count, pmf, cdf)`` and ``done``: ``u`` fell
     inside the range, or the float32 cdf stopped growing (far in the tail, where the
     remaining probability is below float32 resolution; counting stops there instead of
     running on until the pmf underflows).
     """
-    x = count.astype(jnp.float32)
-    result = count
+    # From 0 (``count=None``) ``x`` is a Python number, so ``1 / (x + 1)`` is a constant.
+    x = 0.0 if count is None else count.astype(jnp.float32)
+    result = jnp.zeros(u.shape, jnp.int32) if count is None else count
     stalled = jnp.zeros(u.shape, bool)
     for _ in range(steps):  # counts stay int32 so that large ones are exact
         new_cdf = cdf + pmf
@@ -251,11 +252,11 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
 
     def ratio_of(gather):
         r_, success_ = gather(r), gather(success)
-        return lambda x: success_ * (x + r_) / (x + 1.0)
+        return lambda x: success_ * (x + r_) * (1.0 / (x + 1.0))
 
     # First pass over every element; only its counts leave the fused kernel (count < steps: done).
-    start = (jnp.zeros((n,), jnp.int32), first_pmf, jnp.zeros((n,), jnp.float32))
-    count = _inversion_steps(u, *start, ratio_of(lambda a: a), inversion_steps)[0]
+    count = _inversion_steps(u, None, first_pmf, jnp.zeros((n,), jnp.float32), ratio_of(lambda a: a),
+                             inversion_steps)[0]
     count = _fill_pending(continuation_key, count >= inversion_steps, count,
                           lambda _, gather: (jnp.ones(gather(u).shape, bool),
                                              _search(gather(u), gather(first_pmf), ratio_of(gather))),
@@ -268,7 +269,7 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
         return jnp.ones(r_.shape, bool), sample_poisson(poisson_key, rates, r_.shape)
 
     # These elements follow the genes (often whole columns), so gather them one by one.
-    count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 8), block=1)
+    count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32), block=1)
     return count.reshape(shape)
 
 
