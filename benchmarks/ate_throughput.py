@@ -21,6 +21,7 @@ samplers are counted once per chunk (elementwise work, small beside the dense la
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
+from sams_jax.ate import model_expectations  # noqa: E402
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
 from sams_jax.predictor import Predictor, iwelbo_chunk_size, load  # noqa: E402
@@ -136,7 +138,9 @@ def main() -> None:
     _, row["ate_compile_s"], row["ate_s"] = _timed(predictor._expectations, predictor.variables, dosages, key,
                                                     repeats=args.repeats, **ate_kwargs)
     # One chunk of interventions x particles (model_expectations' defaults), times the chunks.
-    rows, particles = min(8, dosages.shape[0]), min(256, args.ate_particles)
+    defaults = inspect.signature(model_expectations).parameters
+    rows = min(defaults["intervention_chunk"].default, dosages.shape[0])
+    particles = min(defaults["particle_chunk"].default, args.ate_particles)
     row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages[:rows], key,
                              **{**ate_kwargs, "n_particles": particles}) \
         * -(-dosages.shape[0] // rows) * -(-args.ate_particles // particles)

@@ -69,19 +69,17 @@ def normal(key, shape) -> jax.Array:
     return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(uniform(key, shape, low, 1.0))
 
 
-# ----------------------------------------------------------------- gathered rounds
+# ---------------------------------------------------------------- gathered elements
 
-def _fill_pending(key, pending, values, propose, capacity: int, block: int = 32):
-    """Finish a sampler on the elements still pending, gathered into small arrays.
+def _fill_pending(key, pending, values, draw, capacity: int, block: int = 32):
+    """Draw the elements still pending, gathered into small arrays.
 
-    pending ``[n]`` bool, values ``[n]``; ``propose(key, gather) -> (accepted, proposal)``
-    makes one proposal for each element of the arrays that ``gather`` selects
-    (``gather(a)`` maps a ``[n]`` parameter array to the selected elements). The blocks of
-    ``block`` consecutive elements holding a pending element are gathered, at most
-    ``capacity`` elements (or ``capacity / 32`` when few are pending) at a time; rounds
-    repeat on that array until its pending elements are accepted, then it is scattered
-    back. Exact for any number of pending elements; finding the blocks is one pass over
-    ``n / block`` flags.
+    pending ``[n]`` bool, values ``[n]``; ``draw(key, gather) -> values`` draws every element
+    of the arrays that ``gather`` selects (``gather(a)`` maps a ``[n]`` parameter array to
+    the selected elements). The blocks of ``block`` consecutive elements holding a pending
+    element are gathered, at most ``capacity`` elements (or ``capacity / 32`` when few are
+    pending) at a time, drawn, and the pending ones scattered back. Exact for any number of
+    pending elements; finding the blocks is one pass over ``n / block`` flags.
     """
     n = pending.shape[0]
     n_blocks = -(-n // block)
@@ -92,17 +90,9 @@ def _fill_pending(key, pending, values, propose, capacity: int, block: int = 32)
             blocks = jnp.nonzero(flags, size=size, fill_value=n_blocks)[0]
             index = (blocks[:, None] * block + jnp.arange(block)).reshape(-1)  # >= n: padding, dropped
             gather = lambda a: a.at[index].get(mode="clip")
-            settled = ~pending.at[index].get(mode="fill", fill_value=False)
-
-            def round_(inner):
-                round_index, done, batch_values = inner
-                round_key = jax.random.fold_in(jax.random.fold_in(key, batch_index), round_index)
-                accepted, proposal = propose(round_key, gather)
-                return round_index + 1, done | accepted, jnp.where(~done & accepted, proposal, batch_values)
-
-            _, _, batch_values = jax.lax.while_loop(lambda inner: ~jnp.all(inner[1]), round_,
-                                                    (0, settled, gather(values)))
-            return pending.at[index].set(False, mode="drop"), values.at[index].set(batch_values, mode="drop")
+            drawn = jnp.where(pending.at[index].get(mode="fill", fill_value=False),
+                              draw(jax.random.fold_in(key, batch_index), gather), gather(values))
+            return pending.at[index].set(False, mode="drop"), values.at[index].set(drawn, mode="drop")
 
         return batch
 
@@ -118,6 +108,10 @@ def _fill_pending(key, pending, values, propose, capacity: int, block: int = 32)
 
     _, _, values = jax.lax.while_loop(lambda state: jnp.any(state[1]), batch, (0, pending, values))
     return values
+
+
+def _capacity(n: int, fraction: float) -> int:
+    return int(min(n, max(1024, np.ceil(n * fraction))))
 
 
 # --------------------------------------------------------------------- inversion
@@ -258,20 +252,16 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
     count = _inversion_steps(u, None, first_pmf, jnp.zeros((n,), jnp.float32), ratio_of(lambda a: a),
                              inversion_steps)[0]
     count = _fill_pending(continuation_key, count >= inversion_steps, count,
-                          lambda _, gather: (jnp.ones(gather(u).shape, bool),
-                                             _search(gather(u), gather(first_pmf), ratio_of(gather))),
+                          lambda _, gather: _search(gather(u), gather(first_pmf), ratio_of(gather)),
                           _capacity(n, 1 / 16))
 
     def gamma_poisson(key, gather):
         r_, m_ = gather(r), gather(m)
         gamma_key, poisson_key = jax.random.split(key)
         rates = sample_gamma(gamma_key, r_, r_.shape) * (m_ / r_)
-        return jnp.ones(r_.shape, bool), sample_poisson(poisson_key, rates, r_.shape)
+        return sample_poisson(poisson_key, rates, r_.shape)
 
     # These elements follow the genes (often whole columns), so gather them one by one.
     count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32), block=1)
     return count.reshape(shape)
 
-
-def _capacity(n: int, fraction: float) -> int:
-    return int(min(n, max(1024, np.ceil(n * fraction))))
