@@ -71,43 +71,76 @@ def normal(key, shape) -> jax.Array:
 
 # ---------------------------------------------------------------- gathered elements
 
-def _fill_pending(key, pending, values, draw, capacity: int, block: int = 32):
+_WORD = 32  # pending flags are packed 32 to a uint32 word
+
+
+def _pack_flags(pending):
+    """Pack ``[n]`` bool flags into ``[ceil(n / 32)]`` uint32 words (bit ``i`` of word ``w``:
+    element ``32 w + i``) and the inclusive running count of set flags per word."""
+    n = pending.shape[0]
+    padded = jnp.pad(pending, (0, -n % _WORD)).reshape(-1, _WORD).astype(jnp.uint32)
+    words = jnp.sum(padded << jnp.arange(_WORD, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)  # distinct bits: sum = or
+    return words, jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32))
+
+
+def _pending_indices(words, ends, start, size: int, fill: int):
+    """Indices of the pending elements of rank ``start .. start + size - 1`` (in index
+    order), ``fill`` past the last one: ``[size]`` int32. ``words``, ``ends``: from
+    :func:`_pack_flags`. Costs ``O(n / 32 + size)``: no pass over the ``n`` flags."""
+    n_words = words.shape[0]
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    firsts = ends - counts  # rank of each word's first pending element
+    # The word holding each rank: words whose first rank falls in the batch mark their slot,
+    # a running maximum fills the slots between (word numbers grow with rank).
+    first_word = jnp.searchsorted(ends, start, side="right").astype(jnp.int32)
+    slot = jnp.where((counts > 0) & (firsts >= start) & (firsts < start + size), firsts - start, size)
+    word_of_slot = jnp.full((size,), first_word, jnp.int32).at[slot].max(
+        jnp.arange(n_words, dtype=jnp.int32), mode="drop")
+    word_of_slot = jnp.minimum(jax.lax.cummax(word_of_slot), n_words - 1)
+    rank_in_word = start + jnp.arange(size, dtype=jnp.int32) - firsts[word_of_slot]
+    # Position of the set bit numbered ``rank_in_word`` (from bit 0), by halving the word.
+    bits, rank, position = words[word_of_slot], rank_in_word, jnp.zeros((size,), jnp.int32)
+    for width in (16, 8, 4, 2, 1):
+        low = jax.lax.population_count(bits & np.uint32((1 << width) - 1)).astype(jnp.int32)
+        upper = rank >= low
+        rank = jnp.where(upper, rank - low, rank)
+        bits = jnp.where(upper, bits >> np.uint32(width), bits)
+        position = position + jnp.where(upper, width, 0)
+    valid = start + jnp.arange(size, dtype=jnp.int32) < ends[-1]
+    return jnp.where(valid, word_of_slot * _WORD + position, fill)
+
+
+def _fill_pending(key, pending, values, draw, capacity: int):
     """Draw the elements still pending, gathered into small arrays.
 
     pending ``[n]`` bool, values ``[n]``; ``draw(key, gather) -> values`` draws every element
     of the arrays that ``gather`` selects (``gather(a)`` maps a ``[n]`` parameter array to
-    the selected elements). The blocks of ``block`` consecutive elements holding a pending
-    element are gathered, at most ``capacity`` elements (or ``capacity / 32`` when few are
-    pending) at a time, drawn, and the pending ones scattered back. Exact for any number of
-    pending elements; finding the blocks is one pass over ``n / block`` flags.
+    the selected elements). The pending elements are gathered exactly, in batches of at most
+    ``capacity`` (or ``capacity / 16`` while few remain: up to 4 such batches), drawn, and
+    scattered back. Exact for any number of pending elements; one pass over the flags.
     """
     n = pending.shape[0]
-    n_blocks = -(-n // block)
-    block_capacity = max(1, min(n_blocks, -(-capacity // block)))
+    words, ends = _pack_flags(pending)
+    total = ends[-1]
+    small = max(1, capacity // 16)
 
-    def batch_of(size):  # one batch of at most ``size`` blocks
-        def batch(batch_index, flags, pending, values):
-            blocks = jnp.nonzero(flags, size=size, fill_value=n_blocks)[0]
-            index = (blocks[:, None] * block + jnp.arange(block)).reshape(-1)  # >= n: padding, dropped
-            gather = lambda a: a.at[index].get(mode="clip")
-            drawn = jnp.where(pending.at[index].get(mode="fill", fill_value=False),
-                              draw(jax.random.fold_in(key, batch_index), gather), gather(values))
-            return pending.at[index].set(False, mode="drop"), values.at[index].set(drawn, mode="drop")
+    def batch_of(size):  # one batch of ``size`` slots
+        def batch(batch_index, start, values):
+            index = _pending_indices(words, ends, start, size, n)  # n: past the end, dropped
+            drawn = draw(jax.random.fold_in(key, batch_index), lambda a: a.at[index].get(mode="clip"))
+            return start + size, values.at[index].set(drawn, mode="drop")
 
         return batch
 
-    small = max(1, block_capacity // 32)
-    batches = [batch_of(small), batch_of(block_capacity)]
+    batches = [batch_of(small), batch_of(capacity)]
 
     def batch(state):
-        batch_index, pending, values = state
-        flags = jnp.pad(pending, (0, n_blocks * block - n)).reshape(n_blocks, block).any(axis=1)
-        pending, values = jax.lax.switch((flags.sum() > small).astype(jnp.int32), batches, batch_index, flags,
-                                         pending, values)
-        return batch_index + 1, pending, values
+        batch_index, start, values = state
+        large = (total - start > 4 * small).astype(jnp.int32)
+        start, values = jax.lax.switch(large, batches, batch_index, start, values)
+        return batch_index + 1, start, values
 
-    _, _, values = jax.lax.while_loop(lambda state: jnp.any(state[1]), batch, (0, pending, values))
-    return values
+    return jax.lax.while_loop(lambda state: state[1] < total, batch, (0, jnp.int32(0), values))[2]
 
 
 def _capacity(n: int, fraction: float) -> int:
@@ -261,7 +294,6 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
         rates = sample_gamma(gamma_key, r_, r_.shape) * (m_ / r_)
         return sample_poisson(poisson_key, rates, r_.shape)
 
-    # These elements follow the genes (often whole columns), so gather them one by one.
-    count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32), block=1)
+    count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32))
     return count.reshape(shape)
 

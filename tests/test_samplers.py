@@ -88,3 +88,29 @@ def test_invalid_parameters_give_nan_not_a_hang():
         jax.random.key(0), r, m))
     assert np.isfinite(draws[:, 0]).all()
     assert np.isnan(draws[:, 1:]).all()
+
+
+@pytest.mark.parametrize("n,fraction", [(1, 1.0), (33, 1.0), (1000, 0.01), (1000, 0.5), (5000, 0.0)])
+def test_pending_indices_equal_nonzero(n, fraction):
+    """The packed-flag compaction finds exactly the pending elements, in order, batch by batch
+    (batches that start inside a word, span several words, or run past the last one)."""
+    flags = np.random.default_rng(n).random(n) < fraction
+    words, ends = samplers._pack_flags(jnp.asarray(flags))
+    size = 7
+    batches = [samplers._pending_indices(words, ends, jnp.int32(start), size, n)
+               for start in range(0, flags.sum() + size, size)]
+    expected = np.full(len(batches) * size, n)
+    expected[:flags.sum()] = np.nonzero(flags)[0]
+    np.testing.assert_array_equal(np.concatenate(batches), expected)
+
+
+def test_fill_pending_draws_every_pending_element():
+    """More pending elements than one batch holds (small and large batches): every one is
+    drawn, the others keep their values."""
+    n = 3000
+    pending = jnp.asarray(np.random.default_rng(0).random(n) < 0.4)
+    values = jnp.arange(n, dtype=jnp.float32)
+    filled = jax.jit(lambda p, v: samplers._fill_pending(jax.random.key(0), p, v, lambda _, gather: -gather(v) - 1,
+                                                         capacity=256))(pending, values)
+    expected = np.where(pending, -np.arange(n) - 1.0, np.arange(n))
+    np.testing.assert_array_equal(filled, expected)
