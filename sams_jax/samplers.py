@@ -42,25 +42,39 @@ POISSON_INVERSION_MAX_RATE = 10.0  # Poisson rates below: inversion; at or above
 
 # --------------------------------------------------------------------------- bits
 
+def _key_words(key):
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 def random_bits(key, shape) -> jax.Array:
     """32 random bits per element, equal to ``jax.random.bits(key, shape, jnp.uint32)`` for
     JAX's default keys (Threefry, ``jax_threefry_partitionable`` on, the default since JAX
     0.5); other settings give different but equally random bits. ``key``: a typed key or
     raw key data; ``shape``: static, fewer than 2**32 elements."""
-    words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     size = int(np.prod(shape))
     if size >= 2**32:
         raise ValueError(f"random_bits: {size} elements; at most 2**32 - 1 per call")
-    counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    high, low = threefry2x32(words[0], words[1], jnp.zeros_like(counts), counts)
+    return _bits_at(key, jax.lax.iota(jnp.uint32, size).reshape(shape))
+
+
+def _bits_at(key, counters) -> jax.Array:
+    """The bits that ``random_bits(key, shape)`` gives at the flat element numbers
+    ``counters`` (any shape): one element's bits without drawing the others."""
+    words = _key_words(key)
+    counters = counters.astype(jnp.uint32)
+    high, low = threefry2x32(words[0], words[1], jnp.zeros_like(counters), counters)
     return high ^ low
+
+
+def _uniform_from_bits(bits, minval=0.0, maxval=1.0) -> jax.Array:
+    mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)
+    floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+    return jnp.maximum(jnp.float32(minval), floats * (jnp.float32(maxval) - minval) + minval)
 
 
 def uniform(key, shape, minval=0.0, maxval=1.0) -> jax.Array:
     """float32 uniforms on ``[minval, maxval)``, equal to ``jax.random.uniform``."""
-    mantissa = (random_bits(key, shape) >> np.uint32(9)) | np.uint32(0x3F800000)
-    floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
-    return jnp.maximum(jnp.float32(minval), floats * (jnp.float32(maxval) - minval) + minval)
+    return _uniform_from_bits(random_bits(key, shape), minval, maxval)
 
 
 def normal(key, shape) -> jax.Array:
@@ -113,9 +127,9 @@ def _pending_indices(words, ends, start, size: int, fill: int):
 def _fill_pending(key, pending, values, draw, capacity: int):
     """Draw the elements still pending, gathered into small arrays.
 
-    pending ``[n]`` bool, values ``[n]``; ``draw(key, gather) -> values`` draws every element
-    of the arrays that ``gather`` selects (``gather(a)`` maps a ``[n]`` parameter array to
-    the selected elements). The pending elements are gathered exactly, in batches of at most
+    pending ``[n]`` bool, values ``[n]``; ``draw(key, index) -> values`` draws the elements
+    numbered ``index`` (int32, ``n`` for the padding of a batch: clip it when gathering;
+    its draws are dropped). The pending elements are gathered exactly, in batches of at most
     ``capacity`` (or ``capacity / 16`` while few remain: up to 4 such batches), drawn, and
     scattered back. Exact for any number of pending elements; one pass over the flags.
     """
@@ -127,7 +141,7 @@ def _fill_pending(key, pending, values, draw, capacity: int):
     def batch_of(size):  # one batch of ``size`` slots
         def batch(batch_index, start, values):
             index = _pending_indices(words, ends, start, size, n)  # n: past the end, dropped
-            drawn = draw(jax.random.fold_in(key, batch_index), lambda a: a.at[index].get(mode="clip"))
+            drawn = draw(jax.random.fold_in(key, batch_index), index)
             return start + size, values.at[index].set(drawn, mode="drop")
 
         return batch
@@ -267,33 +281,47 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
     gathered and drawn as ``Poisson(Gamma(r, 1) m / r)``.
     """
     shape = tuple(shape)
-    r = jnp.broadcast_to(jnp.asarray(concentration, jnp.float32), shape).reshape(-1)
-    m = jnp.broadcast_to(jnp.asarray(mean, jnp.float32), shape).reshape(-1)
-    n = r.shape[0]
-    invert = (m < NB_INVERSION_MAX_MEAN) & (m <= NB_INVERSION_MAX_ODDS * r)
-    inverted_mean = jnp.where(invert, m, 0.0)
+    n = int(np.prod(shape))
     inversion_key, continuation_key, mixture_key = jax.random.split(key, 3)
-    u = uniform(inversion_key, (n,))
-    success = inverted_mean / (r + inverted_mean)
-    first_pmf = jnp.exp(-r * jnp.log1p(inverted_mean / r))
 
-    def ratio_of(gather):
-        r_, success_ = gather(r), gather(success)
-        return lambda x: success_ * (x + r_) * (1.0 / (x + 1.0))
+    def parameters(index=None):
+        """``(r, m)`` of every element (``[n]``), or of the elements numbered ``index``
+        (gathered through the broadcast, so the ``[n]`` arrays are never stored)."""
+        out = []
+        for value in (concentration, mean):
+            value = jnp.asarray(value, jnp.float32)
+            if index is None:
+                out.append(jnp.broadcast_to(value, shape).reshape(-1))
+                continue
+            value = value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
+            coords = jnp.unravel_index(jnp.minimum(index, n - 1), shape)
+            out.append(jnp.broadcast_to(value[tuple(c if size > 1 else 0 for c, size in zip(coords, value.shape))],
+                                        index.shape))
+        return out
+
+    def inversion(r, m, counters):  # uniforms, p(0) and the pmf ratio of the inverted elements
+        invert = (m < NB_INVERSION_MAX_MEAN) & (m <= NB_INVERSION_MAX_ODDS * r)
+        inverted_mean = jnp.where(invert, m, 0.0)
+        success = inverted_mean / (r + inverted_mean)
+        u = _uniform_from_bits(_bits_at(inversion_key, counters))
+        return invert, u, jnp.exp(-r * jnp.log1p(inverted_mean / r)), lambda x: success * (x + r) * (1.0 / (x + 1.0))
 
     # First pass over every element; only its counts leave the fused kernel (count < steps: done).
-    count = _inversion_steps(u, None, first_pmf, jnp.zeros((n,), jnp.float32), ratio_of(lambda a: a),
-                             inversion_steps)[0]
-    count = _fill_pending(continuation_key, count >= inversion_steps, count,
-                          lambda _, gather: _search(gather(u), gather(first_pmf), ratio_of(gather)),
-                          _capacity(n, 1 / 16))
+    r, m = parameters()
+    invert, u, first_pmf, ratio = inversion(r, m, jax.lax.iota(jnp.uint32, n))
+    count = _inversion_steps(u, None, first_pmf, jnp.zeros((n,), jnp.float32), ratio, inversion_steps)[0]
 
-    def gamma_poisson(key, gather):
-        r_, m_ = gather(r), gather(m)
+    def continuation(_, index):  # the same uniforms, inverted from 0 until done
+        _, u, first_pmf, ratio = inversion(*parameters(index), index)
+        return _search(u, first_pmf, ratio)
+
+    count = _fill_pending(continuation_key, count >= inversion_steps, count, continuation, _capacity(n, 1 / 16))
+
+    def gamma_poisson(key, index):
+        r_, m_ = parameters(index)
         gamma_key, poisson_key = jax.random.split(key)
         rates = sample_gamma(gamma_key, r_, r_.shape) * (m_ / r_)
         return sample_poisson(poisson_key, rates, r_.shape)
 
     count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32))
     return count.reshape(shape)
-

@@ -110,7 +110,7 @@ def test_fill_pending_draws_every_pending_element():
     n = 3000
     pending = jnp.asarray(np.random.default_rng(0).random(n) < 0.4)
     values = jnp.arange(n, dtype=jnp.float32)
-    filled = jax.jit(lambda p, v: samplers._fill_pending(jax.random.key(0), p, v, lambda _, gather: -gather(v) - 1,
+    filled = jax.jit(lambda p, v: samplers._fill_pending(jax.random.key(0), p, v, lambda _, index: -v.at[index].get(mode="clip") - 1,
                                                          capacity=256))(pending, values)
     expected = np.where(pending, -np.arange(n) - 1.0, np.arange(n))
     np.testing.assert_array_equal(filled, expected)
