@@ -114,3 +114,12 @@ def test_fill_pending_draws_every_pending_element():
                                                          capacity=256))(pending, values)
     expected = np.where(pending, -np.arange(n) - 1.0, np.arange(n))
     np.testing.assert_array_equal(filled, expected)
+
+
+def test_log_factorial_equals_gammaln():
+    """PTRS's ``log k!`` (table below 16, Stirling above) to float32 precision."""
+    from scipy.special import gammaln
+
+    k = np.concatenate([np.arange(0, 64), np.geomspace(64, 1e7, 200).round()]).astype(np.float32)
+    np.testing.assert_allclose(samplers._log_factorial(jnp.asarray(k)), gammaln(k.astype(np.float64) + 1.0),
+                               rtol=3e-7, atol=1e-6)
