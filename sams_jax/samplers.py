@@ -185,6 +185,23 @@ def _inversion_steps(u, count, pmf, cdf, ratio, steps: int):
     return result, pmf, cdf, (u <= cdf) | stalled
 
 
+def _first_pass(u, first_pmf, success, success_r, steps: int):
+    """The NB inversion's first pass: ``steps`` unrolled steps from 0, for one fused kernel
+    over the whole array. Returns the count (float32): the number of ``x < steps`` with
+    ``P(X <= x) < u``; ``steps`` means not done (the count may be larger, or the float32
+    CDF stalled below ``u``: :func:`_search` decides). The pmf ratio ``(success x +
+    success_r) / (x + 1)`` has constant ``x / (x + 1)`` and ``1 / (x + 1)`` here, and the
+    uniform is used up by subtraction: four operations per step."""
+    remaining = u - first_pmf
+    count = jnp.zeros(u.shape, jnp.float32)
+    pmf = first_pmf
+    for x in range(steps):
+        count = jnp.where(remaining > 0, np.float32(x + 1), count)
+        pmf = pmf * (success * np.float32(x / (x + 1)) + success_r * np.float32(1 / (x + 1)))
+        remaining = remaining - pmf
+    return count
+
+
 def _search(u, first_pmf, ratio):
     """Inversion from 0 until every element is done (a loop of short unrolled blocks); for
     small arrays and as the continuation of the first pass."""
@@ -312,21 +329,21 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
                                         index.shape))
         return out
 
-    def inversion(r, m, counters):  # uniforms, p(0) and the pmf ratio of the inverted elements
+    def inversion(r, m, counters):  # uniforms, p(0) and the pmf ratio's terms of the inverted elements
         invert = (m < NB_INVERSION_MAX_MEAN) & (m <= NB_INVERSION_MAX_ODDS * r)
         inverted_mean = jnp.where(invert, m, 0.0)
         success = inverted_mean / (r + inverted_mean)
         u = _uniform_from_bits(_bits_at(inversion_key, counters))
-        return invert, u, jnp.exp(-r * jnp.log1p(inverted_mean / r)), lambda x: success * (x + r) * (1.0 / (x + 1.0))
+        return invert, u, jnp.exp(-r * jnp.log1p(inverted_mean / r)), success, success * r
 
     # First pass over every element; only its counts leave the fused kernel (count < steps: done).
     r, m = parameters()
-    invert, u, first_pmf, ratio = inversion(r, m, jax.lax.iota(jnp.uint32, n))
-    count = _inversion_steps(u, None, first_pmf, jnp.zeros((n,), jnp.float32), ratio, inversion_steps)[0]
+    invert, u, first_pmf, success, success_r = inversion(r, m, jax.lax.iota(jnp.uint32, n))
+    count = _first_pass(u, first_pmf, success, success_r, inversion_steps)
 
     def continuation(_, index):  # the same uniforms, inverted from 0 until done
-        _, u, first_pmf, ratio = inversion(*parameters(index), index)
-        return _search(u, first_pmf, ratio)
+        _, u, first_pmf, success, success_r = inversion(*parameters(index), index)
+        return _search(u, first_pmf, lambda x: (success * x + success_r) / (x + 1.0)).astype(jnp.float32)
 
     count = _fill_pending(continuation_key, count >= inversion_steps, count, continuation, _capacity(n, 1 / 16))
 
@@ -336,5 +353,5 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
         rates = sample_gamma(gamma_key, r_, r_.shape) * (m_ / r_)
         return sample_poisson(poisson_key, rates, r_.shape)
 
-    count = _fill_pending(mixture_key, ~invert, count.astype(jnp.float32), gamma_poisson, _capacity(n, 1 / 32))
+    count = _fill_pending(mixture_key, ~invert, count, gamma_poisson, _capacity(n, 1 / 32))
     return count.reshape(shape)
