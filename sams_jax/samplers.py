@@ -137,11 +137,12 @@ def _fill_pending(key, pending, values, draw, capacity: int):
     total = ends[-1]
     small = max(1, capacity // 16)
 
-    def batch_of(size):  # one batch of ``size`` slots
-        def batch(batch_index, start, values):
+    def batch_of(size):  # one batch of ``size`` slots -> (index, drawn), padded to ``capacity``
+        def batch(batch_index, start):
             index = _pending_indices(words, ends, start, size, n)  # n: past the end, dropped
             drawn = draw(jax.random.fold_in(key, batch_index), index)
-            return start + size, values.at[index].set(drawn, mode="drop")
+            return (jnp.pad(index, (0, capacity - size), constant_values=n),
+                    jnp.pad(drawn, (0, capacity - size)).astype(values.dtype))
 
         return batch
 
@@ -149,9 +150,10 @@ def _fill_pending(key, pending, values, draw, capacity: int):
 
     def batch(state):
         batch_index, start, values = state
-        large = (total - start > 4 * small).astype(jnp.int32)
-        start, values = jax.lax.switch(large, batches, batch_index, start, values)
-        return batch_index + 1, start, values
+        large = total - start > 4 * small
+        index, drawn = jax.lax.switch(large.astype(jnp.int32), batches, batch_index, start)
+        # The scatter stays outside the branches, so the loop updates ``values`` in place.
+        return batch_index + 1, start + jnp.where(large, capacity, small), values.at[index].set(drawn, mode="drop")
 
     return jax.lax.while_loop(lambda state: state[1] < total, batch, (0, jnp.int32(0), values))[2]
 
