@@ -293,3 +293,20 @@ def test_annealed_weights_interpolate_geometrically_and_train_only():
                                                          per_cell_variables="", initial_variable_weights="mask=100",
                                                          weight_anneal_steps=10)))
     assert parsed == dataclasses.replace(config, n_particles=1)
+
+
+def test_active_perturbations_equal_top_k():
+    """The argmax path (max_active <= 4) finds the same rows, in the same order, with ties to
+    the lower index, as ``lax.top_k``."""
+    from sams_jax.models.components import active_perturbations
+
+    rng = np.random.default_rng(0)
+    dosages = np.zeros((300, 30), np.float32)
+    for row in dosages:
+        row[rng.choice(30, rng.integers(0, 4), replace=False)] = rng.choice([1.0, 0.5, -1.0, 2.0])
+    dosages[0, [3, 7, 9]] = 1.0  # a tie
+    for max_active in (1, 2, 3, 4):
+        values, rows = active_perturbations(jnp.asarray(dosages), max_active)
+        _, expected = jax.lax.top_k(jnp.abs(jnp.asarray(dosages)), max_active)
+        np.testing.assert_array_equal(rows, expected)
+        np.testing.assert_array_equal(values, np.take_along_axis(dosages, np.asarray(expected), -1))

@@ -136,8 +136,19 @@ class LearnedMask(PerturbationVAE):
 def active_perturbations(dosages, max_active: int):
     """The ``max_active`` (static) largest-``|dosage|`` perturbations of every row:
     ``(values [n, A], rows [n, A])``; rows with fewer non-zeros are padded with zero
-    values (their ``rows`` entries are arbitrary)."""
-    _, rows = jax.lax.top_k(jnp.abs(dosages), max_active)
+    values (their ``rows`` entries are arbitrary). Ties go to the lower index, as in
+    ``lax.top_k``; for ``A <= 4`` the rows are found by repeated ``argmax`` (a fused
+    reduction; ``top_k`` sorts every row on the CPU)."""
+    magnitude = jnp.abs(dosages)
+    if max_active > 4:
+        _, rows = jax.lax.top_k(magnitude, max_active)
+    else:
+        columns = jax.lax.broadcasted_iota(jnp.int32, dosages.shape, dosages.ndim - 1)
+        found = []
+        for _ in range(max_active):
+            found.append(jnp.argmax(magnitude, axis=-1).astype(jnp.int32))
+            magnitude = jnp.where(columns == found[-1][..., None], -1.0, magnitude)
+        rows = jnp.stack(found, axis=-1)
     return jnp.take_along_axis(dosages, rows, axis=-1), rows
 
 
