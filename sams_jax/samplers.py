@@ -17,9 +17,16 @@ remedies, all exact:
 3. Rejection loops over whole arrays (a vectorised rejection sampler redraws the whole
    array until its *last* element is accepted; JAX's Poisson draws a whole array per
    unit of the rate). The rare elements that need more (large counts, large means,
-   heavy tails) are gathered in blocks into a small array (:func:`_fill_pending`) and
-   finished there: the inversion goes on, or Gamma (Marsaglia-Tsang) then Poisson
-   (inversion below rate 10, Hörmann's PTRS above).
+   heavy tails) are gathered into small arrays (:func:`_fill_pending`, which finds them
+   from flags packed 32 to a word) and finished there: the inversion goes on, or Gamma
+   (Marsaglia-Tsang) then Poisson (inversion below rate 10, Hörmann's PTRS above). The
+   gathered draws recompute their uniforms from the element numbers, so nothing of the
+   full size but the counts is stored.
+
+"Exact" here means exact up to float32 resolution, as for any float32 sampler: the
+inversion stops where the float32 CDF stops growing (about ``1 - 3e-8``), which moves
+the probability beyond that point, a few millionths at most for the tails inverted here,
+onto the last count (uniforms have a resolution of ``2^-23`` anyway).
 
 Every function takes an explicit key and is deterministic given it; shapes are static.
 """
@@ -32,8 +39,8 @@ import numpy as np
 
 from sams_jax.prng import threefry2x32
 
-NB_INVERSION_MAX_MEAN = 16.0  # NB inversion for means below this and ...
-NB_INVERSION_MAX_ODDS = 15.0  # ... mean / concentration at most this (tail ratio m / (r + m) <= 15 / 16)
+NB_INVERSION_MAX_MEAN = 64.0  # NB inversion for means below this and ...
+NB_INVERSION_MAX_ODDS = 63.0  # ... mean / concentration at most this (tail ratio m / (r + m) <= 63 / 64)
 NB_INVERSION_STEPS = 48  # unrolled steps of the first pass (P(X >= 48) <= 0.5% for the worst routed element)
 CONTINUATION_STEPS = 8  # unrolled steps per round inside loops (XLA's CPU code for long chains in loop bodies is slow)
 POISSON_INVERSION_MAX_RATE = 10.0  # Poisson rates below: inversion; at or above: PTRS
@@ -305,8 +312,8 @@ def sample_negative_binomial(key, concentration, mean, shape, inversion_steps: i
     """Exact negative-binomial (Gamma-Poisson) samples (float32 counts) of ``shape``.
 
     ``concentration`` ``r`` and ``mean`` ``m`` broadcast to ``shape``; variance
-    ``m + m^2 / r``. Elements with ``m < 16`` and ``m <= 15 r`` (tail decaying at least as
-    fast as ``(15 / 16)^x``; the bulk of single-cell counts) are drawn by inversion with one
+    ``m + m^2 / r``. Elements with ``m < 64`` and ``m <= 63 r`` (tail decaying at least as
+    fast as ``(63 / 64)^x``; nearly all single-cell counts) are drawn by inversion with one
     uniform each: ``inversion_steps`` unrolled steps of ``p(x + 1) = p(x) (x + r) / (x +
     1) * m / (r + m)`` from ``p(0) = (r / (r + m))^r`` in one fused pass, and a gathered
     continuation for larger counts. The other elements (large means, heavy tails) are

@@ -45,11 +45,12 @@ def test_poisson_distribution(rate):
     np.testing.assert_allclose(draws.mean(), rate, rtol=0.01)
 
 
-@pytest.mark.parametrize("r,m", [(0.5, 2.0), (1.0, 8.4), (0.1, 1.4), (1e4, 5.0), (0.3, 0.01), (0.05, 15.0), (20.0, 300.0)])
+@pytest.mark.parametrize("r,m", [(0.5, 2.0), (1.0, 8.4), (0.1, 1.4), (1e4, 5.0), (0.3, 0.01), (1.0, 60.0), (0.3, 18.0),
+                                 (1e3, 63.0), (0.05, 15.0), (20.0, 300.0)])
 def test_negative_binomial_distribution(r, m):
     """Inversion (with its gathered continuation for counts >= 48: r = 1, m = 8.4 needs it
-    for 0.5% of draws) for small means and light tails; Gamma-Poisson for heavy tails
-    (r = 0.05, m = 15) and large means (m = 300)."""
+    for 0.5% of draws, r = 1, m = 60 for 45%) for means below 64 and tails no heavier than
+    (63/64)^x; Gamma-Poisson for heavier tails (r = 0.05, m = 15) and large means (m = 300)."""
     draws = np.asarray(_negative_binomial(jax.random.key(3), jnp.float32(r), jnp.float32(m)))
     assert np.array_equal(draws, np.round(draws)) and draws.min() >= 0
     dist = stats.nbinom(r, r / (r + m))
