@@ -310,3 +310,33 @@ def test_active_perturbations_equal_top_k():
         _, expected = jax.lax.top_k(jnp.abs(jnp.asarray(dosages)), max_active)
         np.testing.assert_array_equal(rows, expected)
         np.testing.assert_array_equal(values, np.take_along_axis(dosages, np.asarray(expected), -1))
+
+
+def test_generation_draws_equal_numpyro(small):
+    """Generating cells draws masks, embeddings and z with the fused-hash samplers; the
+    numbers equal numpyro's / jax.random's for the same keys (flax hands out the same key
+    to the first ``make_rng`` call of a stream in every ``apply``)."""
+    _, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, normalization="none")
+    variables = _init(model, batch)
+    rngs = {"globals": jax.random.key(5), "local": jax.random.key(6)}
+    global_key = model.apply(variables, method=lambda m: m.make_rng("globals"), rngs=rngs)
+    local_key = model.apply(variables, method=lambda m: m.make_rng("local"), rngs=rngs)
+    rows = jnp.asarray([[0], [2], [3], [2]])
+    masks = model.apply(variables, rows, method=lambda m, r: m.sample_row_masks(r), rngs=rngs)
+    expected = dist.BernoulliLogits(variables["params"]["mask_logits"][rows]).sample(global_key)
+    np.testing.assert_array_equal(masks, expected)
+
+    shift = jnp.ones((4, 3))
+    z_mean = model.apply(variables, shift, jnp.ones(4), method=lambda m, s, l: m.sample_x(s, l)[1], rngs=rngs)
+    z = jax.random.normal(local_key, shift.shape) + shift
+    expected_mean = model.apply(variables, z, jnp.ones(4), method=lambda m, z, l: m.p_x(z, l).mean)
+    np.testing.assert_array_equal(z_mean, expected_mean)
+    # the per-row global draws of generation: mask (first globals key), then embedding (second)
+    first, second = model.apply(variables, method=lambda m: (m.make_rng("globals"), m.make_rng("globals")),
+                                rngs=rngs)
+    dosages = jax.nn.one_hot(rows[:, 0], 4)
+    offsets = model.apply(variables, dosages, method=lambda m, d: m.sample_offsets(d, 1), rngs=rngs)
+    mask = dist.BernoulliLogits(variables["params"]["mask_logits"][rows]).sample(first).astype(jnp.float32)
+    q_embedding = model.apply(variables, mask, rows, method=lambda m, k, r: m.q_embedding(k, r))
+    np.testing.assert_array_equal(offsets, (q_embedding.sample(second) * mask)[:, 0])

@@ -39,6 +39,7 @@ from sams_jax.data import normalize_input
 from sams_jax.likelihoods import LikelihoodHead
 from sams_jax.models.base import ParticleTerms
 from sams_jax.nn import NormalHead, ResidualMLP, straight_through_bernoulli
+from sams_jax.samplers import normal, uniform
 
 
 class PerturbationVAE(nn.Module):
@@ -99,7 +100,7 @@ class PerturbationVAE(nn.Module):
     def sample_x(self, shift, library_size, *decoder_extra):
         """``x`` for a local latent drawn from its prior ``Normal(shift, I)`` (``shift``
         ``[n, K]``): ``(x_sample, x_mean)``, each ``[n, G]``."""
-        z = jax.random.normal(self.make_rng("local"), shift.shape, shift.dtype) + shift
+        z = normal(self.make_rng("local"), shift.shape).astype(shift.dtype) + shift  # = jax.random.normal's
         p_x = self.p_x(z, library_size, *decoder_extra)
         return p_x.sample(self.make_rng("local")), p_x.mean
 
@@ -123,8 +124,8 @@ class LearnedMask(PerturbationVAE):
     def sample_row_masks(self, rows):
         """Plain samples of the masks of perturbations ``rows`` (``[n, A]`` -> ``[n, A, K]``),
         independent per row (for predictions)."""
-        return dist.BernoulliLogits(self.mask_logits[rows]).sample(self.make_rng("globals")).astype(
-            self.mask_logits.dtype)
+        probs = dist.BernoulliLogits(self.mask_logits[rows]).probs  # = jax.random.bernoulli's draws:
+        return (uniform(self.make_rng("globals"), probs.shape) < probs).astype(self.mask_logits.dtype)
 
     def most_probable_mask(self):  # [T, K]
         return (self.mask_logits > 0).astype(self.mask_logits.dtype)

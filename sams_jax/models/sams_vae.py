@@ -37,6 +37,7 @@ from numpyro.distributions.kl import kl_divergence
 from sams_jax.models.components import (STANDARD_NORMAL, LearnedMask, PerturbationVAE, active_perturbations,
                                         bernoulli_kl, beta_bernoulli_mask_terms)
 from sams_jax.nn import NormalHead, ResidualMLP, VARIANCE_FLOOR
+from sams_jax.samplers import normal
 
 GUIDES = ("mean_field", "correlated")
 
@@ -119,7 +120,8 @@ class AdditiveShiftVAE(PerturbationVAE):
         """
         weights, rows = active_perturbations(dosages, max_active)  # [n, A]
         mask = self.sample_row_masks(rows)  # [n, A, K]
-        embedding = self.q_embedding(mask, rows).sample(self.make_rng("globals"))
+        q_embedding = self.q_embedding(mask, rows)  # sampled as numpyro does, with jax.random.normal's numbers
+        embedding = q_embedding.loc + normal(self.make_rng("globals"), q_embedding.batch_shape) * q_embedding.scale
         return jnp.einsum("na,nak->nk", weights, embedding * mask)
 
     def generate(self, dosages, library_size, max_active: int = 2):
