@@ -100,7 +100,7 @@ class PerturbationVAE(nn.Module):
     def sample_x(self, shift, library_size, *decoder_extra):
         """``x`` for a local latent drawn from its prior ``Normal(shift, I)`` (``shift``
         ``[n, K]``): ``(x_sample, x_mean)``, each ``[n, G]``."""
-        z = normal(self.make_rng("local"), shift.shape).astype(shift.dtype) + shift  # = jax.random.normal's
+        z = normal(self.make_rng("local"), shift.shape).astype(shift.dtype) + shift  # jax.random.normal's numbers
         p_x = self.p_x(z, library_size, *decoder_extra)
         return p_x.sample(self.make_rng("local")), p_x.mean
 
@@ -124,7 +124,7 @@ class LearnedMask(PerturbationVAE):
     def sample_row_masks(self, rows):
         """Plain samples of the masks of perturbations ``rows`` (``[n, A]`` -> ``[n, A, K]``),
         independent per row (for predictions)."""
-        probs = dist.BernoulliLogits(self.mask_logits[rows]).probs  # = jax.random.bernoulli's draws:
+        probs = dist.BernoulliLogits(self.mask_logits[rows]).probs  # the draws of jax.random.bernoulli(key, probs)
         return (uniform(self.make_rng("globals"), probs.shape) < probs).astype(self.mask_logits.dtype)
 
     def most_probable_mask(self):  # [T, K]
