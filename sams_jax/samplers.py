@@ -96,24 +96,25 @@ _WORD = 32  # pending flags are packed 32 to a uint32 word
 
 def _pack_flags(pending):
     """Pack ``[n]`` bool flags into ``[ceil(n / 32)]`` uint32 words (bit ``i`` of word ``w``:
-    element ``32 w + i``) and the inclusive running count of set flags per word."""
+    element ``32 w + i``), with the rank of each word's first set flag and the running
+    count of set flags up to and including each word."""
     n = pending.shape[0]
     padded = jnp.pad(pending, (0, -n % _WORD)).reshape(-1, _WORD).astype(jnp.uint32)
     words = jnp.sum(padded << jnp.arange(_WORD, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)  # distinct bits: sum = or
-    return words, jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32))
-
-
-def _pending_indices(words, ends, start, size: int, fill: int):
-    """Indices of the pending elements of rank ``start .. start + size - 1`` (in index
-    order), ``fill`` past the last one: ``[size]`` int32. ``words``, ``ends``: from
-    :func:`_pack_flags`. Costs ``O(n / 32 + size)``: no pass over the ``n`` flags."""
-    n_words = words.shape[0]
     counts = jax.lax.population_count(words).astype(jnp.int32)
-    firsts = ends - counts  # rank of each word's first pending element
+    ends = jnp.cumsum(counts)
+    return words, ends - counts, ends
+
+
+def _pending_indices(words, firsts, ends, start, size: int, fill: int):
+    """Indices of the pending elements of rank ``start .. start + size - 1`` (in index
+    order), ``fill`` past the last one: ``[size]`` int32. ``words``, ``firsts``, ``ends``:
+    from :func:`_pack_flags`. Costs ``O(n / 32 + size)``: no pass over the ``n`` flags."""
+    n_words = words.shape[0]
     # The word holding each rank: words whose first rank falls in the batch mark their slot,
     # a running maximum fills the slots between (word numbers grow with rank).
     first_word = jnp.searchsorted(ends, start, side="right").astype(jnp.int32)
-    slot = jnp.where((counts > 0) & (firsts >= start) & (firsts < start + size), firsts - start, size)
+    slot = jnp.where((ends > firsts) & (firsts >= start) & (firsts < start + size), firsts - start, size)
     word_of_slot = jnp.full((size,), first_word, jnp.int32).at[slot].max(
         jnp.arange(n_words, dtype=jnp.int32), mode="drop")
     word_of_slot = jnp.minimum(jax.lax.cummax(word_of_slot), n_words - 1)
@@ -140,13 +141,13 @@ def _fill_pending(key, pending, values, draw, capacity: int):
     scattered back. Exact for any number of pending elements; one pass over the flags.
     """
     n = pending.shape[0]
-    words, ends = _pack_flags(pending)
+    words, firsts, ends = _pack_flags(pending)
     total = ends[-1]
     small = max(1, capacity // 16)
 
     def batch_of(size):  # one batch of ``size`` slots -> (index, drawn), padded to ``capacity``
         def batch(batch_index, start):
-            index = _pending_indices(words, ends, start, size, n)  # n: past the end, dropped
+            index = _pending_indices(words, firsts, ends, start, size, n)  # n: past the end, dropped
             drawn = draw(jax.random.fold_in(key, batch_index), index)
             return (jnp.pad(index, (0, capacity - size), constant_values=n),
                     jnp.pad(drawn, (0, capacity - size)).astype(values.dtype))
@@ -198,7 +199,7 @@ def _first_pass(u, first_pmf, success, success_r, steps: int):
     ``P(X <= x) < u``; ``steps`` means not done (the count may be larger, or the float32
     CDF stalled below ``u``: :func:`_search` decides). The pmf ratio ``(success x +
     success_r) / (x + 1)`` has constant ``x / (x + 1)`` and ``1 / (x + 1)`` here, and the
-    uniform is used up by subtraction: four operations per step."""
+    uniform is used up by subtraction: no division and one comparison per step."""
     remaining = u - first_pmf
     count = jnp.zeros(u.shape, jnp.float32)
     pmf = first_pmf
@@ -220,6 +221,18 @@ def _search(u, first_pmf, ratio):
 
 # --------------------------------------------------------- gamma and Poisson (small arrays)
 
+def _until_accepted(propose, value, done):
+    """Rounds of a vectorised rejection sampler until every element is done:
+    ``propose(round_index) -> (accepted, proposal)``, each of ``value``'s shape; elements
+    already ``done`` keep ``value``."""
+    def round_(state):
+        index, value, done = state
+        accepted, proposal = propose(index)
+        return index + 1, jnp.where(~done & accepted, proposal, value), done | accepted
+
+    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_, (0, value, done))[1]
+
+
 def sample_gamma(key, shape_param, shape) -> jax.Array:
     """Exact ``Gamma(shape_param, 1)`` samples of ``shape`` (Marsaglia & Tsang 2000): one
     normal and one uniform per proposal (accepted with probability above 0.95 for shape >=
@@ -233,19 +246,16 @@ def sample_gamma(key, shape_param, shape) -> jax.Array:
     c = 1.0 / jnp.sqrt(9.0 * d)
     round_key, boost_key = jax.random.split(key)
 
-    def round_(state):
-        index, value, done = state
+    def propose(index):
         normal_key, uniform_key = jax.random.split(jax.random.fold_in(round_key, index))
         z = normal(normal_key, shape)
         log_u = jnp.log(uniform(uniform_key, shape))
         v = (1.0 + c * z) ** 3
         safe_v = jnp.where(v > 0, v, 1.0)
-        accepted = (v > 0) & (log_u < 0.5 * z * z + d - d * safe_v + d * jnp.log(safe_v))
-        return index + 1, jnp.where(~done & accepted, d * safe_v, value), done | accepted
+        return (v > 0) & (log_u < 0.5 * z * z + d - d * safe_v + d * jnp.log(safe_v)), d * safe_v
 
     valid = jnp.isfinite(alpha) & (alpha > 0)  # invalid shapes give NaN instead of an endless loop
-    _, value, _ = jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_,
-                                     (0, jnp.full(shape, jnp.nan, jnp.float32), ~valid))
+    value = _until_accepted(propose, jnp.full(shape, jnp.nan, jnp.float32), ~valid)
     u = uniform(boost_key, shape, np.finfo(np.float32).tiny, 1.0)
     return jnp.where(boost, value * u ** (1.0 / alpha), value)
 
@@ -294,14 +304,10 @@ def sample_poisson(key, rate, shape) -> jax.Array:
                     lambda x: small_rate / (x + 1.0)).astype(jnp.float32)
     large_rate = jnp.where(small, POISSON_INVERSION_MAX_RATE, rate)
 
-    def round_(state):
-        index, value, done = state
-        accepted, proposal = _ptrs(jax.random.fold_in(ptrs_key, index), large_rate)
-        return index + 1, jnp.where(~done & accepted, proposal, value), done | accepted
-
     valid = jnp.isfinite(rate) & (rate >= 0)  # invalid rates give NaN instead of an endless loop
     count = jnp.where(valid, count, jnp.nan)
-    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), round_, (0, count, small | ~valid))[1]
+    return _until_accepted(lambda index: _ptrs(jax.random.fold_in(ptrs_key, index), large_rate), count,
+                           small | ~valid)
 
 
 # ------------------------------------------------------------- negative binomial

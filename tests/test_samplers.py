@@ -96,9 +96,9 @@ def test_pending_indices_equal_nonzero(n, fraction):
     """The packed-flag compaction finds exactly the pending elements, in order, batch by batch
     (batches that start inside a word, span several words, or run past the last one)."""
     flags = np.random.default_rng(n).random(n) < fraction
-    words, ends = samplers._pack_flags(jnp.asarray(flags))
+    packed = samplers._pack_flags(jnp.asarray(flags))
     size = 7
-    batches = [samplers._pending_indices(words, ends, jnp.int32(start), size, n)
+    batches = [samplers._pending_indices(*packed, jnp.int32(start), size, n)
                for start in range(0, flags.sum() + size, size)]
     expected = np.full(len(batches) * size, n)
     expected[:flags.sum()] = np.nonzero(flags)[0]
