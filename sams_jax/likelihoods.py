@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpyro.distributions as dist
-from jax.scipy.special import betaln
+from jax.custom_derivatives import SymbolicZero
+from jax.scipy.special import betaln, digamma
 
 from sams_jax.nn import NormalHead, TorchDense
 from sams_jax.samplers import normal, sample_negative_binomial
@@ -82,8 +83,41 @@ class GammaPoisson(dist.GammaPoisson):
         r = self.concentration
         mean = r / self.rate
         a = jnp.log1p(mean / r)
-        return -betaln(r, value + 1) - jnp.log(r + value) + value * (jnp.log(mean) - jnp.log(r) - a) - r * a
+        return log_nb_coefficient(r, value) + value * (jnp.log(mean) - jnp.log(r) - a) - r * a
 
     def sample(self, key, sample_shape=()):
         shape = sample_shape + self.batch_shape
         return sample_negative_binomial(key, self.concentration, self.concentration / self.rate, shape)
+
+
+@jax.custom_jvp
+def log_nb_coefficient(concentration, value):
+    """``log Gamma(r + x) - log Gamma(r) - log Gamma(x + 1)`` for concentration ``r > 0``
+    and counts ``x >= 0`` (broadcast together), computed as ``-betaln(r, x + 1) - log(r + x)``,
+    which has no cancellation when ``r >> x``.
+
+    Its derivative is given directly: ``d/dr = digamma(r + x) - digamma(r)`` (and
+    ``d/dx = digamma(r + x) - digamma(x + 1)``), with ``digamma(r)`` computed at the
+    concentration's own shape (one per gene). Differentiating ``betaln`` itself instead
+    goes through both branches of its ``min``/``max`` and evaluates three digammas per
+    element: at Replogle scale that was about 16 ms of a 175 ms training step on the
+    2-core CPU. The values are the same function; the derivatives agree to float32
+    rounding (tested against differentiating ``betaln``).
+    """
+    return -betaln(concentration, value + 1) - jnp.log(concentration + value)
+
+
+def _log_nb_coefficient_jvp(primals, tangents):
+    concentration, value = primals
+    concentration_dot, value_dot = tangents
+    out = log_nb_coefficient(concentration, value)
+    tangent_out = jnp.zeros_like(out)
+    digamma_sum = digamma(concentration + value)
+    if not isinstance(concentration_dot, SymbolicZero):
+        tangent_out = tangent_out + (digamma_sum - digamma(concentration)) * concentration_dot
+    if not isinstance(value_dot, SymbolicZero):
+        tangent_out = tangent_out + (digamma_sum - digamma(value + 1)) * value_dot
+    return out, tangent_out
+
+
+log_nb_coefficient.defjvp(_log_nb_coefficient_jvp, symbolic_zeros=True)

@@ -146,3 +146,26 @@ def test_normal_observation_samples_equal_numpyro():
     key = jax.random.key(4)
     loc, scale = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4), jnp.full((3, 4), 0.7)
     np.testing.assert_array_equal(Normal(loc, scale).sample(key, (5,)), dist.Normal(loc, scale).sample(key, (5,)))
+
+
+def test_log_nb_coefficient_values_and_derivatives_match_closed_forms():
+    """log_nb_coefficient(r, x) = log G(r+x) - log G(r) - log G(x+1), with its hand-written
+    derivatives d/dr = digamma(r+x) - digamma(r) and d/dx = digamma(r+x) - digamma(x+1)
+    (scipy, float64), also for a per-gene r broadcast against [cells, genes] counts."""
+    from scipy import special
+
+    from sams_jax.likelihoods import log_nb_coefficient
+
+    r = np.array([0.05, 0.3, 1.0, 7.5, 60.0, 2e4])
+    x = np.array([[0.0, 1.0, 3.0, 0.0, 250.0, 2.0], [12.0, 0.0, 1.0, 40.0, 0.0, 0.0]])
+    r64, x64 = np.broadcast_arrays(r.astype(np.float64), x.astype(np.float64))
+    expected = special.gammaln(r64 + x64) - special.gammaln(r64) - special.gammaln(x64 + 1)
+    np.testing.assert_allclose(log_nb_coefficient(jnp.asarray(r, jnp.float32), jnp.asarray(x, jnp.float32)),
+                               expected, rtol=1e-5, atol=2e-5)
+    d_r = jax.grad(lambda r_: log_nb_coefficient(r_, jnp.asarray(x, jnp.float32)).sum())(jnp.asarray(r, jnp.float32))
+    np.testing.assert_allclose(d_r, (special.digamma(r64 + x64) - special.digamma(r64)).sum(0), rtol=1e-4, atol=1e-5)
+    d_x = jax.grad(lambda x_: log_nb_coefficient(jnp.asarray(r, jnp.float32), x_).sum())(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(d_x, special.digamma(r64 + x64) - special.digamma(x64 + 1), rtol=1e-4, atol=1e-5)
+    per_particle = jax.vmap(jax.grad(lambda r_, s: (s * log_nb_coefficient(r_, jnp.asarray(x, jnp.float32))).sum()),
+                            in_axes=(None, 0))(jnp.asarray(r, jnp.float32), jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(per_particle[1], 2 * per_particle[0], rtol=1e-6)
