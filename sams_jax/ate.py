@@ -9,7 +9,13 @@ from the guide and of the local latent from its prior, then ``x`` from the likel
 (library size fixed at 10,000). Two estimators:
 
 * ``method="paper"`` (default, the paper's): independent draws for every intervention and
-  for the control;
+  for the control. With ``scale="mean"`` and a likelihood whose independent draws have a
+  closed-form sum (normal, Poisson; :func:`sams_jax.likelihoods.summed_observation`), the
+  particle sum of ``x`` is drawn in one go given the particles' latents: for the normal
+  likelihood, ``sum_s x_s = sum_s mu_s + N(0, sum_s sigma_s^2)`` instead of one normal per
+  particle and gene. The estimate has exactly the paper's distribution (only the random
+  numbers differ); ``summed_observations=False`` draws every cell's ``x`` instead. At
+  simulation scale this is most of the time saved (``benchmarks/RESULTS.md``);
 * ``method="crn"`` (common random numbers): every intervention and the control use the
   *same* random numbers (drawn once and shared), so noise common to both (``z_basal``,
   the observation noise) cancels in the difference. Unbiased like the paper's estimator, with a far smaller
@@ -32,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sams_jax.likelihoods import summed_observation
+
 SCALES = ("mean", "perturbseq")
 METHODS = ("paper", "crn")
 PERTURBSEQ_TOTAL = 10_000.0
@@ -49,19 +57,21 @@ def transform(x, scale: str):
     raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
 
 
-def model_expectations(generate_fn: Callable, variables, dosages, rng, n_particles: int, scale: str,
+def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles: int, scale: str,
                        method: str = "paper", max_active: int = 2, library_size: float = LIBRARY_SIZE,
-                       intervention_chunk: int = 8, particle_chunk: int = 256):
+                       intervention_chunk: int = 8, particle_chunk: int = 256, summed_observations: bool = True):
     """``E[f(x) | do(d)]`` for each row ``d`` of ``dosages`` (``[I, T]``) -> ``[I, G]``.
 
-    ``generate_fn(variables, dosages [n, T], library_size [n], max_active, rngs=...)`` is
-    the model's ``apply`` bound to its ``generate`` method (returns ``(x_sample, x_mean)``).
+    ``apply_fn`` is the model's ``apply``; its methods ``generate`` and
+    ``generated_observation`` (``(variables, dosages [n, T], library_size [n], max_active,
+    rngs=...)``) make the cells.
 
     ``method="paper"``: one ``generate`` call per chunk draws ``I_c x S_c`` cells, each with
-    its own random numbers. ``method="crn"``: the chunk's interventions share one set of
-    random numbers (``vmap`` over interventions with an unbatched key, so the draws are
-    made once and broadcast), and so does the control. Jittable (``n_particles``,
-    ``scale``, ``method``, ``max_active`` and the chunk sizes are static).
+    its own random numbers (or, with ``summed_observations`` where it applies, see the
+    module docstring, the chunk's latents and one summed draw of ``x`` per intervention).
+    ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
+    over interventions with an unbatched key, so the draws are made once and broadcast),
+    and so does the control. Jittable (everything but the arrays is static).
     """
     if method not in METHODS:
         raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
@@ -73,28 +83,44 @@ def model_expectations(generate_fn: Callable, variables, dosages, rng, n_particl
     padded = jnp.pad(dosages, ((0, n_row_chunks * per_row - n_interventions), (0, 0)))
     library = jnp.full((chunk,), library_size, dosages.dtype)
 
-    def draw(cells, key):  # cells [n, T] -> f(x) [n, G]
+    def cells_apply(method_name, cells, key):  # cells [n, T]
         global_key, local_key = jax.random.split(key)
-        x, _ = generate_fn(variables, cells, jnp.broadcast_to(library[:1], cells.shape[:1]), max_active,
-                           rngs={"globals": global_key, "local": local_key})
+        return apply_fn(variables, cells, jnp.broadcast_to(library[:1], cells.shape[:1]), max_active,
+                        rngs={"globals": global_key, "local": local_key}, method=method_name)
+
+    def draw(cells, key):  # cells [n, T] -> f(x) [n, G]
+        x, _ = cells_apply("generate", cells, key)
         return transform(x, scale)
 
-    def chunk_values(rows, row_chunk, particle_chunk_index):  # rows [I_c, T] -> [I_c, S_c, G]
+    def summed(cells, key, valid):  # cells [I_c * S_c, T] -> sum_s valid_s x [I_c, G], or None
+        observation_key, sum_key = jax.random.split(key)
+        total = summed_observation(cells_apply("generated_observation", cells, observation_key),
+                                   valid.astype(dosages.dtype))
+        return None if total is None else total.sample(sum_key)
+
+    use_sums = summed_observations and method == "paper" and scale == "mean"
+
+    def chunk_sums(rows, row_chunk, particle_chunk_index, valid):  # rows [I_c, T] -> [I_c, G]
         if method == "crn":
             key = jax.random.fold_in(rng, particle_chunk_index)
-            return jax.vmap(lambda d: draw(jnp.broadcast_to(d, (chunk, n_perturbations)), key))(rows)
+            values = jax.vmap(lambda d: draw(jnp.broadcast_to(d, (chunk, n_perturbations)), key))(rows)
+            return jnp.where(valid[None, :, None], values, 0.0).sum(1)
         key = jax.random.fold_in(jax.random.fold_in(rng, row_chunk), particle_chunk_index)
-        return draw(jnp.repeat(rows, chunk, axis=0), key).reshape(per_row, chunk, -1)
+        cells = jnp.repeat(rows, chunk, axis=0)
+        total = summed(cells, key, valid) if use_sums else None  # None: the likelihood has no closed-form sum
+        if total is not None:
+            return total
+        values = draw(cells, key).reshape(per_row, chunk, -1)
+        return jnp.where(valid[None, :, None], values, 0.0).sum(1)
 
     def row_chunk_sums(args):  # -> [I_c, G] sums over all particles
         rows, row_chunk = args
 
         def accumulate(total, index):
             valid = (index * chunk + jnp.arange(chunk)) < n_particles  # the last chunk may overrun
-            values = chunk_values(rows, row_chunk, index)
-            return total + jnp.where(valid[None, :, None], values, 0.0).sum(1), None
+            return total + chunk_sums(rows, row_chunk, index, valid), None
 
-        n_genes = jax.eval_shape(chunk_values, rows, row_chunk, 0).shape[-1]
+        n_genes = jax.eval_shape(chunk_sums, rows, row_chunk, 0, jnp.ones((chunk,), bool)).shape[-1]
         total, _ = jax.lax.scan(accumulate, jnp.zeros((per_row, n_genes), dosages.dtype),
                                 jnp.arange(n_particle_chunks))
         return total

@@ -53,6 +53,23 @@ class LikelihoodHead(nn.Module):
         raise ValueError(f"unknown likelihood {self.likelihood!r}; allowed: {LIKELIHOODS}")
 
 
+def summed_observation(p_x, weights):
+    """The distribution of ``sum_s weights[s] * x[i * S + s]`` (``[I, G]``) for independent
+    draws ``x ~ p_x`` (batch shape ``[I * S, G]``: ``I`` groups of ``S`` consecutive rows;
+    ``weights`` ``[S]`` of 0 / 1), where it has a closed form: the normal
+    (``Normal(sum mu, sqrt(sum sigma^2))``) and Poisson (``Poisson(sum rate)``)
+    likelihoods. ``None`` for the others (the negative binomial's sum is not one).
+    """
+    n_summed = weights.shape[0]
+    grouped = lambda values: jnp.broadcast_to(values, p_x.batch_shape).reshape(-1, n_summed, p_x.batch_shape[-1])  # noqa: E731
+    weights = weights[:, None]
+    if isinstance(p_x, dist.Normal):
+        return Normal((weights * grouped(p_x.loc)).sum(1), jnp.sqrt((weights * grouped(jnp.square(p_x.scale))).sum(1)))
+    if isinstance(p_x, dist.Poisson):
+        return dist.Poisson((weights * grouped(p_x.rate)).sum(1))
+    return None
+
+
 class Normal(dist.Normal):
     """``numpyro``'s Normal whose ``sample`` draws the same numbers faster on the CPU
     (:func:`sams_jax.samplers.normal` equals ``jax.random.normal``). Used for observations

@@ -57,9 +57,9 @@ class Predictor:
 
         self._generate = jax.jit(generate, static_argnums=(3,))
         self._expectations = jax.jit(
-            partial(model_expectations, generate),
+            partial(model_expectations, model.apply),
             static_argnames=("n_particles", "scale", "method", "max_active", "library_size",
-                             "intervention_chunk", "particle_chunk"))
+                             "intervention_chunk", "particle_chunk", "summed_observations"))
         @jax.jit
         def encode(variables, x, dosages, keys):  # -> [n, K], mean over the keys' global draws
             return jax.vmap(lambda key: model.apply(variables, x, dosages, rngs={"globals": key},

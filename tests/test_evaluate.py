@@ -12,6 +12,7 @@ import pandas as pd
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pytest
 from scipy import stats
 
@@ -88,6 +89,46 @@ def test_crn_has_much_lower_variance_than_independent_draws():
         runs = np.stack([predictor.ate(["a", "b"], method=method, n_particles=64, seed=s).X for s in range(6)])
         return runs.std(0).mean()
     assert spread("crn") < 0.25 * spread("paper")
+
+
+def test_summed_observations_have_the_paper_estimators_distribution():
+    """With a normal likelihood and scale="mean", the paper estimator draws the particle sum
+    of x in one go (N(sum mu, sum sigma^2)); over many seeds its estimates have the same
+    mean and spread as drawing every cell, including a last particle chunk that overruns
+    (5 particles in chunks of 4). The observation noise dominates here (sigma^2 = e)."""
+    predictor, params = _linear_predictor()
+    params = jax.tree.map(lambda v: v, params)
+    params["likelihood_head"]["normal"]["logvar"]["bias"] = jnp.ones_like(
+        params["likelihood_head"]["normal"]["logvar"]["bias"])
+    variables = {**predictor.variables, "params": params}
+    dosages = jnp.asarray(predictor.dosages(["a", "b+c"]))
+
+    def estimates(summed):
+        run = jax.jit(jax.vmap(lambda key: predictor._expectations(
+            variables, dosages, key, n_particles=5, scale="mean", method="paper", particle_chunk=4,
+            summed_observations=summed)))
+        return np.asarray(run(jax.random.split(jax.random.key(3), 600)))  # [seeds, I, G]
+
+    summed, per_cell = estimates(True), estimates(False)
+    assert not np.allclose(summed[0], per_cell[0])  # different random numbers ...
+    np.testing.assert_allclose(summed.mean(0), per_cell.mean(0), atol=0.12)  # ... the same distribution
+    np.testing.assert_allclose(summed.std(0), per_cell.std(0), rtol=0.12)
+    np.testing.assert_allclose(per_cell.std(0), np.sqrt(np.e / 5), rtol=0.12)  # sigma / sqrt(S)
+
+
+def test_summed_observation_closed_forms():
+    from sams_jax.likelihoods import GammaPoisson, Normal, summed_observation
+
+    loc, scale = jnp.arange(12.0).reshape(4, 3), jnp.arange(1.0, 13.0).reshape(4, 3)
+    weights = jnp.array([1.0, 0.0])  # 2 groups of 2 rows; the second row of each is left out
+    total = summed_observation(Normal(loc, scale), weights)
+    np.testing.assert_allclose(total.loc, loc[::2])
+    np.testing.assert_allclose(total.scale, scale[::2])
+    total = summed_observation(Normal(loc, scale), jnp.ones(2))
+    np.testing.assert_allclose(total.loc, loc[::2] + loc[1::2])
+    np.testing.assert_allclose(total.scale, np.sqrt(scale[::2] ** 2 + scale[1::2] ** 2), rtol=1e-6)
+    np.testing.assert_allclose(summed_observation(dist.Poisson(scale), jnp.ones(4)).rate, scale.sum(0, keepdims=True))
+    assert summed_observation(GammaPoisson(jnp.ones(3), jnp.ones((4, 3))), jnp.ones(2)) is None
 
 
 def test_ate_scale_and_method_validation():

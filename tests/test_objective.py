@@ -327,8 +327,9 @@ def test_generation_draws_equal_numpyro(small):
     expected = dist.BernoulliLogits(variables["params"]["mask_logits"][rows]).sample(global_key)
     np.testing.assert_array_equal(masks, expected)
 
-    shift = jnp.ones((4, 3))
-    z_mean = model.apply(variables, shift, jnp.ones(4), method=lambda m, s, l: m.sample_x(s, l)[1], rngs=rngs)
+    dosages = jax.nn.one_hot(rows[:, 0], 4)
+    shift = model.apply(variables, dosages, method=lambda m, d: m.prior_shift(d, 1)[0], rngs=rngs)
+    z_mean = model.apply(variables, dosages, jnp.ones(4), method=lambda m, d, l: m.generate(d, l, 1)[1], rngs=rngs)
     z = jax.random.normal(local_key, shift.shape) + shift
     expected_mean = model.apply(variables, z, jnp.ones(4), method=lambda m, z, l: m.p_x(z, l).mean)
     np.testing.assert_array_equal(z_mean, expected_mean)

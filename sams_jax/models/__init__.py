@@ -5,9 +5,10 @@ shared objective (``sams_jax.objective``), training and evaluation need no model
 code. Models: ``sams_vae`` (SPEC 1-2), and the baselines of SPEC 4: ``cpa_vae``,
 ``conditional_vae``, ``svae_plus``, ``sams_vae_beta_bernoulli``. Every model builds on
 :class:`~sams_jax.models.components.PerturbationVAE` (shared encoder, decoder, likelihood
-head and normalisation) and implements ``__call__`` (one particle), ``generate``
-(``x`` under interventions, local latent from its prior) and ``encode``; ``mask_probs``
-and ``embedding_means`` where the model has them.
+head and normalisation, and ``generate``: cells under interventions, local latent from
+its prior) and implements ``__call__`` (one particle), ``prior_shift`` (the local prior's
+mean under interventions) and ``encode``; ``mask_probs`` and ``embedding_means`` where
+the model has them.
 """
 
 from __future__ import annotations

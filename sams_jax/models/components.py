@@ -13,8 +13,10 @@
   :class:`~sams_jax.likelihoods.LikelihoodHead` (submodules ``decoder`` and
   ``likelihood_head``);
 * :meth:`PerturbationVAE.local_terms`, which draws ``z`` from its guide and scores it, and
-  :meth:`PerturbationVAE.sample_x`, which draws ``z`` from its prior and then ``x`` (for
-  average treatment effects).
+  :meth:`PerturbationVAE.generate` / :meth:`PerturbationVAE.generated_observation`, which
+  draw ``z`` from its prior (shifted by the model's :meth:`~PerturbationVAE.prior_shift`
+  for the interventions) and then ``x``, or return ``p(x | z)`` (for average treatment
+  effects).
 
 :class:`LearnedMask` adds the perturbation-plated mask with free guide logits shared by
 SAMS-VAE and SVAE+.
@@ -97,11 +99,26 @@ class PerturbationVAE(nn.Module):
             global_kl={} if global_kl is None else global_kl,
         )
 
-    def sample_x(self, shift, library_size, *decoder_extra):
-        """``x`` for a local latent drawn from its prior ``Normal(shift, I)`` (``shift``
-        ``[n, K]``): ``(x_sample, x_mean)``, each ``[n, G]``."""
+    def prior_shift(self, dosages, max_active: int):
+        """For generated cells under interventions ``dosages`` (``[n, T]``): the mean of
+        the local latent's prior, ``[n, K]`` (global variables drawn independently per row
+        where the model has them), and the decoder's extra inputs (a tuple). Each model
+        defines it; ``max_active`` (static) bounds the non-zero dosages of a row."""
+        raise NotImplementedError(f"{type(self).__name__} does not define prior_shift")
+
+    def generated_observation(self, dosages, library_size, max_active: int = 2):
+        """``p(x | z)`` of cells generated under interventions ``dosages`` (``[n, T]``,
+        library sizes ``[n]``): ``z ~ Normal(prior_shift, I)`` is drawn, ``x`` is not. A
+        distribution with batch shape ``[n, G]``."""
+        shift, decoder_extra = self.prior_shift(dosages, max_active)
         z = normal(self.make_rng("local"), shift.shape).astype(shift.dtype) + shift  # jax.random.normal's numbers
-        p_x = self.p_x(z, library_size, *decoder_extra)
+        return self.p_x(z, library_size, *decoder_extra)
+
+    def generate(self, dosages, library_size, max_active: int = 2):
+        """Cells generated under interventions ``dosages`` (``[n, T]``, library sizes
+        ``[n]``): ``(x_sample, x_mean)``, each ``[n, G]``, with ``z`` from its prior (see
+        :meth:`generated_observation`) and ``x`` drawn from ``p(x | z)``."""
+        p_x = self.generated_observation(dosages, library_size, max_active)
         return p_x.sample(self.make_rng("local")), p_x.mean
 
 

@@ -24,12 +24,11 @@ class ConditionalVAE(PerturbationVAE):
         return self.local_terms(x, library_size, self.q_local(x, dosages), STANDARD_NORMAL, "z",
                                 decoder_extra=(dosages,))
 
-    def generate(self, dosages, library_size, max_active: int = 2):
-        """Sample ``x`` under interventions ``dosages`` (``[n, T]``) with ``z`` from its
-        prior: ``(x_sample, x_mean)``, each ``[n, G]``. ``max_active`` is not used."""
+    def prior_shift(self, dosages, max_active: int):
+        """Generated cells: ``z`` from ``Normal(0, I)``; the dosages enter the decoder.
+        ``max_active`` is not used."""
         del max_active
-        shift = jnp.zeros((dosages.shape[0], self.n_latent), dosages.dtype)
-        return self.sample_x(shift, library_size, dosages)
+        return jnp.zeros((dosages.shape[0], self.n_latent), dosages.dtype), (dosages,)
 
     def encode(self, x, dosages):
         """Posterior mean of ``z`` (``[n, K]``)."""

@@ -124,11 +124,10 @@ class AdditiveShiftVAE(PerturbationVAE):
         embedding = q_embedding.loc + normal(self.make_rng("globals"), q_embedding.batch_shape) * q_embedding.scale
         return jnp.einsum("na,nak->nk", weights, embedding * mask)
 
-    def generate(self, dosages, library_size, max_active: int = 2):
-        """Sample ``x`` for cells under interventions ``dosages`` (``[n, T]``): global
-        variables from the guide (independently per row), ``z_basal`` from its prior.
-        Returns ``(x_sample, x_mean)``, each ``[n, G]``."""
-        return self.sample_x(self.sample_offsets(dosages, max_active), library_size)
+    def prior_shift(self, dosages, max_active: int):
+        """Generated cells: global variables from the guide (independently per row), so
+        ``z_basal + offset`` has prior mean :meth:`sample_offsets`; no decoder extras."""
+        return self.sample_offsets(dosages, max_active), ()
 
     def encode(self, x, dosages):
         """Posterior mean of ``z_basal`` (``[n, K]``) for one draw of the global variables."""

@@ -72,16 +72,15 @@ class SVAEPlus(LearnedMask):
         return self.local_terms(x, library_size, self.q_local(x), p_z, "z",
                                 global_log_p=global_log_p, global_log_q=global_log_q, global_kl=global_kl)
 
-    def generate(self, dosages, library_size, max_active: int = 2):
-        """Sample ``x`` under interventions ``dosages`` (``[n, T]``, one-hot or zero rows):
-        ``mask_prob`` at its point mass, ``mask`` drawn independently per row, ``z`` from its
-        prior ``Normal(mask[t] * prior_mean[t], I)``. Returns ``(x_sample, x_mean)``, each
-        ``[n, G]``. (A row with several perturbations would get the sum of their prior
-        means; the model is not trained for that, see :meth:`check_data`.)"""
+    def prior_shift(self, dosages, max_active: int):
+        """Generated cells under ``dosages`` (``[n, T]``, one-hot or zero rows):
+        ``mask_prob`` at its point mass, ``mask`` drawn independently per row, so ``z`` has
+        prior mean ``mask[t] * prior_mean[t]``; no decoder extras. (A row with several
+        perturbations would get the sum of their prior means; the model is not trained for
+        that, see :meth:`check_data`.)"""
         active, rows = active_perturbations(dosages, max_active)  # [n, A]
         mask = self.sample_row_masks(rows)  # [n, A, K]
-        shift = jnp.einsum("na,nak->nk", (active != 0).astype(mask.dtype), mask * self.prior_mean[rows])
-        return self.sample_x(shift, library_size)
+        return jnp.einsum("na,nak->nk", (active != 0).astype(mask.dtype), mask * self.prior_mean[rows]), ()
 
     def encode(self, x, dosages):
         """Posterior mean of ``z`` (``[n, K]``); ``q(z | x)`` does not use the dosages."""
