@@ -83,8 +83,18 @@ def uniform(key, shape, minval=0.0, maxval=1.0) -> jax.Array:
     return _uniform_from_bits(random_bits(key, shape), minval, maxval)
 
 
-def normal(key, shape) -> jax.Array:
-    """float32 standard normals, equal to ``jax.random.normal``."""
+def normal(key, shape, last_axis_first: bool = False) -> jax.Array:
+    """float32 standard normals, equal to ``jax.random.normal(key, shape)``; with
+    ``last_axis_first``, to ``jax.random.normal(key, (shape[-1], *shape[:-1]))`` with that
+    axis moved last (the same distribution, other numbers).
+
+    XLA's CPU loop over an array runs along its last axis. When that axis is short and not
+    a multiple of the vector width (K = 15 latent dimensions), most of the hashing runs on
+    scalars; drawing with it first, and doing the elementwise work that follows in that
+    layout (see ``PerturbationVAE.generated_observation``), keeps it vectorised. Measured
+    on the 2-core CPU: simulation ATEs 0.22-0.25 s against 0.38-0.47 s."""
+    if last_axis_first and len(shape) >= 2:
+        return jnp.moveaxis(normal(key, (shape[-1], *shape[:-1])), 0, -1)
     low = np.nextafter(np.float32(-1.0), np.float32(0.0))
     return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(uniform(key, shape, low, 1.0))
 

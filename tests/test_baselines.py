@@ -61,11 +61,12 @@ def _terms(model, variables, batch, rngs):
 
 
 class _Noise(nn.Module):
-    """The first draw of the "local" stream, as a model's ``generate`` makes it."""
+    """The first draw of the "local" stream, as a model's ``generate`` makes it (latent
+    axis first)."""
 
     @nn.compact
     def __call__(self, n, k):
-        return jax.random.normal(self.make_rng("local"), (n, k))
+        return jax.random.normal(self.make_rng("local"), (k, n)).T
 
 
 def _noise(n, k=3):

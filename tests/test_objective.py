@@ -315,7 +315,8 @@ def test_active_perturbations_equal_top_k():
 def test_generation_draws_equal_numpyro(small):
     """Generating cells draws masks, embeddings and z with the fused-hash samplers; the
     numbers equal numpyro's / jax.random's for the same keys (flax hands out the same key
-    to the first ``make_rng`` call of a stream in every ``apply``)."""
+    to the first ``make_rng`` call of a stream in every ``apply``), with z and the
+    embeddings drawn with the latent axis first."""
     _, batch = small
     model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, normalization="none")
     variables = _init(model, batch)
@@ -330,7 +331,7 @@ def test_generation_draws_equal_numpyro(small):
     dosages = jax.nn.one_hot(rows[:, 0], 4)
     shift = model.apply(variables, dosages, method=lambda m, d: m.prior_shift(d, 1)[0], rngs=rngs)
     z_mean = model.apply(variables, dosages, jnp.ones(4), method=lambda m, d, l: m.generate(d, l, 1)[1], rngs=rngs)
-    z = jax.random.normal(local_key, shift.shape) + shift
+    z = jax.random.normal(local_key, shift.shape[::-1]).T + shift  # drawn with the latent axis first
     expected_mean = model.apply(variables, z, jnp.ones(4), method=lambda m, z, l: m.p_x(z, l).mean)
     np.testing.assert_array_equal(z_mean, expected_mean)
     # the per-row global draws of generation: mask (first globals key), then embedding (second)
@@ -340,4 +341,5 @@ def test_generation_draws_equal_numpyro(small):
     offsets = model.apply(variables, dosages, method=lambda m, d: m.sample_offsets(d, 1), rngs=rngs)
     mask = dist.BernoulliLogits(variables["params"]["mask_logits"][rows]).sample(first).astype(jnp.float32)
     q_embedding = model.apply(variables, mask, rows, method=lambda m, k, r: m.q_embedding(k, r))
-    np.testing.assert_array_equal(offsets, (q_embedding.sample(second) * mask)[:, 0])
+    embedding = q_embedding.loc + jnp.moveaxis(jax.random.normal(second, (3, 4, 1)), 0, -1) * q_embedding.scale
+    np.testing.assert_array_equal(offsets, (embedding * mask)[:, 0])

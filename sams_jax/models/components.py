@@ -111,7 +111,10 @@ class PerturbationVAE(nn.Module):
         library sizes ``[n]``): ``z ~ Normal(prior_shift, I)`` is drawn, ``x`` is not. A
         distribution with batch shape ``[n, G]``."""
         shift, decoder_extra = self.prior_shift(dosages, max_active)
-        z = normal(self.make_rng("local"), shift.shape).astype(shift.dtype) + shift  # jax.random.normal's numbers
+        # drawn, and added to the shift, with the short latent axis first: XLA's loop then
+        # vectorises over the cells (see samplers.normal's last_axis_first)
+        n_cells, n_latent = shift.shape
+        z = (normal(self.make_rng("local"), (n_latent, n_cells)).astype(shift.dtype) + shift.T).T
         return self.p_x(z, library_size, *decoder_extra)
 
     def generate(self, dosages, library_size, max_active: int = 2):

@@ -120,8 +120,9 @@ class AdditiveShiftVAE(PerturbationVAE):
         """
         weights, rows = active_perturbations(dosages, max_active)  # [n, A]
         mask = self.sample_row_masks(rows)  # [n, A, K]
-        q_embedding = self.q_embedding(mask, rows)  # sampled as numpyro does, with jax.random.normal's numbers
-        embedding = q_embedding.loc + normal(self.make_rng("globals"), q_embedding.batch_shape) * q_embedding.scale
+        q_embedding = self.q_embedding(mask, rows)  # drawn with the latent axis first, as z is
+        embedding = q_embedding.loc + normal(self.make_rng("globals"), q_embedding.batch_shape,
+                                             last_axis_first=True) * q_embedding.scale
         return jnp.einsum("na,nak->nk", weights, embedding * mask)
 
     def prior_shift(self, dosages, max_active: int):
