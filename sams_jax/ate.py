@@ -15,7 +15,7 @@ from the guide and of the local latent from its prior, then ``x`` from the likel
   likelihood, ``sum_s x_s = sum_s mu_s + N(0, sum_s sigma_s^2)`` instead of one normal per
   particle and gene. The estimate has exactly the paper's distribution (only the random
   numbers differ); ``summed_observations=False`` draws every cell's ``x`` instead. At
-  simulation scale this is most of the time saved (``benchmarks/RESULTS.md``);
+  simulation scale it takes about a fifth off the time (``benchmarks/RESULTS.md``);
 * ``method="crn"`` (common random numbers): every intervention and the control use the
   *same* random numbers (drawn once and shared), so noise common to both (``z_basal``,
   the observation noise) cancels in the difference. Unbiased like the paper's estimator, with a far smaller
