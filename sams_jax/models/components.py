@@ -139,7 +139,9 @@ class LearnedMask(PerturbationVAE):
 
     def straight_through_mask(self):
         """One Gumbel-softmax straight-through sample ``[T, K]`` (``"globals"`` stream)."""
-        return straight_through_bernoulli(self.make_rng("globals"), self.mask_logits, self.gs_temperature)
+        # drawn as [K, T]: XLA's CPU loop then runs along the perturbations, not along the
+        # short latent axis (see samplers.normal's last_axis_first); same distribution
+        return straight_through_bernoulli(self.make_rng("globals"), self.mask_logits.T, self.gs_temperature).T
 
     def sample_row_masks(self, rows):
         """Plain samples of the masks of perturbations ``rows`` (``[n, A]`` -> ``[n, A, K]``),
