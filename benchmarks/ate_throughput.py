@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
-from sams_jax.ate import model_expectations  # noqa: E402
+from sams_jax.ate import model_expectations, particle_chunk_size  # noqa: E402
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
 from sams_jax.predictor import Predictor, iwelbo_chunk_size, load  # noqa: E402
@@ -140,7 +140,8 @@ def main() -> None:
     # One chunk of interventions x particles (model_expectations' defaults), times the chunks.
     defaults = inspect.signature(model_expectations).parameters
     rows = min(defaults["intervention_chunk"].default, dosages.shape[0])
-    particles = min(defaults["particle_chunk"].default, args.ate_particles)
+    particles = min(particle_chunk_size(len(predictor.feature_names), defaults["intervention_chunk"].default),
+                    args.ate_particles)
     row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages[:rows], key,
                              **{**ate_kwargs, "n_particles": particles}) \
         * -(-dosages.shape[0] // rows) * -(-args.ate_particles // particles)

@@ -26,8 +26,8 @@ Computation: ``lax.map`` over chunks of interventions, ``vmap`` inside a chunk, 
 ``lax.scan`` over chunks of particles accumulating sums, so memory is bounded by
 ``intervention_chunk x particle_chunk`` generated cells (each ``G`` genes plus the
 decoder's hidden layer): about ``4 * I_c * S_c * (G + H) * 3`` bytes (defaults
-``I_c = 8``, ``S_c = 256``: about 30 MB for G = 1,187, H = 400), independent of the total
-number of interventions and particles.
+``I_c = 8`` and :func:`particle_chunk_size`, ``S_c = 256`` for G = 1,187: about 30 MB with
+H = 400), independent of the total number of interventions and particles.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sams_jax.likelihoods import summed_observation
 
 SCALES = ("mean", "perturbseq")
 METHODS = ("paper", "crn")
@@ -59,7 +58,8 @@ def transform(x, scale: str):
 
 def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles: int, scale: str,
                        method: str = "paper", max_active: int = 2, library_size: float = LIBRARY_SIZE,
-                       intervention_chunk: int = 8, particle_chunk: int = 256, summed_observations: bool = True):
+                       intervention_chunk: int = 8, particle_chunk: int | None = None,
+                       summed_observations: bool = True):
     """``E[f(x) | do(d)]`` for each row ``d`` of ``dosages`` (``[I, T]``) -> ``[I, G]``.
 
     ``apply_fn`` is the model's ``apply``; its methods ``generate`` and
@@ -72,10 +72,17 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
     ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
     over interventions with an unbatched key, so the draws are made once and broadcast),
     and so does the control. Jittable (everything but the arrays is static).
+    ``particle_chunk`` defaults to :func:`particle_chunk_size`; the random numbers depend on
+    the chunking, so compare estimates made with the same chunk sizes.
     """
     if method not in METHODS:
         raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
     n_interventions, n_perturbations = dosages.shape
+    if particle_chunk is None:
+        n_genes = jax.eval_shape(lambda d: apply_fn(variables, d, jnp.ones((1,), d.dtype), max_active,
+                                                    rngs={"globals": rng, "local": rng}, method="generate")[0],
+                                 dosages[:1]).shape[-1]
+        particle_chunk = particle_chunk_size(n_genes, intervention_chunk)
     chunk = min(particle_chunk, n_particles)
     n_particle_chunks = -(-n_particles // chunk)
     per_row = min(intervention_chunk, n_interventions)
@@ -83,9 +90,9 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
     padded = jnp.pad(dosages, ((0, n_row_chunks * per_row - n_interventions), (0, 0)))
     library = jnp.full((chunk,), library_size, dosages.dtype)
 
-    def cells_apply(method_name, cells, key):  # cells [n, T]
+    def cells_apply(method_name, cells, key, **kwargs):  # cells [n, T]
         global_key, local_key = jax.random.split(key)
-        return apply_fn(variables, cells, jnp.broadcast_to(library[:1], cells.shape[:1]), max_active,
+        return apply_fn(variables, cells, jnp.broadcast_to(library[:1], cells.shape[:1]), max_active, **kwargs,
                         rngs={"globals": global_key, "local": local_key}, method=method_name)
 
     def draw(cells, key):  # cells [n, T] -> f(x) [n, G]
@@ -94,8 +101,7 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
 
     def summed(cells, key, valid):  # cells [I_c * S_c, T] -> sum_s valid_s x [I_c, G], or None
         observation_key, sum_key = jax.random.split(key)
-        total = summed_observation(cells_apply("generated_observation", cells, observation_key),
-                                   valid.astype(dosages.dtype))
+        total = cells_apply("generated_observation", cells, observation_key, sum_weights=valid.astype(dosages.dtype))
         return None if total is None else total.sample(sum_key)
 
     use_sums = summed_observations and method == "paper" and scale == "mean"
@@ -127,6 +133,21 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
 
     sums = jax.lax.map(row_chunk_sums, (padded.reshape(n_row_chunks, per_row, -1), jnp.arange(n_row_chunks)))
     return sums.reshape(n_row_chunks * per_row, -1)[:n_interventions] / n_particles
+
+
+ATE_CHUNK_ELEMENTS = 4 * 2**20  # generated cells x genes per chunk: 16 MB per float32 intermediate
+
+
+def particle_chunk_size(n_genes: int, intervention_chunk: int = 8) -> int:
+    """Default particles per chunk of :func:`model_expectations`: chunks of
+    ``intervention_chunk x particle_chunk`` generated cells, the largest power of two up to
+    4,096 cells whose ``cells x genes`` stay within ``ATE_CHUNK_ELEMENTS``. On the 2-core
+    CPU that gives the fastest of the sizes measured at both benchmark scales: 4,096 cells
+    for the default simulation (100 genes; 17% faster than 2,048) and 2,048 for the
+    Replogle-scale screen (1,187 genes; 4,096 was no faster) (``benchmarks/RESULTS.md``)."""
+    cells = min(4096, ATE_CHUNK_ELEMENTS // max(1, n_genes))
+    cells = 2 ** int(np.floor(np.log2(max(cells, 1))))
+    return max(1, cells // max(1, intervention_chunk))
 
 
 def data_expectations(x, dosages: np.ndarray, interventions: np.ndarray, scale: str,

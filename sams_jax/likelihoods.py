@@ -18,7 +18,7 @@ import numpyro.distributions as dist
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.special import betaln, digamma
 
-from sams_jax.nn import NormalHead, TorchDense
+from sams_jax.nn import NormalHead, TorchDense, grouped_sum
 from sams_jax.samplers import normal, sample_negative_binomial
 
 LIKELIHOODS = ("normal", "poisson", "library_nb")
@@ -35,14 +35,21 @@ class LikelihoodHead(nn.Module):
     compute_dtype: str = "float32"  # matrix-multiply inputs of the linear layer (sams_jax.nn.matmul)
 
     @nn.compact
-    def __call__(self, hidden, library_size):
+    def __call__(self, hidden, library_size, sum_weights=None):
+        """``sum_weights`` (``[S]`` of 0 / 1, optional; hidden ``[I * S, H]``): instead, the
+        distribution of the weighted sum over each group of ``S`` consecutive rows of
+        independent draws, ``[I, n_genes]``, where it has a closed form (see
+        :func:`summed_observation`); ``None`` for the others."""
         dtype = self.compute_dtype
         if self.likelihood == "normal":
-            head = NormalHead(self.n_genes, compute_dtype=dtype, name="normal")(hidden)
-            return Normal(head.loc, head.scale)
+            head = NormalHead(self.n_genes, compute_dtype=dtype, name="normal")
+            p_x = head(hidden) if sum_weights is None else head.summed(hidden, sum_weights)
+            return Normal(p_x.loc, p_x.scale)
         if self.likelihood == "poisson":
             rate = jax.nn.softplus(TorchDense(self.n_genes, compute_dtype=dtype, name="rate")(hidden))
-            return dist.Poisson(rate)
+            return dist.Poisson(rate) if sum_weights is None else summed_observation(dist.Poisson(rate), sum_weights)
+        if sum_weights is not None:
+            return None
         if self.likelihood == "library_nb":
             log_rho = jax.nn.log_softmax(TorchDense(self.n_genes, compute_dtype=dtype, name="logits")(hidden),
                                          axis=-1)
@@ -59,10 +66,11 @@ def summed_observation(p_x, weights):
     ``weights`` ``[S]`` of 0 / 1), where it has a closed form: the normal
     (``Normal(sum mu, sqrt(sum sigma^2))``) and Poisson (``Poisson(sum rate)``)
     likelihoods. ``None`` for the others (the negative binomial's sum is not one).
+    :class:`LikelihoodHead` with ``sum_weights`` gives the same distribution from the hidden
+    state, with the normal's linear mean summed before its head (cheaper).
     """
     def total(values):  # [I * S, G] (or broadcastable) -> [I, G]
-        grouped = jnp.broadcast_to(values, p_x.batch_shape).reshape(-1, weights.shape[0], p_x.batch_shape[-1])
-        return (weights[:, None] * grouped).sum(1)
+        return grouped_sum(jnp.broadcast_to(values, p_x.batch_shape), weights)
 
     if isinstance(p_x, dist.Normal):
         return Normal(total(p_x.loc), jnp.sqrt(total(jnp.square(p_x.scale))))

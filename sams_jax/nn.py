@@ -119,11 +119,35 @@ class NormalHead(nn.Module):
     features: int
     compute_dtype: str = "float32"
 
-    @nn.compact
+    def setup(self):
+        self.loc = TorchDense(self.features, compute_dtype=self.compute_dtype)
+        self.logvar = TorchDense(self.features, compute_dtype=self.compute_dtype)
+
+    def variance(self, h):  # [..., d] -> [..., features]
+        return jnp.exp(self.logvar(h)) + VARIANCE_FLOOR
+
     def __call__(self, h):  # [..., d] -> Normal with batch shape [..., features]
-        loc = TorchDense(self.features, compute_dtype=self.compute_dtype, name="loc")(h)
-        logvar = TorchDense(self.features, compute_dtype=self.compute_dtype, name="logvar")(h)
-        return dist.Normal(loc, jnp.sqrt(jnp.exp(logvar) + VARIANCE_FLOOR))
+        return dist.Normal(self.loc(h), jnp.sqrt(self.variance(h)))
+
+    def summed(self, h, weights):
+        """The distribution of ``sum_s weights[s] * y[i * S + s]`` for independent draws
+        ``y ~ self(h)``: ``h`` ``[I * S, d]`` (``I`` groups of ``S`` consecutive rows),
+        ``weights`` ``[S]`` of 0 / 1 -> Normal with batch shape ``[I, features]``.
+
+        The mean head is linear, so the summed mean is the head applied to the group's
+        mean hidden state, times the group's weight: one ``d x features`` product per
+        group instead of one per row (exact up to float rounding). The variances are
+        summed row by row."""
+        count = weights.sum()
+        mean_hidden = grouped_sum(h, weights) / jnp.maximum(count, 1.0)  # [I, d]
+        return dist.Normal(count * self.loc(mean_hidden), jnp.sqrt(grouped_sum(self.variance(h), weights)))
+
+
+def grouped_sum(values, weights):
+    """``sum_s weights[s] * values[i * S + s]``: ``values`` ``[I * S, ...]``, ``weights``
+    ``[S]`` -> ``[I, ...]``."""
+    grouped = values.reshape(-1, weights.shape[0], *values.shape[1:])
+    return jnp.einsum("s,is...->i...", weights.astype(values.dtype), grouped)
 
 
 def straight_through_bernoulli(key, logits, temperature):

@@ -131,6 +131,36 @@ def test_summed_observation_closed_forms():
     assert summed_observation(GammaPoisson(jnp.ones(3), jnp.ones((4, 3))), jnp.ones(2)) is None
 
 
+def test_normal_head_summed_equals_the_sum_of_its_rows():
+    """The normal head's group sums (mean head applied to the summed hidden states) equal
+    the closed-form sum of its per-row normals, with padding particles left out."""
+    from sams_jax.likelihoods import summed_observation
+    from sams_jax.nn import NormalHead
+
+    head = NormalHead(7)
+    hidden = jax.random.normal(jax.random.key(0), (3 * 4, 5))  # 3 groups of 4 particles
+    params = head.init(jax.random.key(1), hidden)
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0])
+    expected = summed_observation(head.apply(params, hidden), weights)
+    total = head.apply(params, hidden, weights, method="summed")
+    np.testing.assert_allclose(total.loc, expected.loc, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(total.scale, expected.scale, rtol=1e-6)
+    rows = head.apply(params, hidden)
+    np.testing.assert_allclose(total.loc[1], rows.loc[4:7].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_particle_chunk_size_bounds_the_chunk():
+    from sams_jax.ate import ATE_CHUNK_ELEMENTS, particle_chunk_size
+
+    assert particle_chunk_size(100) == 512  # 4,096 cells: the cap
+    assert particle_chunk_size(1187) == 256  # 2,048 cells x 1,187 genes within the budget
+    assert particle_chunk_size(1187, intervention_chunk=4) == 512
+    for n_genes in (1, 100, 1187, 5000, 33_000, 10**7):
+        per_chunk = particle_chunk_size(n_genes) * 8
+        assert per_chunk * n_genes <= ATE_CHUNK_ELEMENTS or particle_chunk_size(n_genes) == 1
+        assert per_chunk <= 4096
+
+
 def test_ate_scale_and_method_validation():
     predictor, _ = _linear_predictor()
     with pytest.raises(ValueError, match="allowed"):

@@ -77,9 +77,10 @@ class PerturbationVAE(nn.Module):
         entries of ``extra`` are left out)."""
         return self.basal_head(self.basal_encoder(self.encoder_input(x), *extra))
 
-    def p_x(self, z, library_size, *extra):
-        """``p(x | decoder(z, *extra), library_size)``: a distribution over ``[n, G]``."""
-        return self.likelihood_head(self.decoder(z, *extra), library_size)
+    def p_x(self, z, library_size, *extra, sum_weights=None):
+        """``p(x | decoder(z, *extra), library_size)``: a distribution over ``[n, G]`` (with
+        ``sum_weights``, that of group sums: see :class:`~sams_jax.likelihoods.LikelihoodHead`)."""
+        return self.likelihood_head(self.decoder(z, *extra), library_size, sum_weights)
 
     def local_terms(self, x, library_size, q_z, p_z, name: str, shift=0.0, decoder_extra=(),
                     global_log_p=None, global_log_q=None, global_kl=None) -> ParticleTerms:
@@ -106,16 +107,18 @@ class PerturbationVAE(nn.Module):
         defines it; ``max_active`` (static) bounds the non-zero dosages of a row."""
         raise NotImplementedError(f"{type(self).__name__} does not define prior_shift")
 
-    def generated_observation(self, dosages, library_size, max_active: int = 2):
+    def generated_observation(self, dosages, library_size, max_active: int = 2, sum_weights=None):
         """``p(x | z)`` of cells generated under interventions ``dosages`` (``[n, T]``,
         library sizes ``[n]``): ``z ~ Normal(prior_shift, I)`` is drawn, ``x`` is not. A
-        distribution with batch shape ``[n, G]``."""
+        distribution with batch shape ``[n, G]``; with ``sum_weights`` (``[S]``), that of
+        the weighted sums of ``x`` over groups of ``S`` consecutive cells, ``[n / S, G]``, or
+        ``None`` where the likelihood has no closed form for it."""
         shift, decoder_extra = self.prior_shift(dosages, max_active)
         # drawn, and added to the shift, with the short latent axis first: XLA's loop then
         # vectorises over the cells (see samplers.normal's last_axis_first)
         n_cells, n_latent = shift.shape
         z = (normal(self.make_rng("local"), (n_latent, n_cells)).astype(shift.dtype) + shift.T).T
-        return self.p_x(z, library_size, *decoder_extra)
+        return self.p_x(z, library_size, *decoder_extra, sum_weights=sum_weights)
 
     def generate(self, dosages, library_size, max_active: int = 2):
         """Cells generated under interventions ``dosages`` (``[n, T]``, library sizes
