@@ -7,6 +7,10 @@
   unbatched, so it is computed once per cell rather than once per particle.
 * :class:`NormalHead` -- mean and log-variance heads giving a ``numpyro`` ``Normal`` with
   variance ``exp(logvar) + 1e-4`` (SPEC 1-2).
+* :func:`match_particles` / :func:`add_across_particles` -- how a per-cell (or global)
+  array meets per-particle ones inside the objective's ``vmap`` over particles
+  (:data:`PARTICLE_AXIS`), so that the backward pass sums over particles with a matrix
+  product (see :func:`match_particles`).
 
 Parameters are initialised like PyTorch's ``nn.Linear`` (uniform on
 ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` for kernel and bias), the convention of the
@@ -20,6 +24,8 @@ downstream (densities, KL terms, the objective) stay float32.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -27,6 +33,67 @@ import numpyro.distributions as dist
 
 VARIANCE_FLOOR = 1e-4
 COMPUTE_DTYPES = ("float32", "bfloat16")
+PARTICLE_AXIS = "particles"  # axis name of the objective's vmap over particles
+EXPLICIT_BROADCAST_MIN_ELEMENTS = 2**16  # match_particles: smaller broadcasts stay implicit
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_particles(x, n_particles):  # [...] -> [S, ...]; backward: a product with ones
+    return jnp.broadcast_to(x, (n_particles, *x.shape))
+
+
+def _broadcast_particles_fwd(x, n_particles):
+    return _broadcast_particles(x, n_particles), None
+
+
+def _broadcast_particles_bwd(n_particles, _, cotangent):
+    flat = cotangent.reshape(n_particles, -1)
+    return ((jnp.ones((n_particles,), flat.dtype) @ flat).reshape(cotangent.shape[1:]),)
+
+
+_broadcast_particles.defvjp(_broadcast_particles_fwd, _broadcast_particles_bwd)
+
+
+@jax.custom_batching.custom_vmap
+def _match_batched(x, like, index):
+    return x
+
+
+@_match_batched.def_vmap
+def _match_batched_rule(axis_size, in_batched, x, like, index):
+    x_batched, like_batched, _ = in_batched
+    if like_batched and not x_batched and axis_size * x.size >= EXPLICIT_BROADCAST_MIN_ELEMENTS:
+        return _broadcast_particles(x, axis_size), True
+    return x, x_batched
+
+
+def match_particles(x, like):
+    """``x``, made per-particle where ``like`` is, inside the objective's ``vmap`` over
+    particles (named :data:`PARTICLE_AXIS`); ``x`` unchanged anywhere else.
+
+    Where a per-cell or global array (an observation's encoding, a parameter) meets
+    per-particle arrays, ``vmap`` broadcasts it over particles implicitly, and the
+    backward pass then sums its cotangent over the particle axis with a reduction over
+    the leading axis. XLA's CPU backend (YNNPACK) runs such reductions about 40x slower
+    than a matrix product by a vector of ones (``[5, 512, 400] -> [512, 400]``: 6-14 ms
+    against 0.06-0.3 ms on the 2-core CPU). Broadcasting explicitly here makes that sum a
+    product with ones. Values and gradients are the same (up to float rounding of the
+    sum); ``x`` is not broadcast where ``like`` is not per-particle, so per-cell work stays
+    once per cell. Below ``EXPLICIT_BROADCAST_MIN_ELEMENTS`` particles x elements the
+    implicit broadcast is kept: there the extra operations cost more than the reduction
+    (default simulation, batch 128: 3-5% slower steps). Reverse-mode differentiation
+    works inside and outside the vmap.
+    """
+    try:
+        index = jax.lax.axis_index(PARTICLE_AXIS)  # per-particle inside the vmap
+    except NameError:  # not inside the objective's vmap over particles
+        return x
+    return _match_batched(x, like, index)
+
+
+def add_across_particles(a, b):
+    """``a + b`` where either may be per-particle (see :func:`match_particles`)."""
+    return match_particles(a, b) + match_particles(b, a)
 
 
 def matmul(x, kernel, compute_dtype: str = "float32"):
@@ -101,11 +168,12 @@ class ResidualMLP(nn.Module):
         fan_in = sum(x.shape[-1] for x in inputs) + n_rows
         init = torch_uniform_init(fan_in)
         h = self.param("bias_0", init, (self.n_hidden,))
-        for j, x in enumerate(inputs):
-            h = h + matmul(x, self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden)), self.compute_dtype)
+        for j, x in enumerate(inputs):  # some inputs per cell, some per particle (add_across_particles)
+            product = matmul(x, self.param(f"kernel_0_{j}", init, (x.shape[-1], self.n_hidden)), self.compute_dtype)
+            h = h + product if j == 0 else add_across_particles(h, product)
         if self.row_one_hot:
             row_kernel = self.param("kernel_0_rows", init, (n_rows, self.n_hidden))
-            h = h + (row_kernel if row_index is None else row_kernel[row_index])
+            h = add_across_particles(h, row_kernel if row_index is None else row_kernel[row_index])
         h = nn.leaky_relu(h, self.negative_slope)
         for layer in range(1, self.n_layers):
             dense = TorchDense(self.n_hidden, compute_dtype=self.compute_dtype, name=f"dense_{layer}")
@@ -156,7 +224,10 @@ def straight_through_bernoulli(key, logits, temperature):
     Forward value: the hard 0/1 sample; gradient: that of the relaxed sample
     ``sigmoid((logits + logistic noise) / temperature)``.
     """
-    soft = dist.RelaxedBernoulliLogits(temperature, logits).rsample(key)
+    # numpyro's RelaxedBernoulliLogits(temperature, logits).rsample(key), with the logits
+    # made per-particle explicitly (match_particles): the same numbers
+    noise = jax.random.logistic(key, jnp.shape(logits)) * (1 / temperature)
+    soft = dist.transforms.SigmoidTransform()(match_particles(logits / temperature, noise) + noise)
     hard = (soft > 0.5).astype(soft.dtype)
     return soft + jax.lax.stop_gradient(hard - soft)
 

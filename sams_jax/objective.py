@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from sams_jax.models.base import ParticleTerms
+from sams_jax.nn import PARTICLE_AXIS
 
 OBJECTIVES = ("elbo", "iwelbo")
 
@@ -122,7 +123,7 @@ def sample_particles(apply_fn: Callable, variables, batch, global_keys, local_ke
         return apply_fn(variables, batch["x"], batch["dosages"], batch["library_size"],
                         rngs={"globals": global_key, "local": local_key})
 
-    return jax.vmap(one)(global_keys, local_keys)
+    return jax.vmap(one, axis_name=PARTICLE_AXIS)(global_keys, local_keys)
 
 
 def _log_ratio(name: str, log_p: dict, log_q: dict, kl: dict, config: ObjectiveConfig):

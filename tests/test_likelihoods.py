@@ -113,6 +113,73 @@ def test_straight_through_sample_is_hard_with_relaxed_gradient():
                                   (np.asarray(soft) > 0.5).astype(np.float32))
 
 
+def test_match_particles_sums_over_particles_with_a_product(monkeypatch):
+    """Inside the objective's vmap over particles, a per-cell array meeting per-particle
+    ones is broadcast explicitly: same values and gradients as the implicit broadcast,
+    but the backward sum over particles is a dot (no leading-axis reduce_sum); a per-cell
+    array meeting per-cell ones stays per-cell; outside the vmap it is the identity."""
+    import sams_jax.nn
+    from sams_jax.nn import PARTICLE_AXIS, add_across_particles, match_particles
+
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 0)  # these arrays are small
+    shared = jax.random.normal(jax.random.key(0), (4, 3))
+    per_particle = jax.random.normal(jax.random.key(1), (5, 4, 3))
+
+    def objective(add):
+        def f(s):
+            return jax.vmap(lambda p: jnp.tanh(add(s, p)).sum(), axis_name=PARTICLE_AXIS)(per_particle).sum()
+        return f
+
+    plain, ours = objective(lambda a, b: a + b), objective(add_across_particles)
+    np.testing.assert_allclose(ours(shared), plain(shared), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(shared), jax.grad(plain)(shared), rtol=1e-5, atol=1e-6)
+    particle_sum = "f32[4,3] = reduce_sum[axes=(0,)"  # the cotangent of `shared`, summed over particles
+    assert particle_sum in str(jax.make_jaxpr(jax.grad(plain))(shared))
+    backward = str(jax.make_jaxpr(jax.grad(ours))(shared))
+    assert particle_sum not in backward and "dot_general" in backward
+    # per-cell with per-cell: not broadcast (out_axes=None fails for a per-particle output)
+    _, kept = jax.vmap(lambda p: (p, match_particles(shared, 2 * shared)), axis_name=PARTICLE_AXIS,
+                       out_axes=(0, None))(per_particle)
+    np.testing.assert_array_equal(kept, shared)
+    # outside the vmap: the identity, differentiable
+    assert match_particles(shared, per_particle[0]) is shared
+    np.testing.assert_allclose(jax.grad(lambda s: (add_across_particles(s, per_particle[0]) ** 2).sum())(shared),
+                               2 * (shared + per_particle[0]), rtol=1e-6)
+    # below the size threshold the broadcast stays implicit
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 5 * 12 + 1)
+    assert particle_sum in str(jax.make_jaxpr(jax.grad(ours))(shared))
+
+
+def test_model_loss_and_gradients_do_not_depend_on_match_particles(monkeypatch):
+    """SAMS-VAE's loss and gradients (correlated guide: per-cell encoder input, mask and
+    embedding encoder rows) equal those with the implicit broadcasts of plain vmap."""
+    import sams_jax.nn
+    from sams_jax.data import plate_scale, simulate
+
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 0)  # a small model: broadcast everything
+    from sams_jax.models import SAMSVAE
+    from sams_jax.objective import ObjectiveConfig, loss_fn
+
+    data = simulate(n_latent=4, n_perturbations=6, n_genes=12, cells_per_perturbation=(8, 2, 2), seed=0)
+    model = SAMSVAE(n_genes=12, n_perturbations=6, n_latent=4, guide="correlated", likelihood="normal",
+                    decoder_n_hidden=8, basal_encoder_n_hidden=8, embedding_encoder_n_hidden=8,
+                    embedding_encoder_n_layers=2)
+    batch = {k: jnp.asarray(v) for k, v in data.arrays("train").items()}
+    batch = {k: v[:16] for k, v in batch.items()}
+    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+                           batch["x"], batch["dosages"], batch["library_size"])
+    scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
+    config = ObjectiveConfig(n_particles=3)
+    run = lambda: jax.value_and_grad(lambda v: loss_fn(model.apply, config, v, jax.random.key(3), batch, scale))(
+        variables)
+    loss, grads = run()
+    monkeypatch.setattr(sams_jax.nn, "PARTICLE_AXIS", "not-the-objective-axis")  # match_particles: identity
+    plain_loss, plain_grads = run()
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_gamma_poisson_log_prob_matches_numpyro_and_scipy_with_gradients():
     """The cheaper closed form of the NB log-density (sams_jax.likelihoods.GammaPoisson)
     equals numpyro's, and scipy's where numpyro's form cancels (concentration >> mean)."""

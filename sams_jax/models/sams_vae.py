@@ -36,7 +36,7 @@ from numpyro.distributions.kl import kl_divergence
 
 from sams_jax.models.components import (STANDARD_NORMAL, LearnedMask, PerturbationVAE, active_perturbations,
                                         bernoulli_kl, beta_bernoulli_mask_terms)
-from sams_jax.nn import NormalHead, ResidualMLP, VARIANCE_FLOOR
+from sams_jax.nn import NormalHead, ResidualMLP, VARIANCE_FLOOR, match_particles
 from sams_jax.samplers import normal
 
 GUIDES = ("mean_field", "correlated")
@@ -154,7 +154,7 @@ class SAMSVAE(LearnedMask, AdditiveShiftVAE):
         return (mask, *self.mask_terms(mask))
 
     def mask_terms(self, mask):
-        log_q = {"mask": dist.BernoulliLogits(self.mask_logits).log_prob(mask).sum(-1)}
+        log_q = {"mask": dist.BernoulliLogits(match_particles(self.mask_logits, mask)).log_prob(mask).sum(-1)}
         log_p = {"mask": dist.BernoulliProbs(self.mask_prior_prob).log_prob(mask).sum(-1)}
         return log_p, log_q, {"mask": bernoulli_kl(self.mask_logits, self.mask_prior_prob).sum(-1)}
 
