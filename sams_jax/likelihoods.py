@@ -48,9 +48,9 @@ class LikelihoodHead(nn.Module):
         if self.likelihood == "poisson":
             rate = jax.nn.softplus(TorchDense(self.n_genes, compute_dtype=dtype, name="rate")(hidden))
             return dist.Poisson(rate) if sum_weights is None else summed_observation(dist.Poisson(rate), sum_weights)
-        if sum_weights is not None:
-            return None
         if self.likelihood == "library_nb":
+            if sum_weights is not None:  # the negative binomial's sum has no closed form
+                return None
             log_rho = jax.nn.log_softmax(TorchDense(self.n_genes, compute_dtype=dtype, name="logits")(hidden),
                                          axis=-1)
             mean = library_size[..., None] * jnp.exp(log_rho)

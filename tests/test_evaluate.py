@@ -147,6 +147,18 @@ def test_normal_head_summed_equals_the_sum_of_its_rows():
     np.testing.assert_allclose(total.scale, expected.scale, rtol=1e-6)
     rows = head.apply(params, hidden)
     np.testing.assert_allclose(total.loc[1], rows.loc[4:7].sum(0), rtol=1e-5, atol=1e-5)
+    # through the likelihood head: Poisson rates are summed; the negative binomial has no closed form
+    from sams_jax.likelihoods import LikelihoodHead
+
+    library = jnp.full((12,), 1e4)
+    for likelihood in ("poisson", "library_nb"):
+        head = LikelihoodHead(likelihood, 7)
+        params = head.init(jax.random.key(1), hidden, library)
+        total = head.apply(params, hidden, library, weights)
+        if likelihood == "poisson":
+            np.testing.assert_allclose(total.rate, summed_observation(head.apply(params, hidden, library), weights).rate)
+        else:
+            assert total is None
 
 
 def test_particle_chunk_size_bounds_the_chunk():
