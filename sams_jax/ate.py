@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 SCALES = ("mean", "perturbseq")
 METHODS = ("paper", "crn")
 PERTURBSEQ_TOTAL = 10_000.0
