@@ -12,9 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from sams_jax.config import base_config
-
 SCALES = ("replogle_scale", "norman_scale")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine() -> dict:
@@ -64,29 +63,19 @@ def flops(jitted, *args, **kwargs) -> float:
 
 
 def scale_config(name: str):
-    """Synthetic screens at the paper's scales (simulated counts, library-size NB):
+    """A synthetic screen at one of the paper's scales: ``configs/<name>.py`` (simulated
+    counts, library-size NB, the paper's model settings for that data set), with the
+    progress bar off.
 
-    * ``replogle_scale``: 118,641 cells (174 per perturbation: 111 / 28 / 35) x 1,187
-      genes x 681 perturbations; SPEC 7's Replogle settings (K = 100, encoder and decoder
-      1 x 400, correlated guide with a 2 x 200 embedding encoder, batch 512, 5 particles,
-      lr 3e-4);
-    * ``norman_scale``: 105 perturbations x 500 cells (320 / 80 / 100) x 5,000 genes;
-      SPEC 7's Norman settings (K = 200, 1 x 400, embedding encoder 4 x 400, batch 512).
+    * ``replogle_scale``: 118,641 cells x 1,187 genes x 681 perturbations; K = 100,
+      encoder and decoder 1 x 400, correlated guide with a 2 x 200 embedding encoder;
+    * ``norman_scale``: 105 perturbations x 500 cells x 5,000 genes; K = 200, 1 x 400,
+      embedding encoder 4 x 400.
     """
-    config = base_config()
-    config.data.update(observation="library_nb", n_latent=10)
-    if name == "replogle_scale":
-        config.data.update(n_perturbations=681, n_genes=1_187, cells_per_perturbation=(111, 28, 35))
-        config.model.update(n_latent=100, embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
-    elif name == "norman_scale":
-        config.data.update(n_perturbations=105, n_genes=5_000, cells_per_perturbation=(320, 80, 100))
-        config.model.update(n_latent=200, embedding_encoder_n_layers=4, embedding_encoder_n_hidden=400)
-    else:
+    if name not in SCALES:
         raise ValueError(f"unknown scale {name!r}; allowed: {SCALES}")
-    config.model.update(likelihood="library_nb", guide="correlated", normalization="log_standardize",
-                        decoder_n_layers=1, decoder_n_hidden=400, basal_encoder_n_layers=1,
-                        basal_encoder_n_hidden=400)
-    config.train.update(learning_rate=3e-4, batch_size=512, steps_per_dispatch=50, progress=False)
+    config = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    config.train.progress = False
     return config
 
 
@@ -94,6 +83,8 @@ def load_config(path_or_scale: str):
     """A ``configs/*.py`` file's ``get_config()``, or a named scale (:func:`scale_config`)."""
     if path_or_scale in SCALES:
         return scale_config(path_or_scale)
+    if not os.path.exists(path_or_scale):
+        raise FileNotFoundError(f"no config file {path_or_scale!r}; give a configs/*.py path or one of {SCALES}")
     spec = importlib.util.spec_from_file_location("bench_config", path_or_scale)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -431,6 +431,21 @@ def test_paper_config_values():
         validate_config(norman)
 
 
+def test_every_config_validates_and_the_scale_configs_follow_the_paper_ones():
+    """configs/*_scale.py (simulated screens at the paper's sizes) train with the paper's
+    model and schedule for that data set (only the steps per dispatch differ)."""
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        validate_config(_config(path.stem))
+    for scale, paper in (("replogle_scale", "replogle"), ("norman_scale", "norman_ood")):
+        simulated, real = _config(scale), _config(paper)
+        assert simulated.data.source == "simulation" and simulated.data.observation == "library_nb"
+        assert simulated.model.to_dict() == real.model.to_dict(), scale
+        assert {**simulated.train.to_dict(), "steps_per_dispatch": None} == \
+            {**real.train.to_dict(), "steps_per_dispatch": None}, scale
+    replogle = _config("replogle_scale").data
+    assert (replogle.n_perturbations, replogle.n_genes, sum(replogle.cells_per_perturbation)) == (681, 1_187, 174)
+
+
 def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     from sams_jax.checkpoint import Checkpointer
     from sams_jax.train import train_and_evaluate
