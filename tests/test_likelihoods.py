@@ -122,6 +122,7 @@ def test_match_particles_sums_over_particles_with_a_product(monkeypatch):
     from sams_jax.nn import PARTICLE_AXIS, add_across_particles, match_particles
 
     monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 0)  # these arrays are small
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_BACKENDS", (jax.default_backend(),))
     shared = jax.random.normal(jax.random.key(0), (4, 3))
     per_particle = jax.random.normal(jax.random.key(1), (5, 4, 3))
 
@@ -145,7 +146,11 @@ def test_match_particles_sums_over_particles_with_a_product(monkeypatch):
     assert match_particles(shared, per_particle[0]) is shared
     np.testing.assert_allclose(jax.grad(lambda s: (add_across_particles(s, per_particle[0]) ** 2).sum())(shared),
                                2 * (shared + per_particle[0]), rtol=1e-6)
-    # below the size threshold the broadcast stays implicit
+    # below the size threshold, and on backends outside EXPLICIT_BROADCAST_BACKENDS, the
+    # broadcast stays implicit
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_BACKENDS", ())
+    assert particle_sum in str(jax.make_jaxpr(jax.grad(ours))(shared))
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 5 * 12 + 1)
     assert particle_sum in str(jax.make_jaxpr(jax.grad(ours))(shared))
 
@@ -157,6 +162,7 @@ def test_model_loss_and_gradients_do_not_depend_on_match_particles(monkeypatch):
     from sams_jax.data import plate_scale, simulate
 
     monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_MIN_ELEMENTS", 0)  # a small model: broadcast everything
+    monkeypatch.setattr(sams_jax.nn, "EXPLICIT_BROADCAST_BACKENDS", (jax.default_backend(),))
     from sams_jax.models import SAMSVAE
     from sams_jax.objective import ObjectiveConfig, loss_fn
 
