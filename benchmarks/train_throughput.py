@@ -104,17 +104,20 @@ def main() -> None:
     if args.steps_per_dispatch:
         config.train.steps_per_dispatch = args.steps_per_dispatch
     results = []
-    rate = matmul_rate()
     for compute_dtype in args.compute_dtype or [config.model.compute_dtype]:
         config.model.compute_dtype = compute_dtype
         for num_devices in args.num_devices:
             for batch_size in args.batch_size or [config.train.batch_size]:
                 config.train.batch_size = batch_size
                 row = {"config": os.path.basename(args.config), **benchmark(config, args.dispatches, num_devices),
-                       "matmul_flops_per_s": rate, **machine()}
-                row["fraction_of_matmul"] = row["flops_per_s"] / rate
+                       **machine()}
                 print(json.dumps(row))
                 results.append(row)
+    rate = matmul_rate()  # after the training, so peak_device_mb is the model's, not this product's
+    for row in results:
+        row.update(matmul_flops_per_s=rate, fraction_of_matmul=row["flops_per_s"] / rate)
+    print(json.dumps([{k: row[k] for k in ("config", "batch_size", "cells_per_s", "fraction_of_matmul")}
+                      for row in results]))
     write_json(args.out, results)
 
 
