@@ -52,14 +52,36 @@ def peak_device_memory_mb() -> float | None:
     return peak / 2 ** 20 if peak is not None else None
 
 
-def flops(jitted, *args, **kwargs) -> float:
-    """XLA's FLOP count of a compiled call (a loop body is counted once)."""
+def cost_analysis(jitted, *args, **kwargs) -> dict:
+    """XLA's cost analysis of a compiled call (``flops``, ``bytes accessed``,
+    ``transcendentals``; a loop body is counted once); ``{}`` where the backend gives none."""
     try:
         cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan")))
+        return {key: float(value) for key, value in (cost or {}).items()
+                if key in ("flops", "bytes accessed", "transcendentals")}
     except Exception:  # best effort
-        return float("nan")
+        return {}
+
+
+def flops(jitted, *args, **kwargs) -> float:
+    """XLA's FLOP count of a compiled call (a loop body is counted once)."""
+    return cost_analysis(jitted, *args, **kwargs).get("flops", float("nan"))
+
+
+def memory_bandwidth(n: int | None = None, repeats: int = 10) -> float:
+    """Measured bytes/s (read plus written) of a scaled copy of ``n`` float32 values on
+    the default device; ``n`` defaults to 2^28 (1 GiB) on accelerators, 2^26 on CPUs."""
+    if n is None:
+        n = 2 ** 26 if jax.default_backend() == "cpu" else 2 ** 28
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda v: v * 1.0001)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = f(x)
+    out.block_until_ready()
+    return 2 * 4 * n * repeats / (time.perf_counter() - start)
 
 
 def scale_config(name: str):

@@ -34,38 +34,58 @@ from sams_jax.distributed import DataParallel
 from sams_jax.train import BatchSchedule, create_optimizer, create_train_state, make_train_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flops, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
+from common import cost_analysis, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
+
+
+class TrainingRun:
+    """What ``sams_jax.train`` builds before its loop: the data, the train state and the
+    jitted, scanned chunk of ``config.train.steps_per_dispatch`` steps, placed on
+    ``num_devices`` devices; ``indices(dispatch)`` gives a dispatch's mini-batch indices."""
+
+    def __init__(self, config, num_devices: int = 1):
+        data = load_data(config.data)
+        model = create_model(config.model, data.n_genes, data.n_perturbations)
+        optimizer = create_optimizer(config.train)
+        objective = ObjectiveConfig.from_config(config.objective)
+        init_key, train_key = jax.random.split(jax.random.key(config.seed))
+        state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
+        self.parallel = parallel = DataParallel(num_devices)  # one process: the training cells on every device
+        self.state = parallel.replicate(state)
+        self.train_key = parallel.replicate(train_key)
+        self.train_arrays = parallel.put_process_rows(data.arrays("train"))
+        self.scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
+        self.chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
+        self.schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
+        self.n_steps = config.train.steps_per_dispatch
+
+    def indices(self, dispatch: int, n_steps: int | None = None):
+        n_steps = n_steps or self.n_steps
+        return self.parallel.put_batch_indices(self.schedule.indices(dispatch * n_steps, n_steps))
+
+    def step_cost(self) -> dict:
+        """XLA's cost analysis of one step (a one-step chunk)."""
+        return cost_analysis(self.chunk, self.state, self.train_arrays, self.scale, self.train_key,
+                             self.indices(0, 1))
+
+    def dispatch(self, batch_indices):
+        """One chunk of steps; updates the state, returns the losses."""
+        self.state, losses = self.chunk(self.state, self.train_arrays, self.scale, self.train_key, batch_indices)
+        return losses
 
 
 def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
-    data = load_data(config.data)
-    model = create_model(config.model, data.n_genes, data.n_perturbations)
-    optimizer = create_optimizer(config.train)
-    objective = ObjectiveConfig.from_config(config.objective)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(model, optimizer, data.normalization_stats(config.model.normalization), init_key)
-    parallel = DataParallel(num_devices)  # one process: the training cells on every device
-    state = parallel.replicate(state)
-    train_key = parallel.replicate(train_key)
-    train_arrays = parallel.put_process_rows(data.arrays("train"))
-    scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
-    chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
-    schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed)
-    n_steps = config.train.steps_per_dispatch
-    step_flops = flops(chunk, state, train_arrays, scale, train_key,
-                       parallel.put_batch_indices(schedule.indices(0, 1)))
+    run = TrainingRun(config, num_devices)
+    n_steps = run.n_steps
+    step_flops = run.step_cost().get("flops", float("nan"))
 
     start = time.perf_counter()
-    state, losses = chunk(state, train_arrays, scale, train_key,
-                          parallel.put_batch_indices(schedule.indices(0, n_steps)))
-    jax.block_until_ready(losses)
+    jax.block_until_ready(run.dispatch(run.indices(0)))
     compile_s = time.perf_counter() - start
 
-    indices = [parallel.put_batch_indices(schedule.indices((i + 1) * n_steps, n_steps))
-               for i in range(n_dispatches)]
+    indices = [run.indices(i + 1) for i in range(n_dispatches)]
     start = time.perf_counter()
     for batch_indices in indices:
-        state, losses = chunk(state, train_arrays, scale, train_key, batch_indices)
+        losses = run.dispatch(batch_indices)
     jax.block_until_ready(losses)
     elapsed = time.perf_counter() - start
     steps = n_dispatches * n_steps
