@@ -3,28 +3,60 @@
 # script for a machine with JAX's CUDA build preinstalled. ml_collections (pure Python),
 # if missing there, travels as a wheel in .whl/ (pip download ml_collections==1.1.0 -d .whl).
 #
-#   bash benchmarks/device_run.sh OUTDIR
+#   bash benchmarks/device_run.sh OUTDIR [PART ...]
+#
+# PARTs, run in the order given (default: compare profile main). Times on one H100
+# (16-core Xeon host; simulating the Replogle-scale screen takes about 50 s of each):
+#   full_run  the whole 150,000-step Replogle-scale schedule, configs/replogle_scale.py   220 s
+#   compare   compare_accelerators.py on cuda at batch 512 (training and evaluation)    about 250 s
+#   profile   profile_step.py: the Replogle-scale step's kernels and its floor         about 80 s
+#   main      the README's main command (20,000 steps of the default simulation)        about 35 s
+# OUTDIR is also packed into $OUT/results.tgz after each part where OUT is set (the device
+# tool returns at most 8 files), so a run stopped at its time limit keeps what it finished.
 set -u
 OUTDIR=${1:-benchmarks/out/device}
+shift || true
+PARTS=${*:-compare profile main}
 mkdir -p "$OUTDIR"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import jax, flax, optax, numpyro, orbax.checkpoint; print('jax', jax.__version__, 'flax', flax.__version__, \
-'optax', optax.__version__, 'numpyro', numpyro.__version__, jax.devices())"
-nproc; grep -m1 'model name' /proc/cpuinfo
+T0=$(date +%s)
+pack() { if [ -n "${OUT:-}" ]; then tar -czf "$OUT/results.tgz" -C "$OUTDIR" .; fi; }
+timed() {  # timed NAME SECONDS COMMAND...: run, log to OUTDIR/NAME.log, print the exit status and wall time
+  local name=$1 limit=$2; shift 2
+  local start; start=$(date +%s.%N)
+  timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  echo "[$(( $(date +%s) - T0 )) s] $name: exit $? in $(awk -v a="$start" -v b="$(date +%s.%N)" \
+    'BEGIN{printf "%.1f", b-a}') s" | tee -a "$OUTDIR/$name.log" "$OUTDIR/parts.txt"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import jax, flax, optax, numpyro, orbax.checkpoint; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, 'numpyro', numpyro.__version__, jax.devices())"
+  nproc; grep -m1 'model name' /proc/cpuinfo; } 2>&1 | tee "$OUTDIR/machine.txt"
+pack
 
-# training at the paper's batch (512) and a large batch; evaluation at both scales
-timeout 360 python3 benchmarks/compare_accelerators.py --backends cuda --batch-sizes 512 4096 --timeout 200 \
-  --out "$OUTDIR/compare"
-
-# the README's main command end to end (20,000 steps, validation, checkpoints, final IWELBO)
-start=$(date +%s.%N)
-timeout 120 python3 -m sams_jax.train --config configs/simulation.py --workdir /tmp/run_sim \
-  --config.train.progress=False > "$OUTDIR/main_command.log" 2>&1
-echo "main command exit $? in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s" | tee -a "$OUTDIR/main_command.log"
-cp /tmp/run_sim/metrics.json "$OUTDIR/main_metrics.json" 2>/dev/null
-tail -5 "$OUTDIR/main_command.log"
+for part in $PARTS; do
+  case $part in
+    full_run)
+      timed full_run 330 python3 -m sams_jax.train --config configs/replogle_scale.py --workdir /tmp/replogle_scale \
+        --config.train.progress=False
+      cp /tmp/replogle_scale/metrics.json "$OUTDIR/full_run_metrics.json" 2>/dev/null
+      cp /tmp/replogle_scale/history.csv "$OUTDIR/full_run_history.csv" 2>/dev/null ;;
+    compare)
+      timed compare 330 python3 benchmarks/compare_accelerators.py --backends cuda --timeout 150 --out "$OUTDIR/compare"
+      tail -12 "$OUTDIR/compare.log" ;;
+    profile)
+      timed profile 150 python3 benchmarks/profile_step.py --config replogle_scale --trace-dir /tmp/profile \
+        --out "$OUTDIR/profile.json"
+      tail -30 "$OUTDIR/profile.log" ;;
+    main)
+      timed main 90 python3 -m sams_jax.train --config configs/simulation.py --workdir /tmp/run_sim \
+        --config.train.progress=False
+      cp /tmp/run_sim/metrics.json "$OUTDIR/main_metrics.json" 2>/dev/null ;;
+    *) echo "unknown part $part (full_run, compare, profile, main)" ;;
+  esac
+  pack
+done
