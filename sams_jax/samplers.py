@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sams_jax.prng import threefry2x32
+from sams_jax.special import stirling_lgamma
 
 NB_INVERSION_MAX_MEAN = 64.0  # NB inversion for means below this and ...
 NB_INVERSION_MAX_ODDS = 63.0  # ... mean / concentration at most this (tail ratio m / (r + m) <= 63 / 64)
@@ -275,12 +276,9 @@ _LOG_FACTORIALS = np.cumsum(np.log(np.maximum(np.arange(16, dtype=np.float64), 1
 
 def _log_factorial(k):
     """``log k!`` for whole numbers ``k >= 0`` (float32): a table below 16, Stirling's series
-    (three terms, below float32 resolution there) above. Cheaper than ``gammaln``, whose
+    (:func:`sams_jax.special.stirling_lgamma`) above. Cheaper than ``gammaln``, whose
     reflection branch is never needed here."""
-    x = jnp.maximum(k, 15.0) + 1.0
-    inv = 1.0 / x
-    stirling = (x - 0.5) * jnp.log(x) - x + np.float32(0.5 * np.log(2 * np.pi)) + inv * (
-        1.0 / 12.0 - inv * inv * (1.0 / 360.0 - inv * inv / 1260.0))
+    stirling = stirling_lgamma(jnp.maximum(k, 15.0) + 1.0)
     return jnp.where(k < 16.0, jnp.asarray(_LOG_FACTORIALS)[jnp.clip(k, 0, 15).astype(jnp.int32)], stirling)
 
 

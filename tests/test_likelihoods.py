@@ -221,6 +221,37 @@ def test_normal_observation_samples_equal_numpyro():
     np.testing.assert_array_equal(Normal(loc, scale).sample(key, (5,)), dist.Normal(loc, scale).sample(key, (5,)))
 
 
+def test_log_beta_matches_scipy_over_the_whole_range():
+    """sams_jax.special.log_beta (one log-gamma and Stirling differences) equals
+    scipy's betaln (float64) to float32 precision, on both sides of its switch at 8, for
+    tiny, equal and very unequal arguments, as does the NB coefficient built on it over
+    counts 0-20,000 and concentrations 1e-3-1e5."""
+    from scipy import special
+
+    from sams_jax.likelihoods import log_nb_coefficient
+    from sams_jax.special import lgamma_positive, log_beta
+
+    rng = np.random.default_rng(0)
+    a = np.exp(rng.uniform(-8, 12, 20_000)).astype(np.float32)
+    b = np.exp(rng.uniform(-8, 12, 20_000)).astype(np.float32)
+    edges = np.array([[1e-3, 7.999], [1e-3, 8.0], [7.999, 8.0], [8.0, 8.0], [0.5, 1e5], [3.0, 3.0], [1.0, 1.0]],
+                     np.float32)
+    a, b = np.concatenate([a, edges[:, 0], edges[:, 1]]), np.concatenate([b, edges[:, 1], edges[:, 0]])
+    expected = special.betaln(a.astype(np.float64), b.astype(np.float64))
+    got = np.asarray(jax.jit(log_beta)(a, b), np.float64)
+    np.testing.assert_array_less(np.abs(got - expected) / np.maximum(1.0, np.abs(expected)), 4e-6)
+    z = np.exp(rng.uniform(-9, 12, 20_000)).astype(np.float32)
+    lgamma = special.gammaln(z.astype(np.float64))
+    np.testing.assert_array_less(np.abs(np.asarray(lgamma_positive(z), np.float64) - lgamma)
+                                 / np.maximum(1.0, np.abs(lgamma)), 4e-6)
+    counts = np.floor(np.exp(rng.uniform(0, 10, 20_000)) - 1).astype(np.float32)
+    concentration = np.exp(rng.uniform(-7, 11.5, 20_000)).astype(np.float32)
+    r64, x64 = concentration.astype(np.float64), counts.astype(np.float64)
+    expected = special.gammaln(r64 + x64) - special.gammaln(r64) - special.gammaln(x64 + 1)
+    got = np.asarray(log_nb_coefficient(concentration, counts), np.float64)
+    np.testing.assert_array_less(np.abs(got - expected) / np.maximum(1.0, np.abs(expected)), 5e-6)
+
+
 def test_log_nb_coefficient_values_and_derivatives_match_closed_forms():
     """log_nb_coefficient(r, x) = log G(r+x) - log G(r) - log G(x+1), with its hand-written
     derivatives d/dr = digamma(r+x) - digamma(r) and d/dx = digamma(r+x) - digamma(x+1)
