@@ -221,15 +221,15 @@ def test_normal_observation_samples_equal_numpyro():
     np.testing.assert_array_equal(Normal(loc, scale).sample(key, (5,)), dist.Normal(loc, scale).sample(key, (5,)))
 
 
-def test_log_beta_matches_scipy_over_the_whole_range():
-    """sams_jax.special.log_beta (one log-gamma and Stirling differences) equals
-    scipy's betaln (float64) to float32 precision, on both sides of its switch at 8, for
-    tiny, equal and very unequal arguments, as does the NB coefficient built on it over
-    counts 0-20,000 and concentrations 1e-3-1e5."""
+def test_special_functions_match_scipy_over_the_whole_range():
+    """sams_jax.special's log_beta (one log-gamma and Stirling differences), lgamma and
+    digamma of positive arguments equal scipy's (float64) to float32 precision, on both
+    sides of their switch at 8, for tiny, equal and very unequal arguments, as does the NB
+    coefficient built on log_beta over counts 0-20,000 and concentrations 1e-3-1e5."""
     from scipy import special
 
     from sams_jax.likelihoods import log_nb_coefficient
-    from sams_jax.special import lgamma_positive, log_beta
+    from sams_jax.special import digamma_positive, lgamma_positive, log_beta
 
     rng = np.random.default_rng(0)
     a = np.exp(rng.uniform(-8, 12, 20_000)).astype(np.float32)
@@ -244,6 +244,10 @@ def test_log_beta_matches_scipy_over_the_whole_range():
     lgamma = special.gammaln(z.astype(np.float64))
     np.testing.assert_array_less(np.abs(np.asarray(lgamma_positive(z), np.float64) - lgamma)
                                  / np.maximum(1.0, np.abs(lgamma)), 4e-6)
+    z = np.concatenate([z, np.float32([7.999, 8.0, 1.0, 1e-4])])
+    psi = special.digamma(z.astype(np.float64))
+    np.testing.assert_array_less(np.abs(np.asarray(digamma_positive(z), np.float64) - psi)
+                                 / np.maximum(1.0, np.abs(psi)), 2e-6)
     counts = np.floor(np.exp(rng.uniform(0, 10, 20_000)) - 1).astype(np.float32)
     concentration = np.exp(rng.uniform(-7, 11.5, 20_000)).astype(np.float32)
     r64, x64 = concentration.astype(np.float64), counts.astype(np.float64)
