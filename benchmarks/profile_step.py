@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 
@@ -78,10 +77,9 @@ def summarise_trace(path: str, n_steps: int, top: int = 40) -> dict:
         per_name[event.get("name", "?")][1] += self_us[i]
     busy_us = sum(self_us.values())
     span_us = max(e["ts"] + e.get("dur", 0.0) for e in work) - min(e["ts"] for e in work)
-    lanes = len(lanes)
     ranked = sorted(per_name.items(), key=lambda item: -item[1][1])
     return {
-        "n_steps": n_steps, "lanes": lanes, "busy_fraction": busy_us / (span_us * lanes),
+        "n_steps": n_steps, "lanes": len(lanes), "busy_fraction": busy_us / (span_us * len(lanes)),
         "launches_per_step": len(work) / n_steps, "busy_us_per_step": busy_us / n_steps,
         "span_us_per_step": span_us / n_steps, "distinct_names": len(per_name),
         "top": [{"name": name, "us_per_step": total / n_steps, "count_per_step": count / n_steps}
@@ -104,18 +102,13 @@ def main() -> None:
         config.train.steps_per_dispatch = args.steps_per_dispatch
     run = TrainingRun(config)
     cost = run.step_cost()
-    jax.block_until_ready(run.dispatch(run.indices(0)))  # compile
-    start = time.perf_counter()
-    for dispatch in range(1, args.dispatches + 1):
-        losses = run.dispatch(run.indices(dispatch))
-    jax.block_until_ready(losses)
-    ms_per_step = 1e3 * (time.perf_counter() - start) / (args.dispatches * run.n_steps)
+    run.timed(1)  # compile
+    seconds, _ = run.timed(args.dispatches, first=1)
+    ms_per_step = 1e3 * seconds / (args.dispatches * run.n_steps)
 
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="sams_jax_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for dispatch in range(args.dispatches + 1, args.dispatches + 3):
-            losses = run.dispatch(run.indices(dispatch))
-        jax.block_until_ready(losses)
+        run.timed(2, first=args.dispatches + 1)
     traces = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     summary = summarise_trace(traces[-1], 2 * run.n_steps, args.top) if traces else {"error": "no trace written"}
 

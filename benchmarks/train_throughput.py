@@ -72,22 +72,24 @@ class TrainingRun:
         self.state, losses = self.chunk(self.state, self.train_arrays, self.scale, self.train_key, batch_indices)
         return losses
 
+    def timed(self, n_dispatches: int, first: int = 0):
+        """Seconds for dispatches ``first .. first + n_dispatches - 1`` (indices prepared
+        beforehand) and the last losses."""
+        indices = [self.indices(first + i) for i in range(n_dispatches)]
+        start = time.perf_counter()
+        for batch_indices in indices:
+            losses = self.dispatch(batch_indices)
+        jax.block_until_ready(losses)
+        return time.perf_counter() - start, losses
+
 
 def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
     run = TrainingRun(config, num_devices)
     n_steps = run.n_steps
     step_flops = run.step_cost().get("flops", float("nan"))
 
-    start = time.perf_counter()
-    jax.block_until_ready(run.dispatch(run.indices(0)))
-    compile_s = time.perf_counter() - start
-
-    indices = [run.indices(i + 1) for i in range(n_dispatches)]
-    start = time.perf_counter()
-    for batch_indices in indices:
-        losses = run.dispatch(batch_indices)
-    jax.block_until_ready(losses)
-    elapsed = time.perf_counter() - start
+    compile_s, _ = run.timed(1)
+    elapsed, losses = run.timed(n_dispatches, first=1)
     steps = n_dispatches * n_steps
     return {
         "num_devices": num_devices,
