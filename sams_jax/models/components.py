@@ -163,16 +163,20 @@ def active_perturbations(dosages, max_active: int):
     """The ``max_active`` (static) largest-``|dosage|`` perturbations of every row:
     ``(values [n, A], rows [n, A])``; rows with fewer non-zeros are padded with zero
     values (their ``rows`` entries are arbitrary). Ties go to the lower index, as in
-    ``lax.top_k``; for ``A <= 4`` the rows are found by repeated ``argmax`` (a fused
-    reduction; ``top_k`` sorts every row on the CPU)."""
+    ``lax.top_k``; for ``A <= 4`` the rows are found by repeated arg-max, each as two
+    plain reductions (the row's maximum, then the lowest column that reaches it): on the
+    CPU, ``top_k`` sorts every row and ``argmax``'s paired value-index reduction does not
+    vectorise (the simulation's ATEs: 0.068 s against 0.075 s with ``argmax``)."""
     magnitude = jnp.abs(dosages)
     if max_active > 4:
         _, rows = jax.lax.top_k(magnitude, max_active)
     else:
+        n_columns = dosages.shape[-1]
         columns = jax.lax.broadcasted_iota(jnp.int32, dosages.shape, dosages.ndim - 1)
         found = []
         for _ in range(max_active):
-            found.append(jnp.argmax(magnitude, axis=-1).astype(jnp.int32))
+            largest = magnitude.max(-1, keepdims=True)
+            found.append(jnp.where(magnitude == largest, columns, n_columns).min(-1))
             magnitude = jnp.where(columns == found[-1][..., None], -1.0, magnitude)
         rows = jnp.stack(found, axis=-1)
     return jnp.take_along_axis(dosages, rows, axis=-1), rows
