@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.max_steps = 20_000
     config.train.eval_every = 1_000  # validation loss, history row and checkpoint
     config.train.steps_per_dispatch = 100  # training steps per jitted lax.scan call
-    config.train.eval_batch_size = 2_048  # cells per chunk in validation / IWELBO
+    config.train.eval_batch_size = 2_048  # cells per chunk of the validation loss (the final IWELBO: iwelbo_chunk_size)
     config.train.progress = True  # tqdm bar
     config.train.num_devices = 0  # data-parallel devices per process; 0 = all local devices
     # shards of the training cells (sams_jax.distributed); 0 = one per process. A multiple of the

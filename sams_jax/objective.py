@@ -38,6 +38,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sams_jax.models.base import ParticleTerms
 from sams_jax.nn import PARTICLE_AXIS
@@ -254,6 +255,22 @@ def split_objective(apply_fn: Callable, config: ObjectiveConfig, variables, rng,
         return reduce_objective(elbo_per_cell(terms, batch["dosages"], plate_scale, config), config.kind)
 
     return score_split(apply_fn, variables, rng, arrays, config.n_particles, score, chunk_size, first_chunk)
+
+
+IWELBO_CHUNK_ELEMENTS = 8 * 2**20  # particles x cells x genes per chunk: 32 MB per float32 intermediate
+IWELBO_MAX_CHUNK_CELLS = 256
+
+
+def iwelbo_chunk_size(n_particles: int, n_genes: int) -> int:
+    """Cells per IWELBO chunk: the largest power of two (8 to ``IWELBO_MAX_CHUNK_CELLS``)
+    whose ``particles x cells x genes`` intermediates stay within
+    ``IWELBO_CHUNK_ELEMENTS``. Chunks of that size stay in cache-friendly sizes. On the
+    2-core CPU (one process alternating the compiled programs, ``benchmarks/RESULTS.md``):
+    Replogle scale (1,187 genes, 100 particles) runs 1.2x faster with 64 cells per chunk
+    than with 1,024, and 1.06x faster than with 32; the default simulation (100 genes)
+    1.08x faster with 256 than with 512 (128 is as fast as 256; 1,024 is 1.26x slower)."""
+    cells = IWELBO_CHUNK_ELEMENTS // max(1, n_particles * n_genes)
+    return int(min(IWELBO_MAX_CHUNK_CELLS, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
 
 
 def predictive_iwelbo(apply_fn: Callable, variables, rng, arrays, n_particles: int, chunk_size: int = 1024,

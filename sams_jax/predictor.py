@@ -26,7 +26,7 @@ from sams_jax.data import DataError, PerturbationData
 from sams_jax.data.matrix import is_dense
 from sams_jax.likelihoods import COUNT_LIKELIHOODS
 from sams_jax.models import create_model
-from sams_jax.objective import predictive_iwelbo
+from sams_jax.objective import iwelbo_chunk_size, predictive_iwelbo
 from sams_jax.streaming import host_cell_scores
 from sams_jax.train import create_optimizer, create_train_state
 
@@ -267,19 +267,6 @@ class Predictor:
         interpretation of the trained model; predictions do not change. Map latent states
         into it with ``basis.transform(predictor.latent(adata))``."""
         return fit_sparse_basis(self.shifts(), n_restarts=n_restarts, seed=seed, threshold=threshold)
-
-
-IWELBO_CHUNK_ELEMENTS = 8 * 2**20  # particles x cells x genes per chunk: 32 MB per float32 intermediate
-
-
-def iwelbo_chunk_size(n_particles: int, n_genes: int) -> int:
-    """Cells per IWELBO chunk: the largest power of two (8 to 4,096) whose ``particles x
-    cells x genes`` intermediates stay within ``IWELBO_CHUNK_ELEMENTS``. Chunks of that
-    size stay in cache-friendly sizes: on the 2-core CPU, Replogle scale (1,187 genes, 100
-    particles) runs 1.2x faster with 64 cells per chunk than with 1,024, and the default
-    simulation (100 genes) 1.4x faster with 512 (``benchmarks/RESULTS.md``)."""
-    cells = IWELBO_CHUNK_ELEMENTS // max(1, n_particles * n_genes)
-    return int(min(4096, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
 
 
 def check_features(expected: Sequence[str], given: Sequence[str]) -> None:

@@ -50,7 +50,8 @@ from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import ObjectiveConfig, check_analytic_kl, loss_fn, predictive_iwelbo, split_objective
+from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, iwelbo_chunk_size, loss_fn, predictive_iwelbo,
+                                split_objective)
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
 # data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
@@ -471,9 +472,11 @@ def mask_recovery(model, data: PerturbationData, variables, full: bool = False) 
 def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict[str, float]:
     """Predictive IWELBO per held-out split and, for simulations, mask recovery. With
     ``rng = jax.random.key(config.seed)`` the IWELBO equals ``sams_jax.load(workdir)
-    .iwelbo(split, n_particles, seed=config.seed, chunk_size=config.train.eval_batch_size)``."""
+    .iwelbo(split, n_particles, seed=config.seed)``: cells are scored in chunks of
+    :func:`~sams_jax.objective.iwelbo_chunk_size` (``n_particles`` x cells x genes
+    intermediates of bounded size), not of ``train.eval_batch_size``."""
     n_particles = config.eval.iwelbo_n_particles
-    chunk_size = config.train.eval_batch_size
+    chunk_size = iwelbo_chunk_size(n_particles, data.n_genes)
     results: dict[str, float] = {}
 
     @jax.jit

@@ -249,7 +249,7 @@ def test_predictor_api_on_trained_run(trained):
     predictor = sams_jax.load(str(workdir))
     data = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10))
     test = data.arrays("test")
-    per_cell = predictor.iwelbo(test, n_particles=4, seed=config.seed, chunk_size=config.train.eval_batch_size)
+    per_cell = predictor.iwelbo(test, n_particles=4, seed=config.seed)
     reported = json.loads((workdir / "metrics.json").read_text())["test/IWELBO"]
     np.testing.assert_allclose(per_cell.mean(), reported, rtol=1e-5)  # same checkpoint, particles and seed
     assert predictor.latent(data).shape == (data.x.shape[0], 3)
@@ -272,14 +272,14 @@ def test_predictor_api_on_trained_run(trained):
 
 
 def test_iwelbo_chunk_size_bounds_the_intermediates():
-    from sams_jax.predictor import IWELBO_CHUNK_ELEMENTS, iwelbo_chunk_size
+    from sams_jax.objective import IWELBO_CHUNK_ELEMENTS, IWELBO_MAX_CHUNK_CELLS, iwelbo_chunk_size
 
-    assert iwelbo_chunk_size(100, 1_187) == 64 and iwelbo_chunk_size(100, 100) == 512
+    assert iwelbo_chunk_size(100, 1_187) == 64 and iwelbo_chunk_size(100, 100) == 256
     for particles, genes in [(100, 1_187), (100, 100), (7, 33), (2_500, 2_000)]:
         cells = iwelbo_chunk_size(particles, genes)
-        assert cells & (cells - 1) == 0 and 8 <= cells <= 4096  # a power of two within the bounds
+        assert cells & (cells - 1) == 0 and 8 <= cells <= IWELBO_MAX_CHUNK_CELLS  # a power of two within the bounds
         assert cells == 8 or cells * particles * genes <= IWELBO_CHUNK_ELEMENTS < 2 * cells * particles * genes \
-            or cells == 4096
+            or cells == IWELBO_MAX_CHUNK_CELLS
 
 
 def test_load_missing_checkpoint_is_clear(tmp_path):

@@ -221,6 +221,32 @@ def test_normal_observation_samples_equal_numpyro():
     np.testing.assert_array_equal(Normal(loc, scale).sample(key, (5,)), dist.Normal(loc, scale).sample(key, (5,)))
 
 
+def test_normal_from_variance_has_numpyros_density_and_gradients():
+    """The observation Normal made from its variance scores values as numpyro's Normal
+    with ``scale = sqrt(variance)`` (scipy in float64 as the reference), with the same
+    gradients; it keeps the support check (NaN -> -inf) and its ``variance`` and
+    ``scale`` properties."""
+    from sams_jax.likelihoods import Normal
+
+    loc = jnp.linspace(-3.0, 3.0, 20).reshape(4, 5)
+    variance = jnp.exp(jnp.linspace(-9.0, 6.0, 20)).reshape(4, 5) + 1e-4
+    value = jnp.linspace(-5.0, 8.0, 20).reshape(4, 5)[::-1]
+    given = Normal.from_variance(loc, variance)
+    expected = stats.norm(np.asarray(loc, np.float64), np.sqrt(np.asarray(variance, np.float64))).logpdf(value)
+    np.testing.assert_allclose(given.log_prob(value), expected, rtol=2e-6, atol=2e-5)
+    np.testing.assert_allclose(given.variance, variance, rtol=1e-6)
+    np.testing.assert_allclose(given.scale, jnp.sqrt(variance), rtol=1e-6)
+
+    def total(make, loc, variance):
+        return make(loc, variance).log_prob(value).sum()
+
+    ours = jax.grad(total, argnums=(1, 2))(Normal.from_variance, loc, variance)
+    theirs = jax.grad(total, argnums=(1, 2))(lambda m, v: dist.Normal(m, jnp.sqrt(v)), loc, variance)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert Normal.from_variance(loc, variance).log_prob(value.at[0, 0].set(jnp.nan))[0, 0] == -jnp.inf
+
+
 def test_special_functions_match_scipy_over_the_whole_range():
     """sams_jax.special's log_beta (one log-gamma and Stirling differences), lgamma and
     digamma of positive arguments equal scipy's (float64) to float32 precision, on both
