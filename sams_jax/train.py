@@ -50,8 +50,8 @@ from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, iwelbo_chunk_size, loss_fn, predictive_iwelbo,
-                                split_objective)
+from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, iwelbo_chunk_size, iwelbo_compiler_options,
+                                loss_fn, predictive_iwelbo, split_objective)
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
 # data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
@@ -479,11 +479,11 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     chunk_size = iwelbo_chunk_size(n_particles, data.n_genes)
     results: dict[str, float] = {}
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=iwelbo_compiler_options())
     def iwelbo(variables, arrays):
         return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size).mean()
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=iwelbo_compiler_options())
     def iwelbo_block(variables, arrays, first_chunk):
         return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size, first_chunk)
 
