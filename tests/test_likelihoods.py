@@ -74,6 +74,33 @@ def test_normal_head_variance_floor():
     np.testing.assert_allclose(q.scale, np.sqrt(np.exp(-50.0) + 1e-4), rtol=1e-6)
 
 
+@pytest.mark.parametrize("features", [15, 100])
+def test_normal_head_is_its_two_linear_heads(features):
+    """A narrow head (one product with both kernels side by side) and a wide one (two
+    products) are ``Normal(h @ W_loc + b_loc, sqrt(exp(h @ W_logvar + b_logvar) + 1e-4))``,
+    with the parameter names and gradients of two separate layers."""
+    h = jax.random.normal(jax.random.key(0), (2, 9, 40))
+    head = NormalHead(features)
+    variables = head.init(jax.random.key(1), h)
+    p = variables["params"]
+    assert set(p) == {"loc", "logvar"} and p["loc"]["kernel"].shape == (40, features)
+    loc = np.asarray(h) @ p["loc"]["kernel"] + p["loc"]["bias"]
+    variance = np.exp(np.asarray(h) @ p["logvar"]["kernel"] + p["logvar"]["bias"]) + 1e-4
+    q = head.apply(variables, h)
+    np.testing.assert_allclose(q.loc, loc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.scale, np.sqrt(variance), rtol=1e-5)
+
+    def reference(params):
+        return dist.Normal(h @ params["loc"]["kernel"] + params["loc"]["bias"],
+                           jnp.sqrt(jnp.exp(h @ params["logvar"]["kernel"] + params["logvar"]["bias"]) + 1e-4))
+
+    value = jnp.ones((2, 9, features))
+    ours = jax.grad(lambda params: head.apply({"params": params}, h).log_prob(value).sum())(p)
+    theirs = jax.grad(lambda params: reference(params).log_prob(value).sum())(p)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_residual_mlp_multi_input_equals_concatenation():
     """Separate first-layer kernels per input (and a per-row kernel) are exactly one
     dense layer on [x, offset, one_hot(row)]; later layers are residual."""
