@@ -273,19 +273,20 @@ def iwelbo_chunk_size(n_particles: int, n_genes: int) -> int:
     return int(min(IWELBO_MAX_CHUNK_CELLS, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
 
 
-CPU_IWELBO_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
-def iwelbo_compiler_options() -> dict | None:
-    """XLA compiler options for ``jax.jit`` of :func:`predictive_iwelbo` on the default
-    backend: on the CPU, loops over 512-bit vectors where the CPU has them (AVX-512;
-    XLA's default prefers 256 bits; a CPU without them keeps its widest), which speeds up
-    the elementwise work over particles x cells x genes. The numbers are the same bit for
-    bit. On the 2-core AVX-512 CPU, in one process alternating the compiled programs:
-    simulation IWELBO 0.358 -> 0.298 s, Replogle scale 2% faster (``benchmarks/RESULTS.md``;
-    the Replogle-scale ATEs were 8% slower with it, so they keep the default). ``None``
-    elsewhere."""
-    return dict(CPU_IWELBO_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+def compiler_options() -> dict | None:
+    """XLA compiler options for ``jax.jit`` of the objective's computations (training
+    chunks, validation loss, predictive IWELBO) on the default backend: on the CPU, loops
+    over 512-bit vectors where the CPU has them (AVX-512; XLA's default prefers 256 bits;
+    a CPU without them keeps its widest), which speeds up the elementwise work over
+    particles x cells x genes. The numbers are the same bit for bit. On the 2-core AVX-512
+    CPU, in one process alternating the compiled programs (``benchmarks/RESULTS.md``):
+    simulation IWELBO 0.358 -> 0.298 s, Replogle-scale IWELBO 2% faster, training steps 2%
+    (simulation) and 3% (Replogle scale) faster. The ATEs keep the default: at Replogle
+    scale they were 8% slower with it. ``None`` on other backends."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def predictive_iwelbo(apply_fn: Callable, variables, rng, arrays, n_particles: int, chunk_size: int = 1024,

@@ -26,7 +26,7 @@ from sams_jax.data import DataError, PerturbationData
 from sams_jax.data.matrix import is_dense
 from sams_jax.likelihoods import COUNT_LIKELIHOODS
 from sams_jax.models import create_model
-from sams_jax.objective import iwelbo_chunk_size, iwelbo_compiler_options, predictive_iwelbo
+from sams_jax.objective import compiler_options, iwelbo_chunk_size, predictive_iwelbo
 from sams_jax.streaming import host_cell_scores
 from sams_jax.train import create_optimizer, create_train_state
 
@@ -67,7 +67,7 @@ class Predictor:
 
         self._encode = encode
         self._iwelbo = jax.jit(partial(predictive_iwelbo, model.apply), static_argnames=("n_particles", "chunk_size"),
-                               compiler_options=iwelbo_compiler_options())
+                               compiler_options=compiler_options())
 
     # --- vocabulary -----------------------------------------------------------------
     @property

@@ -50,8 +50,8 @@ from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, iwelbo_chunk_size, iwelbo_compiler_options,
-                                loss_fn, predictive_iwelbo, split_objective)
+from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, compiler_options, iwelbo_chunk_size, loss_fn,
+                                predictive_iwelbo, split_objective)
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
 # data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
@@ -206,7 +206,7 @@ def make_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer, gather=Non
     if gather is None:
         gather = take_rows
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def train_chunk(state, train_arrays, scale, train_key, indices):
         def body(state, batch_indices):
             return step(state, gather(train_arrays, batch_indices), scale, train_key)
@@ -226,7 +226,7 @@ def make_batch_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
     [n, B, T], "library_size": [n, B]}``, densified on the host)."""
     step = make_train_step(apply_fn, objective, optimizer)
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def train_chunk(state, batches, scale, train_key):
         return jax.lax.scan(partial(step, scale=scale, train_key=train_key), state, batches)
 
@@ -370,7 +370,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             indices = parallel.put_batch_indices(schedule.local_indices(first_step, n_steps, shards))
             return train_chunk(state, train_arrays, train_scale, train_key, indices)
 
-        @jax.jit
+        @partial(jax.jit, compiler_options=compiler_options())
         def validation_loss_fn(variables, arrays, scale):
             return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
 
@@ -392,7 +392,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             assert dispatch == (first_step, n_steps), (dispatch, first_step, n_steps)
             return train_chunk(state, batches, train_scale, train_key)
 
-        @jax.jit
+        @partial(jax.jit, compiler_options=compiler_options())
         def validation_block(variables, scale, arrays, first_chunk):
             return split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size,
                                    first_chunk)
@@ -479,11 +479,11 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     chunk_size = iwelbo_chunk_size(n_particles, data.n_genes)
     results: dict[str, float] = {}
 
-    @partial(jax.jit, compiler_options=iwelbo_compiler_options())
+    @partial(jax.jit, compiler_options=compiler_options())
     def iwelbo(variables, arrays):
         return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size).mean()
 
-    @partial(jax.jit, compiler_options=iwelbo_compiler_options())
+    @partial(jax.jit, compiler_options=compiler_options())
     def iwelbo_block(variables, arrays, first_chunk):
         return predictive_iwelbo(model.apply, variables, rng, arrays, n_particles, chunk_size, first_chunk)
 
