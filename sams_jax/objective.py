@@ -279,9 +279,10 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 def compiler_options() -> dict | None:
     """XLA compiler options for ``jax.jit`` of the objective's computations (training
     chunks, validation loss, predictive IWELBO) on the default backend: on the CPU, loops
-    over 512-bit vectors where the CPU has them (AVX-512; XLA's default prefers 256 bits;
-    a CPU without them keeps its widest), which speeds up the elementwise work over
-    particles x cells x genes. The numbers are the same bit for bit. On the 2-core AVX-512
+    over 512-bit vectors (XLA's default prefers 256 bits), which speeds up the elementwise
+    work over particles x cells x genes. The numbers are the same bit for bit. Without
+    AVX-512, LLVM splits such vectors into its widest (with XLA's instruction set capped
+    at AVX2 on the machine below, the IWELBO took 267 ms with the option and 319 without). On the 2-core AVX-512
     CPU, in one process alternating the compiled programs (``benchmarks/RESULTS.md``):
     simulation IWELBO 0.358 -> 0.298 s, Replogle-scale IWELBO 2% faster, training steps 2%
     (simulation) and 3% (Replogle scale) faster. The ATEs keep the default: at Replogle
