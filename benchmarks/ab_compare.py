@@ -11,8 +11,10 @@ process and timed alternately, ``--rounds`` times, on the same inputs; the repor
 each one's median and how many rounds the second won. With ``--old REV`` the revision's
 ``sams_jax`` is unpacked (``git archive``) as a package named ``sams_jax_old`` and
 compared with the working tree's; outputs are compared too (same numbers, or how far
-apart). With ``--options`` the working tree's program is compiled with XLA's defaults and
-with each JSON dict of compiler options.
+apart). Each version's program is compiled with that version's own compiler options
+(``sams_jax.objective.compiler_options`` where it has them; the ATEs with none). With
+``--options``, the working tree's program is also compiled with each JSON dict *instead*
+of its own options (``'{}'`` gives XLA's defaults).
 
 Tasks (freshly initialised parameters, synthetic inputs; ``--scale simulation``: K = 15,
 100 genes and perturbations, normal likelihood; ``replogle``: K = 100, 1,187 genes, 681
@@ -100,6 +102,8 @@ def build(package: str, task: str, scale: str, steps: int):
     stats = {"mean": np.zeros(n_genes, np.float32), "scale": np.ones(n_genes, np.float32)}
     state = modules["train"].create_train_state(model, optimizer, stats, jax.random.key(0))
     options_fn = getattr(modules["objective"], "compiler_options", None)
+    if options_fn is None and task == "iwelbo":
+        options_fn = getattr(modules["objective"], "iwelbo_compiler_options", None)  # its name at 34528b2
     options = options_fn() if options_fn else None
     key = jax.random.key(1)
     counts = config.model.likelihood != "normal"
@@ -134,6 +138,15 @@ def leaves(out):
         v.dtype, jax.dtypes.prng_key)]
 
 
+def output_difference(first: list, other: list) -> float:
+    """Largest absolute difference between two outputs' arrays (inf if their structures
+    differ)."""
+    if len(first) != len(other) or any(a.shape != b.shape for a, b in zip(first, other)):
+        return float("inf")
+    return max([float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(first, other)
+                if a.size] or [0.0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["iwelbo", "ate", "train"], default="iwelbo")
@@ -153,15 +166,14 @@ def main() -> None:
             sys.path.insert(0, folder)
             old = unpack_revision(args.old, folder)
             lowered, inputs, options = build(old, args.task, args.scale, args.steps)
-            variants.append((f"{args.old}", lowered.compile(options)))
+            variants.append((args.old, lowered.compile(options)))
         lowered, inputs, options = build("sams_jax", args.task, args.scale, args.steps)
         variants.append(("working tree", lowered.compile(options)))
         for extra in args.options:
-            variants.append((f"working tree + {extra}", lowered.compile(json.loads(extra))))
+            variants.append((f"working tree with {extra}", lowered.compile(json.loads(extra))))
 
         outputs = [leaves(compiled(*inputs)) for _, compiled in variants]
-        differences = [max((float(np.max(np.abs(a - b))) if a.size else 0.0) for a, b in zip(outputs[0], out))
-                       for out in outputs]
+        differences = [output_difference(outputs[0], out) for out in outputs]
         seconds = [[] for _ in variants]
         for _ in range(args.rounds):
             for i, (_, compiled) in enumerate(variants):
@@ -174,7 +186,8 @@ def main() -> None:
     report = {"task": args.task, "scale": args.scale, "rounds": args.rounds, **machine(), "variants": rows}
     for row in rows:
         print(f"{row['variant']:<60} {row['median_s'] * 1e3:9.2f} ms  faster than the first in "
-              f"{row['rounds_faster_than_first']}/{args.rounds}; outputs differ by {row['max_abs_output_difference']:.3g}")
+              f"{row['rounds_faster_than_first']}/{args.rounds}; "
+              f"outputs differ by {row['max_abs_output_difference']:.3g}")
     write_json(args.out, report)
 
 

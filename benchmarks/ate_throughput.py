@@ -38,7 +38,8 @@ from common import flops, machine, matmul_rate, peak_device_memory_mb, write_jso
 from sams_jax.ate import model_expectations, particle_chunk_size  # noqa: E402
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
-from sams_jax.predictor import Predictor, iwelbo_chunk_size, load  # noqa: E402
+from sams_jax.objective import iwelbo_chunk_size  # noqa: E402
+from sams_jax.predictor import Predictor, load  # noqa: E402
 from sams_jax.train import create_optimizer, create_train_state  # noqa: E402
 
 

@@ -26,6 +26,7 @@ from sams_jax.special import digamma_positive, log_beta
 LIKELIHOODS = ("normal", "poisson", "library_nb")
 COUNT_LIKELIHOODS = ("poisson", "library_nb")
 NB_MEAN_FLOOR = 1e-4
+_HALF_LOG_TWO_PI = float(0.5 * np.log(2 * np.pi))
 
 
 class LikelihoodHead(nn.Module):
@@ -46,6 +47,8 @@ class LikelihoodHead(nn.Module):
         if self.likelihood == "normal":
             head = NormalHead(self.n_genes, compute_dtype=dtype, name="normal")
             if sum_weights is None:
+                # two products even where the head is narrow: joined (NormalHead.loc_and_variance)
+                # the gene-wide output was slower (benchmarks/RESULTS.md)
                 return Normal.from_variance(head.loc(hidden), head.variance(hidden))
             p_x = head.summed(hidden, sum_weights)
             return Normal(p_x.loc, p_x.scale)
@@ -116,8 +119,6 @@ class Normal(dist.Normal):
     def sample(self, key, sample_shape=()):
         return self.loc + normal(key, sample_shape + self.batch_shape) * self.scale
 
-
-_HALF_LOG_TWO_PI = float(0.5 * np.log(2 * np.pi))
 
 
 class GammaPoisson(dist.GammaPoisson):

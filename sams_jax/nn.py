@@ -209,9 +209,9 @@ class NormalHead(nn.Module):
     def loc_and_variance(self, h):  # [..., d] -> ([..., features], [..., features])
         """Mean and variance. Heads narrower than ``JOINT_HEAD_MAX_FEATURES`` (K = 15
         latent dimensions) run as one product with both kernels side by side, which fills
-        the CPU's vector tiles better than two narrow ones: the simulation's IWELBO 4% and
-        ATEs 3% faster, and no slower to train; wider heads keep two products (the
-        Replogle-scale training step, K = 100, was 1.5% slower joined)."""
+        the CPU's vector tiles better than two narrow ones: the simulation's IWELBO 3-4% and
+        ATEs 3% faster, its training step unchanged within noise; wider heads keep two
+        products (the Replogle-scale training step, K = 100, was 1.5% slower joined)."""
         if self.features >= JOINT_HEAD_MAX_FEATURES:
             return self.loc(h), self.variance(h)
         loc_kernel, loc_bias = self.loc(h, parameters_only=True)

@@ -258,19 +258,25 @@ def split_objective(apply_fn: Callable, config: ObjectiveConfig, variables, rng,
 
 
 IWELBO_CHUNK_ELEMENTS = 8 * 2**20  # particles x cells x genes per chunk: 32 MB per float32 intermediate
-IWELBO_MAX_CHUNK_CELLS = 256
+IWELBO_MAX_CHUNK_CELLS = {"cpu": 256}  # per backend; others: IWELBO_DEFAULT_MAX_CHUNK_CELLS
+IWELBO_DEFAULT_MAX_CHUNK_CELLS = 4096
 
 
-def iwelbo_chunk_size(n_particles: int, n_genes: int) -> int:
-    """Cells per IWELBO chunk: the largest power of two (8 to ``IWELBO_MAX_CHUNK_CELLS``)
-    whose ``particles x cells x genes`` intermediates stay within
-    ``IWELBO_CHUNK_ELEMENTS``. Chunks of that size stay in cache-friendly sizes. On the
-    2-core CPU (one process alternating the compiled programs, ``benchmarks/RESULTS.md``):
-    Replogle scale (1,187 genes, 100 particles) runs 1.2x faster with 64 cells per chunk
-    than with 1,024, and 1.06x faster than with 32; the default simulation (100 genes)
-    1.08x faster with 256 than with 512 (128 is as fast as 256; 1,024 is 1.26x slower)."""
+def iwelbo_chunk_size(n_particles: int, n_genes: int, backend: str | None = None) -> int:
+    """Cells per IWELBO chunk: the largest power of two (8 to the backend's entry of
+    ``IWELBO_MAX_CHUNK_CELLS``, else ``IWELBO_DEFAULT_MAX_CHUNK_CELLS``) whose
+    ``particles x cells x genes`` intermediates stay within ``IWELBO_CHUNK_ELEMENTS``
+    (``backend``: default ``jax.default_backend()``). Chunks of that size stay in
+    cache-friendly sizes. On the 2-core CPU (one process alternating the compiled
+    programs, ``benchmarks/RESULTS.md``): Replogle scale (1,187 genes, 100 particles) runs
+    1.2x faster with 64 cells per chunk than with 1,024, and 1.06x faster than with 32;
+    the default simulation (100 genes) 1.08x faster with 256 than with 512 (128 is as fast
+    as 256; 1,024 is 1.26x slower). The GPU figures in RESULTS were measured with the
+    element bound and the 4,096-cell cap."""
+    backend = backend or jax.default_backend()
+    largest = IWELBO_MAX_CHUNK_CELLS.get(backend, IWELBO_DEFAULT_MAX_CHUNK_CELLS)
     cells = IWELBO_CHUNK_ELEMENTS // max(1, n_particles * n_genes)
-    return int(min(IWELBO_MAX_CHUNK_CELLS, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
+    return int(min(largest, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
 
 
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
@@ -280,13 +286,13 @@ def compiler_options() -> dict | None:
     """XLA compiler options for ``jax.jit`` of the objective's computations (training
     chunks, validation loss, predictive IWELBO) on the default backend: on the CPU, loops
     over 512-bit vectors (XLA's default prefers 256 bits), which speeds up the elementwise
-    work over particles x cells x genes. The numbers are the same bit for bit. Without
-    AVX-512, LLVM splits such vectors into its widest (with XLA's instruction set capped
-    at AVX2 on the machine below, the IWELBO took 267 ms with the option and 319 without). On the 2-core AVX-512
-    CPU, in one process alternating the compiled programs (``benchmarks/RESULTS.md``):
-    simulation IWELBO 0.358 -> 0.298 s, Replogle-scale IWELBO 2% faster, training steps 2%
-    (simulation) and 3% (Replogle scale) faster. The ATEs keep the default: at Replogle
-    scale they were 8% slower with it. ``None`` on other backends."""
+    work over particles x cells x genes. On the 2-core AVX-512 CPU where it was measured
+    (one process alternating the compiled programs, ``benchmarks/RESULTS.md``), the
+    numbers were the same bit for bit, and: simulation IWELBO 0.358 -> 0.298 s,
+    Replogle-scale IWELBO 2% faster, training steps 2% (simulation) and 3% (Replogle
+    scale) faster. With XLA's instruction set capped at AVX2 (as on a CPU without
+    AVX-512) the option still helped: IWELBO 267 against 319 ms. The ATEs keep the
+    default: at Replogle scale they were 8% slower with it. ``None`` on other backends."""
     return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 

@@ -272,14 +272,17 @@ def test_predictor_api_on_trained_run(trained):
 
 
 def test_iwelbo_chunk_size_bounds_the_intermediates():
-    from sams_jax.objective import IWELBO_CHUNK_ELEMENTS, IWELBO_MAX_CHUNK_CELLS, iwelbo_chunk_size
+    from sams_jax.objective import IWELBO_CHUNK_ELEMENTS, IWELBO_DEFAULT_MAX_CHUNK_CELLS, iwelbo_chunk_size
 
-    assert iwelbo_chunk_size(100, 1_187) == 64 and iwelbo_chunk_size(100, 100) == 256
-    for particles, genes in [(100, 1_187), (100, 100), (7, 33), (2_500, 2_000)]:
-        cells = iwelbo_chunk_size(particles, genes)
-        assert cells & (cells - 1) == 0 and 8 <= cells <= IWELBO_MAX_CHUNK_CELLS  # a power of two within the bounds
-        assert cells == 8 or cells * particles * genes <= IWELBO_CHUNK_ELEMENTS < 2 * cells * particles * genes \
-            or cells == IWELBO_MAX_CHUNK_CELLS
+    assert iwelbo_chunk_size(100, 1_187, "cpu") == 64 and iwelbo_chunk_size(100, 100, "cpu") == 256
+    assert iwelbo_chunk_size(100, 100, "gpu") == 512
+    assert iwelbo_chunk_size(7, 33, "gpu") == IWELBO_DEFAULT_MAX_CHUNK_CELLS
+    for backend, largest in (("cpu", 256), ("gpu", IWELBO_DEFAULT_MAX_CHUNK_CELLS)):
+        for particles, genes in [(100, 1_187), (100, 100), (7, 33), (2_500, 2_000)]:
+            cells = iwelbo_chunk_size(particles, genes, backend)
+            assert cells & (cells - 1) == 0 and 8 <= cells <= largest  # a power of two within the bounds
+            assert cells == 8 or cells * particles * genes <= IWELBO_CHUNK_ELEMENTS < 2 * cells * particles * genes \
+                or cells == largest
 
 
 def test_load_missing_checkpoint_is_clear(tmp_path):

@@ -251,8 +251,8 @@ def test_normal_observation_samples_equal_numpyro():
 def test_normal_from_variance_has_numpyros_density_and_gradients():
     """The observation Normal made from its variance scores values as numpyro's Normal
     with ``scale = sqrt(variance)`` (scipy in float64 as the reference), with the same
-    gradients; it keeps the support check (NaN -> -inf) and its ``variance`` and
-    ``scale`` properties."""
+    gradients; it keeps the support check (NaN -> -inf), and its ``variance`` and
+    ``scale`` properties agree with the variance it was given."""
     from sams_jax.likelihoods import Normal
 
     loc = jnp.linspace(-3.0, 3.0, 20).reshape(4, 5)

@@ -310,6 +310,9 @@ def test_active_perturbations_equal_top_k():
         _, expected = jax.lax.top_k(jnp.abs(jnp.asarray(dosages)), max_active)
         np.testing.assert_array_equal(rows, expected)
         np.testing.assert_array_equal(values, np.take_along_axis(dosages, np.asarray(expected), -1))
+    dosages[5, [2, 4]] = np.nan  # a NaN is found first (argmax's rule), so it reaches the values
+    values, rows = active_perturbations(jnp.asarray(dosages), 2)
+    assert rows[5, 0] == 2 and np.isnan(values[5, 0]) and rows[5, 0] == jnp.argmax(jnp.abs(jnp.asarray(dosages[5])))
 
 
 def test_generation_draws_equal_numpyro(small):

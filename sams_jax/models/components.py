@@ -176,7 +176,8 @@ def active_perturbations(dosages, max_active: int):
         found = []
         for _ in range(max_active):
             largest = magnitude.max(-1, keepdims=True)
-            found.append(jnp.where(magnitude == largest, columns, n_columns).min(-1))
+            reaches = (magnitude == largest) | jnp.isnan(magnitude)  # a NaN is the largest, as for argmax
+            found.append(jnp.where(reaches, columns, n_columns).min(-1))
             magnitude = jnp.where(columns == found[-1][..., None], -1.0, magnitude)
         rows = jnp.stack(found, axis=-1)
     return jnp.take_along_axis(dosages, rows, axis=-1), rows
