@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ate_throughput import evaluation_config, synthetic_cells  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,28 +68,19 @@ def unpack_revision(revision: str, into: str) -> str:
 
 
 def model_config(scale: str):
-    from sams_jax.config import base_config
-
-    config = base_config()
+    """``(config, n_genes, n_perturbations)``: the evaluation benchmark's model
+    (``ate_throughput.evaluation_config``) with the paper's batch size and learning rate."""
+    config, n_genes, n_perturbations, _ = evaluation_config(scale)
     if scale == "simulation":
-        config.model.update(n_latent=15, likelihood="normal", normalization="standardize", decoder_n_hidden=50,
-                            basal_encoder_n_hidden=50, embedding_encoder_n_hidden=50)
         config.train.update(batch_size=128, learning_rate=1e-3)
-        return config, 100, 100
-    config.model.update(n_latent=100, likelihood="library_nb", decoder_n_hidden=400, basal_encoder_n_hidden=400,
-                        embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
-    config.train.update(batch_size=512, learning_rate=3e-4)
-    return config, 1_187, 681
+    else:
+        config.train.update(batch_size=512, learning_rate=3e-4)
+    return config, n_genes, n_perturbations
 
 
-def synthetic_cells(n_cells: int, n_genes: int, n_perturbations: int, counts: bool) -> dict:
-    rng = np.random.default_rng(0)
-    x = rng.poisson(2.0, (n_cells, n_genes)) if counts else rng.normal(size=(n_cells, n_genes))
-    dosages = np.zeros((n_cells, n_perturbations), np.float32)
-    dosages[np.arange(n_cells), rng.integers(0, n_perturbations, n_cells)] = 1.0
-    x = x.astype(np.float32)
-    return {"x": jnp.asarray(x), "dosages": jnp.asarray(dosages),
-            "library_size": jnp.asarray(np.maximum(x.sum(1), 1.0))}
+def device_cells(n_cells: int, n_genes: int, n_perturbations: int, counts: bool) -> dict:
+    cells = synthetic_cells(n_cells, n_genes, n_perturbations, counts)
+    return {key: jnp.asarray(value, jnp.float32) for key, value in cells.items()}
 
 
 def build(package: str, task: str, scale: str, steps: int):
@@ -108,7 +100,7 @@ def build(package: str, task: str, scale: str, steps: int):
     key = jax.random.key(1)
     counts = config.model.likelihood != "normal"
     if task == "iwelbo":
-        cells = synthetic_cells(10_000 if scale == "simulation" else 4_096, n_genes, n_perturbations, counts)
+        cells = device_cells(10_000 if scale == "simulation" else 4_096, n_genes, n_perturbations, counts)
         where = modules["objective"] if hasattr(modules["objective"], "iwelbo_chunk_size") else \
             importlib.import_module(f"{package}.predictor")  # its home before 2026-11-27
         chunk = where.iwelbo_chunk_size(100, n_genes)  # each version's own rule
@@ -125,7 +117,7 @@ def build(package: str, task: str, scale: str, steps: int):
     else:
         objective = modules["objective"].ObjectiveConfig.from_config(config.objective)
         chunk = modules["train"].make_train_chunk(model.apply, objective, optimizer)
-        cells = synthetic_cells(8_192, n_genes, n_perturbations, counts)
+        cells = device_cells(8_192, n_genes, n_perturbations, counts)
         indices = jnp.asarray(np.random.default_rng(1).integers(0, 8_192, (steps, config.train.batch_size)))
         fn = getattr(chunk, "__wrapped__", chunk)
         fn = jax.jit(fn)

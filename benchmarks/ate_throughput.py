@@ -56,16 +56,21 @@ def _timed(fn, *args, repeats: int = 3, **kwargs):
     return out, first, float(np.median(seconds))
 
 
-def fresh_predictor(task: str) -> tuple[Predictor, int]:
+def evaluation_config(task: str):
+    """``(config, n_genes, n_perturbations, n_held_out_cells)`` of the ``simulation`` or
+    ``replogle`` evaluation task (see the module docstring)."""
     config = base_config()
     if task == "simulation":
         config.model.update(n_latent=15, likelihood="normal", normalization="standardize", decoder_n_hidden=50,
                             basal_encoder_n_hidden=50, embedding_encoder_n_hidden=50)
-        n_genes, n_perturbations, n_cells = 100, 100, 10_000
-    else:
-        config.model.update(n_latent=100, likelihood="library_nb", decoder_n_hidden=400, basal_encoder_n_hidden=400,
-                            embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
-        n_genes, n_perturbations, n_cells = 1_187, 681, 23_729
+        return config, 100, 100, 10_000
+    config.model.update(n_latent=100, likelihood="library_nb", decoder_n_hidden=400, basal_encoder_n_hidden=400,
+                        embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
+    return config, 1_187, 681, 23_729
+
+
+def fresh_predictor(task: str) -> tuple[Predictor, int]:
+    config, n_genes, n_perturbations, n_cells = evaluation_config(task)
     model = create_model(config.model, n_genes, n_perturbations)
     stats = {"mean": np.zeros(n_genes, np.float32), "scale": np.ones(n_genes, np.float32)}
     state = create_train_state(model, create_optimizer(config.train), stats, jax.random.key(0))
@@ -74,9 +79,10 @@ def fresh_predictor(task: str) -> tuple[Predictor, int]:
     return Predictor(model, state.variables, config, metadata, 0, ""), n_cells
 
 
-def synthetic_cells(predictor: Predictor, n_cells: int, counts: bool) -> dict[str, np.ndarray]:
+def synthetic_cells(n_cells: int, g: int, t: int, counts: bool) -> dict[str, np.ndarray]:
+    """``n_cells`` cells of ``g`` genes (Poisson(2) counts or standard normals), each with
+    one of ``t`` perturbations at random (seed 0)."""
     rng = np.random.default_rng(0)
-    g, t = len(predictor.feature_names), len(predictor.perturbation_names)
     x = rng.poisson(2.0, size=(n_cells, g)).astype(np.float32) if counts else \
         rng.normal(size=(n_cells, g)).astype(np.float32)
     dosages = np.zeros((n_cells, t), np.float32)
@@ -112,7 +118,7 @@ def main() -> None:
     else:
         predictor, n_cells = fresh_predictor(args.task)
     counts = predictor.default_scale == "perturbseq"
-    cells = synthetic_cells(predictor, n_cells, counts)
+    cells = synthetic_cells(n_cells, len(predictor.feature_names), len(predictor.perturbation_names), counts)
     arrays = {k: jnp.asarray(v) for k, v in cells.items()}
     interventions = [p for p in predictor.perturbation_names if p != predictor.control][:681]
     row = {"task": args.task, "trained": bool(args.workdir), "n_cells": n_cells,
