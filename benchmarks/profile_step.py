@@ -7,7 +7,12 @@ Times the scanned training step (the same ``TrainingRun`` as ``train_throughput.
 then records two dispatches with ``jax.profiler`` and summarises the trace: on a GPU the
 kernels of the device's streams, on the CPU the XLA operations of its worker threads,
 each with its time and count per step, plus the fraction of the traced span the device
-was busy (near 1: the step is its kernels' run time; well below 1: launch gaps). The
+was busy (near 1: the step is its kernels' run time; well below 1: launch gaps). On the
+CPU that fraction undercounts: XLA splits a large elementwise loop into parallel parts
+(``outer_dimension_partitions`` in the compiled HLO) but the trace shows only the part
+on the thread that started it, so the script also reports the process's CPU seconds per
+wall second over the timed dispatches (``cpu_cores_used``, from ``resource``; worker
+threads that spin while waiting count as used). The
 floor is the larger of the step's FLOPs over the float32 matmul rate and XLA's "bytes
 accessed" over the memory bandwidth, both measured in the same run (XLA counts the bytes
 each fused kernel reads and writes, so this is the floor of the program as XLA fused
@@ -25,6 +30,7 @@ import gzip
 import json
 import os
 import sys
+import resource
 import tempfile
 
 import jax
@@ -87,6 +93,12 @@ def summarise_trace(path: str, n_steps: int, top: int = 40) -> dict:
     }
 
 
+def process_cpu_seconds() -> float:
+    """User plus system CPU seconds of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="replogle_scale", help="a configs/*.py file or a named scale")
@@ -103,7 +115,9 @@ def main() -> None:
     run = TrainingRun(config)
     cost = run.step_cost()
     run.timed(1)  # compile
+    cpu_start = process_cpu_seconds()
     seconds, _ = run.timed(args.dispatches, first=1)
+    cores_used = (process_cpu_seconds() - cpu_start) / seconds
     ms_per_step = 1e3 * seconds / (args.dispatches * run.n_steps)
 
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="sams_jax_profile_")
@@ -120,7 +134,8 @@ def main() -> None:
     result = {"config": os.path.basename(args.config), "batch_size": config.train.batch_size,
               "ms_per_step": ms_per_step, "cost": cost, "matmul_flops_per_s": rate,
               "bandwidth_bytes_per_s": bandwidth, "flops_floor_ms": flops_ms, "bytes_floor_ms": bytes_ms,
-              "floor_ms": floor_ms, "step_over_floor": ms_per_step / floor_ms, "trace": traces[-1] if traces else None,
+              "floor_ms": floor_ms, "step_over_floor": ms_per_step / floor_ms, "cpu_cores_used": cores_used,
+              "trace": traces[-1] if traces else None,
               "profile": summary, **machine()}
     write_json(args.out, result)
     print(f"{result['device']}: {ms_per_step:.3f} ms per step; floor {floor_ms:.3f} ms "
@@ -128,7 +143,8 @@ def main() -> None:
           f"{bandwidth / 1e9:.0f} GB/s); step / floor {result['step_over_floor']:.2f}")
     if "top" in summary:
         print(f"{summary['launches_per_step']:.0f} operations per step over {summary['lanes']} lane(s), "
-              f"busy {100 * summary['busy_fraction']:.0f}% of the traced span")
+              f"busy {100 * summary['busy_fraction']:.0f}% of the traced span; "
+              f"{cores_used:.2f} of {os.cpu_count()} CPU cores used (process CPU time over wall time)")
         print(f"{'us/step':>9} {'count':>6}  operation")
         for row in summary["top"]:
             print(f"{row['us_per_step']:9.1f} {row['count_per_step']:6.1f}  {row['name'][:100]}")

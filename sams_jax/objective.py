@@ -208,8 +208,15 @@ def predictive_log_weights(terms: ParticleTerms):
 
 def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int, first_chunk=0):
     """Apply ``fn(batch, chunk_index) -> [chunk]`` to fixed-size chunks of the cells in
-    ``arrays`` (leaves ``[n, ...]``; zero-padded to a multiple of the chunk) with
-    ``lax.map``, so memory stays bounded by one chunk; returns ``[n]``. Jittable.
+    ``arrays`` (leaves ``[n, ...]``) with ``lax.map``, so memory stays bounded by one
+    chunk; returns ``[n]``. Jittable.
+
+    Chunk ``i`` holds cells ``i * chunk + r`` in its rows ``r``. Each chunk is sliced out of
+    ``arrays`` in place (no padded copy of them); the last one, where fewer than ``chunk``
+    cells are left, is read from the arrays' end and rotated so that every cell keeps its
+    row. Its rows past the end then hold earlier cells (whose scores are dropped) instead
+    of zeros: a cell's score depends only on its own row, so the scores of the real cells
+    are the same as with zero padding.
 
     ``first_chunk`` (an int or a traced scalar) numbers the chunks from there: a split
     scored block by block (host data, :mod:`sams_jax.streaming`) passes the index of the
@@ -218,14 +225,15 @@ def chunked_per_cell(fn: Callable, arrays: dict, chunk_size: int, first_chunk=0)
     n = arrays["x"].shape[0]
     chunk = min(chunk_size, n)
     n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
 
-    def to_chunks(v):
-        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
-        return v.reshape(n_chunks, chunk, *v.shape[1:])
+    def score_chunk(index):
+        start = jnp.minimum(index * chunk, n - chunk)
+        behind = index * chunk - start  # 0 but for a last, partial chunk
+        batch = jax.tree.map(lambda v: jnp.roll(jax.lax.dynamic_slice_in_dim(v, start, chunk), -behind, axis=0),
+                             arrays)
+        return fn(batch, index + first_chunk)
 
-    chunks = jax.tree.map(to_chunks, arrays)
-    out = jax.lax.map(lambda args: fn(*args), (chunks, jnp.arange(n_chunks) + first_chunk))
+    out = jax.lax.map(score_chunk, jnp.arange(n_chunks))
     return out.reshape(-1)[:n]
 
 

@@ -186,6 +186,26 @@ def test_particles_share_globals_across_cells_and_differ_between_particles(small
     np.testing.assert_array_equal(terms.log_likelihood, again.log_likelihood)
 
 
+@pytest.mark.parametrize("n_cells, chunk_size, first_chunk", [(23, 5, 0), (23, 5, 7), (20, 5, 0), (3, 8, 2)])
+def test_chunked_per_cell_gives_each_cell_its_row_and_chunk(n_cells, chunk_size, first_chunk):
+    """Chunk ``i`` (numbered from ``first_chunk``) holds cells ``i * chunk + r`` in rows
+    ``r``, also in a last, partial chunk (read from the arrays' end, no padding)."""
+    from sams_jax.objective import chunked_per_cell
+    cells = jnp.arange(n_cells, dtype=jnp.float32)
+    arrays = {"x": jnp.stack([cells, -cells], axis=1), "library_size": 2 * cells}
+    chunk = min(chunk_size, n_cells)
+    rows = jnp.arange(chunk, dtype=jnp.float32)
+
+    def fn(batch, index):  # the cell (from every leaf), its row within the chunk and the chunk's number
+        cell = (batch["x"][:, 0] - batch["x"][:, 1] + batch["library_size"]) / 4
+        return cell + 1e3 * rows + 1e5 * index
+
+    out = np.asarray(jax.jit(chunked_per_cell, static_argnums=(0, 2))(fn, arrays, chunk_size, first_chunk))
+    expected = np.arange(n_cells) + 1e3 * (np.arange(n_cells) % chunk) + 1e5 * (np.arange(n_cells) // chunk
+                                                                                  + first_chunk)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_predictive_iwelbo_chunking_is_invariant(small):
     """Chunking the cells must not change the predictive IWELBO (globals are shared)."""
     data, _ = small
