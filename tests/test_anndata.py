@@ -6,8 +6,10 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import warnings
 
 import anndata
 import numpy as np
@@ -223,6 +225,71 @@ def test_perturbation_without_training_cells_warns():
     with pytest.warns(DataWarning, match=r"1 perturbations have no training cells: \['F'\].*excluded from ATE"):
         data = from_anndata(adata, split_key="split")
     assert data.cells_per_perturbation("train")[SINGLES.index("F")] == 0
+
+
+@pytest.mark.parametrize("control", [0, np.int64(0), "0"])
+def test_integer_control_label_matches_its_string(control):
+    adata = make_screen()
+    codes = {"control": 0, **{name: i + 1 for i, name in enumerate(SINGLES + PAIRS)}}
+    adata.obs["pert_int"] = adata.obs["perturbation"].map(codes).astype(int)  # ints, not strings
+    data = PerturbationData.from_anndata(adata, perturbation_key="pert_int", control=control, delimiter=None,
+                                         perturbations=range(1, len(codes)))  # an int vocabulary too
+    assert data.control == "0" and data.registration["control"] == "0"
+    assert data.perturbation_names == [str(i) for i in range(1, len(codes))]
+    is_control = (adata.obs["perturbation"] == "control").to_numpy()
+    assert not data.dosages[is_control].any() and np.all(data.dosages[~is_control].sum(1) == 1)
+    json.dumps(data.registration)  # saved with checkpoints: a numpy integer would not serialise
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse", "backed"])
+def test_all_zero_genes_and_empty_cells_warn(storage, tmp_path):
+    adata = make_screen(sparse=False)
+    counts = adata.layers["counts"]
+    counts[:, [3, 7]] = 0.0
+    counts[[5, 40]] = 0.0
+    if storage != "dense":
+        counts[:, 7] = 1.0
+        counts = sp.csr_matrix(counts)
+        counts.data[counts.indices == 7] = 0.0  # stored zeros are zeros
+        adata.layers["counts"] = counts
+    source = adata
+    if storage == "backed":
+        source = tmp_path / "screen.h5ad"
+        adata.write_h5ad(source)
+    with pytest.warns(DataWarning) as record:
+        data = from_anndata(source, backed=storage == "backed", likelihood="library_nb")
+    messages = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
+    assert len(messages) == 2, messages
+    assert re.search(r"2 of 12 genes are zero in every cell of layers\['counts'\]: \['gene3', 'gene7'\]; "
+                     r"they carry no signal.*noise.*filter_genes\(adata, min_cells=1\)", messages[0]), messages[0]
+    assert re.search(rf"2 of {adata.n_obs} cells have no non-zero value in layers\['counts'\].*\['cell5', 'cell40'\].*"
+                     r"library size \(total count\) is 0.*filter_cells\(adata, min_genes=1\)", messages[1]), messages[1]
+    np.testing.assert_array_equal(data.library_size, counts_of(adata).sum(1))  # the same pass gives the sums
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        from_anndata(make_screen(), likelihood="library_nb")  # nothing empty: no warning
+
+
+def test_scoring_registration_skips_the_training_split_checks():
+    adata = make_screen(sparse=False)
+    vocabulary, genes = SINGLES, list(adata.var_names)
+    scored = adata[25:45].copy()  # 5 controls, A and B only: C..F have no training cells
+    scored.layers["counts"][:, 3] = 0.0
+    with pytest.warns(DataWarning) as record:
+        from_anndata(scored, perturbations=vocabulary, feature_names=genes)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "genes are zero in every cell" in messages
+    assert "4 perturbations have no training cells: ['C', 'D', 'E', 'F']" in messages
+    with pytest.raises(DataError, match="control label 'control'.*absent"):
+        from_anndata(adata[-20:].copy(), perturbations=vocabulary, feature_names=genes)  # pairs only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # nor the all-zero gene: the model fixes the genes
+        data = from_anndata(scored, perturbations=vocabulary, feature_names=genes, for_training=False)
+        from_anndata(adata[-20:].copy(), perturbations=vocabulary, feature_names=genes, for_training=False)
+    assert data.x.shape[0] == 20
+    scored.layers["counts"][0] = 0.0  # an empty cell is still named
+    with pytest.warns(DataWarning, match=r"1 of 20 cells have no non-zero value.*\['cell25'\]"):
+        from_anndata(scored, perturbations=vocabulary, feature_names=genes, for_training=False)
 
 
 def test_unreadable_paths(tmp_path):

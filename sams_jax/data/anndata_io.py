@@ -61,6 +61,17 @@ class DataWarning(UserWarning):
     """Data that can be trained on but that limits what can be evaluated."""
 
 
+def _label(value) -> str | None:
+    """A label-like argument (the control, a vocabulary entry, a gene name) as the string
+    it is compared with: obs labels and var names are read as strings, so ``0`` (an
+    ``int`` or ``numpy`` integer) matches the label ``"0"``; ``None`` stays ``None``."""
+    return None if value is None else str(value)
+
+
+def _labels(values: Sequence | None) -> list[str] | None:
+    return None if values is None else [str(value) for value in values]
+
+
 def _show(names, limit: int = _SHOW) -> str:
     names = [str(n) for n in names]
     more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -305,7 +316,9 @@ def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", 
                      control_match: str = "exact", delimiter: str | None = "+",
                      guide_column_pattern: str | None = None, require_control: bool = True) -> Conditions:
     """Each cell's condition and perturbations, from labels or guide indicator columns;
-    ``require_control``: raise when no cell is a control (unless ``control`` is None)."""
+    ``require_control``: raise when no cell is a control (unless ``control`` is None).
+    A non-string ``control`` (``0``) matches its string form (``"0"``)."""
+    control = _label(control)
     if guide_column_pattern:
         conditions = _guide_column_conditions(obs, perturbation_key, control, guide_column_pattern)
         if require_control and control is not None and not conditions.is_control.any():
@@ -418,10 +431,12 @@ def _subset(matrix, rows: np.ndarray, columns: np.ndarray):
     return np.asarray(matrix)[np.ix_(rows, columns)]
 
 
-def check_values(matrix, likelihood: str | None, cell_names: pd.Index, what: str) -> None:
+def check_values(matrix, likelihood: str | None, cell_names: pd.Index,
+                 what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """No NaN / inf; for count likelihoods no negative and no non-integer values.
     ``matrix``: ``[cells, genes]`` CSR, dense or backed, scanned one block of cells at a
-    time (the non-zeros only for CSR)."""
+    time (the non-zeros only for CSR). Returns, from the same pass, the row sums ``[cells]``
+    and the number of non-zero values per cell ``[cells]`` and per gene ``[genes]``."""
     checks = {"NaN or infinite": lambda v: ~np.isfinite(v)}
     fixes = {"NaN or infinite": "remove those cells (or genes) or fix the upstream processing"}
     if likelihood in COUNT_LIKELIHOODS:
@@ -430,20 +445,50 @@ def check_values(matrix, likelihood: str | None, cell_names: pd.Index, what: str
         checks["negative"] = lambda v: np.isfinite(v) & (v < 0)
         checks["non-integer"] = lambda v: np.isfinite(v) & (v != np.round(v))
         fixes.update(negative=fix, **{"non-integer": fix})
-    found = matrix_lib.value_problems(matrix, checks)
+    found, sums, cell_nonzero, gene_nonzero = matrix_lib.scan_values(matrix, checks)
     for kind in checks:
         if kind in found:
             n_values, n_cells, cells, example = found[kind]
             more = f" ... (+{n_cells - len(cells)} more)" if n_cells > len(cells) else ""
             raise DataError(f"{what} has {n_values} {kind} values (e.g. {example!r}) in {n_cells} cells, "
                             f"e.g. {[str(name) for name in cell_names[cells]]}{more}; {fixes[kind]}")
+    return sums, cell_nonzero, gene_nonzero
 
 
-def library_sizes(obs: pd.DataFrame, counts, library_size_key: str | None) -> np.ndarray:  # [n_cells] float32
-    """``obs[library_size_key]`` when given, else the row sums of ``counts`` (a backed
-    matrix is summed one block of cells at a time)."""
+def check_empty(cell_nonzero: np.ndarray, gene_nonzero: np.ndarray, cell_names: Sequence[str],
+                gene_names: Sequence[str], what: str, likelihood: str | None = None,
+                library_size_key: str | None = None, genes: bool = True) -> None:
+    """:class:`DataWarning` for cells without a non-zero value (empty droplets, failed
+    cells) and, with ``genes``, for genes that are zero in every cell; ``cell_nonzero``
+    ``[cells]`` and ``gene_nonzero`` ``[genes]`` count the non-zero values (see
+    :func:`check_values`). Training stays finite (the ``library_nb`` mean has a floor), so
+    these warn instead of raising."""
+    empty_genes = np.flatnonzero(gene_nonzero == 0) if genes else np.zeros(0, np.int64)
+    if len(empty_genes):
+        warnings.warn(f"{len(empty_genes)} of {len(gene_names)} genes are zero in every cell of {what}: "
+                      f"{_show(np.asarray(gene_names)[empty_genes])}; they carry no signal, so the model's "
+                      "predicted effects on them are noise (and they cost time and memory): filter them out "
+                      "before registering, keeping genes with a non-zero count in at least one cell "
+                      "(e.g. scanpy.pp.filter_genes(adata, min_cells=1))", DataWarning, stacklevel=3)
+    empty_cells = np.flatnonzero(cell_nonzero == 0)
+    if len(empty_cells):
+        library = (", and with the 'library_nb' likelihood their library size (total count) is 0, so the model "
+                   "predicts zero counts for them whatever their latent state" if likelihood == "library_nb"
+                   and not library_size_key else "")
+        warnings.warn(f"{len(empty_cells)} of {len(cell_names)} cells have no non-zero value in {what} (total count "
+                      f"0), e.g. {_show(np.asarray(cell_names)[empty_cells], 5)}; they are empty (no signal about "
+                      f"their perturbation){library}: drop them before registering, keeping cells with a non-zero "
+                      "count (e.g. scanpy.pp.filter_cells(adata, min_genes=1))", DataWarning, stacklevel=3)
+
+
+def library_sizes(obs: pd.DataFrame, counts, library_size_key: str | None,
+                  sums: np.ndarray | None = None) -> np.ndarray:  # [n_cells] float32
+    """``obs[library_size_key]`` when given, else the row sums of ``counts`` (``sums`` when
+    already computed, e.g. by :func:`check_values`; a backed matrix is summed one block of
+    cells at a time)."""
     if not library_size_key:
-        sums = matrix_lib.row_sums(counts) if isinstance(counts, BackedMatrix) else counts.sum(axis=1)
+        if sums is None:
+            sums = matrix_lib.row_sums(counts) if isinstance(counts, BackedMatrix) else counts.sum(axis=1)
         return np.asarray(sums, dtype=np.float64).reshape(-1).astype(np.float32)
     column = _require_column(obs, library_size_key, "library sizes", "data.library_size_key")
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
@@ -465,7 +510,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                  frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
                  frac_combination_cells_train: float = 1.0, likelihood: str | None = "library_nb",
                  perturbations: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
-                 name: str | None = None, backed: bool = False) -> PerturbationData:
+                 name: str | None = None, backed: bool = False, for_training: bool = True) -> PerturbationData:
     """Register an AnnData (or a ``.h5ad`` path) as :class:`PerturbationData`.
 
     Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``):
@@ -477,14 +522,21 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     ``library_size_key``. ``likelihood`` selects the value checks (counts for
     ``poisson`` / ``library_nb``; ``None`` checks finiteness only). ``perturbations`` and
     ``feature_names`` fix the vocabulary and gene order (e.g. a trained model's metadata)
-    and raise when the data do not fit them. The registration is kept in
+    and raise when the data do not fit them. A non-string ``control``, ``perturbations``
+    or ``feature_names`` entry (``control=0``) matches its string form (``"0"``). Cells
+    without a non-zero count, and genes zero in every cell, give a :class:`DataWarning`.
+    ``for_training=False`` registers data to be scored by a trained model rather than
+    trained on (``Predictor.register``): the checks that concern training only are
+    skipped, namely control cells present and in the training split, perturbations
+    without training cells, and all-zero genes. The registration is kept in
     ``data.registration`` and saved with checkpoints.
     """
+    control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
     adata = read_anndata(adata_or_path, backed)
     check_names(adata)
     columns = select_genes(adata, use_highly_variable, feature_names)
     conditions = parse_conditions(adata.obs, perturbation_key, control, control_match, delimiter,
-                                  guide_column_pattern)
+                                  guide_column_pattern, require_control=for_training)
     dosages, perturbation_names = encode_dosages(conditions, encode_combinations, perturbations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
@@ -492,8 +544,12 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     kept_all = _all(keep, len(split))
     obs = adata.obs if kept_all else adata.obs.iloc[keep]
     counts = _subset(_matrix(adata, counts_layer), keep, columns)
-    check_values(counts, likelihood, obs.index, f"layers[{counts_layer!r}]" if counts_layer else "X")
-    library_size = library_sizes(obs, counts, library_size_key)
+    what = f"layers[{counts_layer!r}]" if counts_layer else "X"
+    sums, cell_nonzero, gene_nonzero = check_values(counts, likelihood, obs.index, what)
+    gene_names = adata.var_names[columns].astype(str).tolist()
+    check_empty(cell_nonzero, gene_nonzero, obs.index.astype(str), gene_names, what, likelihood, library_size_key,
+                genes=for_training)
+    library_size = library_sizes(obs, counts, library_size_key, sums)
     if isinstance(counts, BackedMatrix):
         x = counts
     elif sp.issparse(counts):  # a copy unless read from a file here (the caller's AnnData stays untouched)
@@ -504,7 +560,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
         x=x,
         dosages=dosages if kept_all else dosages[keep],
         split=split[keep].astype(str),
-        feature_names=adata.var_names[columns].astype(str).tolist(),
+        feature_names=gene_names,
         perturbation_names=perturbation_names,
         library_size=library_size,
         control=control,
@@ -518,7 +574,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
             frac_combinations_train=frac_combinations_train, frac_combinations_test=frac_combinations_test,
             frac_combination_cells_train=frac_combination_cells_train),
     )
-    _check_training_coverage(data, conditions.is_control[keep])
+    if for_training:
+        _check_training_coverage(data, conditions.is_control[keep])
     return data
 
 

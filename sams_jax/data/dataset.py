@@ -184,6 +184,8 @@ class PerturbationData:
             "normalization_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
             "cells_per_perturbation": {s: self.cells_per_perturbation(s).tolist() for s in SPLITS},
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
+            # the library size of generated cells (Predictor.sample) unless one is given
+            "median_library_size": float(np.median(self.library_size[self.mask("train")])),
             "registration": self.registration,
         }
 

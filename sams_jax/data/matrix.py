@@ -108,15 +108,44 @@ def value_problems(x, checks: dict) -> dict[str, tuple[int, list[int], list[int]
     """Scan the values of ``x`` block by block. ``checks``: ``{kind: fn(values) -> bool
     mask}`` on the stored values (the non-zeros of a CSR block). Returns, for each kind
     found, ``(n_values, n_cells, first cell positions (up to 5), an example value)``."""
+    return _scan(x, checks, totals=False)[0]
+
+
+def scan_values(x, checks: dict) -> tuple[dict[str, tuple[int, list[int], list[int], float]], np.ndarray,
+                                           np.ndarray, np.ndarray]:
+    """:func:`value_problems` and, in the same pass, the row sums ``[n]`` (float64) and
+    the number of non-zero values per row ``[n]`` and per column ``[G]`` (int64)."""
+    return _scan(x, checks, totals=True)
+
+
+def _scan(x, checks: dict, totals: bool):
     found: dict = {}
+    n_rows, n_columns = x.shape
+    sums = np.zeros(n_rows if totals else 0, np.float64)
+    row_nonzero = np.zeros(n_rows if totals else 0, np.int64)
+    column_nonzero = np.zeros(n_columns if totals else 0, np.int64)
     for start, block in row_blocks(x):
+        stop = start + block.shape[0]
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             values = block.data
             row_of_value = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            if totals:
+                stored_zero = values == 0  # explicit zeros stored in the CSR are not counted
+                sums[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).reshape(-1)
+                row_nonzero[start:stop] = np.diff(block.indptr)
+                column_nonzero += np.bincount(block.indices, minlength=n_columns)
+                if stored_zero.any():
+                    row_nonzero[start:stop] -= np.bincount(row_of_value[stored_zero], minlength=block.shape[0])
+                    column_nonzero -= np.bincount(block.indices[stored_zero], minlength=n_columns)
         else:
             values = np.asarray(block)
             row_of_value = None
+            if totals:
+                nonzero = values != 0
+                sums[start:stop] = values.sum(axis=1, dtype=np.float64)
+                row_nonzero[start:stop] = np.count_nonzero(nonzero, axis=1)
+                column_nonzero += np.count_nonzero(nonzero, axis=0)
         for kind, check in checks.items():
             bad = check(values)
             if not bad.any():
@@ -125,7 +154,7 @@ def value_problems(x, checks: dict) -> dict[str, tuple[int, list[int], list[int]
             n_values, n_cells, first, example = found.get(kind, (0, 0, [], values[bad].ravel()[0]))
             found[kind] = (n_values + int(bad.sum()), n_cells + len(cells),
                            (first + (cells[:5] + start).tolist())[:5], example)
-    return found
+    return found, sums, row_nonzero, column_nonzero
 
 
 class BackedMatrix:
