@@ -22,7 +22,13 @@ regenerated from its seed; files are read from their saved path). Writes
   ``sparse_effects.png``.
 
 Data ATEs use all cells of the data set (control cells included, whatever their split);
-the metrics of a split are computed over the interventions observed in that split.
+the metrics of a split are computed over the interventions observed in that split, so
+under a random split of cells (every intervention in every split) the four splits give
+the same ATE metrics; they differ with intervention-level (out-of-distribution) splits.
+Interventions with a member that has no training cells are left out of the ATE metrics
+(its effect was never learned; ``ate.h5ad``'s ``learned`` column). Without a control
+label (a screen trained with ``control=None``) the ATE outputs are skipped unless
+``control`` names one.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import ml_collections
 import numpy as np
@@ -41,14 +48,22 @@ from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
 from sams_jax.data.anndata_io import write_h5ad
-from sams_jax.predictor import InterventionError, Predictor, check_features, load
+from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
+from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, load
 
 TOP_K = 20
+OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "sparse_effects.csv", "sparse_basis.csv", "history.png",
+           "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png")  # what a run writes
+
+
+class EvaluationError(ValueError):
+    """Settings under which the evaluation's comparisons would be meaningless."""
 
 
 def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
     """Unique non-zero dosage rows of the data other than the control: ``(names, rows [I, T],
-    membership {split: [I] bool}, n_cells [I])``."""
+    membership {split: [I] bool}, n_cells [I])``; ``membership["learned"]``: every member
+    has training cells."""
     rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     keep = ~np.all(rows == control_row, axis=1) & np.any(rows != 0, axis=1)
@@ -57,7 +72,23 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     keep = np.asarray(keep, dtype=np.int64)
     names = [predictor.intervention_name(row) for row in rows[keep]]
     membership = {split: np.isin(keep, np.unique(inverse[data.mask(split)])) for split in SPLITS}
+    membership["learned"] = learned_rows(data, rows[keep])
     return names, rows[keep], membership, counts[keep]
+
+
+def check_ate_scale(likelihood: str, scale: str) -> None:
+    """:class:`EvaluationError` where model and data ATEs on ``scale`` are not comparable."""
+    if scale == "mean" and likelihood in LIBRARY_LIKELIHOODS:
+        raise EvaluationError(
+            f"ATE scale 'mean' with the {likelihood!r} likelihood would compare the model's expected counts at a "
+            "fixed library size of 10,000 (SPEC 5) with the data's raw count means at their own library sizes; use "
+            "the 'perturbseq' scale (the default), which scales every cell to 10,000 counts on both sides, or "
+            "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
+
+
+def learned_rows(data: PerturbationData, rows: np.ndarray) -> np.ndarray:
+    """``[I]`` bool: every perturbation of a dosage row ``[I, T]`` has training cells."""
+    return np.all((data.cells_per_perturbation("train") > 0) | (np.asarray(rows) == 0), axis=1)
 
 
 def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int = 100, ate_particles: int = 2_500,
@@ -72,13 +103,17 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     check_features(predictor.feature_names, data.feature_names)
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
-    extra = list(interventions or [])
-    control_row = predictor.dosages([control])[0]
-    predictor.dosages(extra)  # unknown names fail here, before any heavy work
-    is_control = np.all(data.dosages == control_row, axis=1)
-    if not is_control.any():
-        raise DataError(f"no cells of the control {control!r} in the data; ATEs need control cells "
-                        "(pass --control with a label present in the data)")
+    check_ate_scale(predictor.config.model.likelihood, scale)
+    # extra names in the vocabulary's form ("B+A" -> "A+B"), each once; unknown names fail here, before any work
+    extra = list(dict.fromkeys(predictor.canonical_name(name) for name in interventions or []))
+    if control is None:
+        print("note: the model's data have no control label, so there are no ATEs; pass --control <label> "
+              "(a perturbation to measure the others against) to compute them", file=sys.stderr)
+    else:
+        control_row = predictor.dosages([control])[0]
+        if not np.all(data.dosages == control_row, axis=1).any():
+            raise DataError(f"no cells of the control {control!r} in the data; ATEs need control cells "
+                            "(pass --control with a label present in the data)")
 
     results: dict[str, float] = {}
     per_cell = {split: predictor.iwelbo(data, iwelbo_particles, seed, split=split)
@@ -87,20 +122,29 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         results[f"IWELBO-{split}"] = float(values.mean())
     results["IWELBO-all"] = float(np.concatenate(list(per_cell.values())).mean())
 
-    names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
-    all_names = [control, *names, *[e for e in extra if e not in names]]
-    model_means = predictor.expectations(all_names, ate_particles, scale, ate_method, seed)
-    model_ate = model_means[1:] - model_means[0]
-    data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
-    data_ate = data_means[1:] - data_means[0]
-    n_observed = len(names)
-    for split, member in [("all", np.ones(n_observed, bool)), *membership.items()]:
-        if not member.any():
-            continue
-        agreement = metrics_lib.ate_agreement(data_ate[member], model_ate[:n_observed][member], TOP_K)
-        agreement.update(metrics_lib.perturbench_metrics(data_means[1:][member], model_means[1:n_observed + 1][member],
-                                                         data_ate[member], model_ate[:n_observed][member]))
-        results.update({f"{name}-{split}": value for name, value in agreement.items()})
+    ate = None
+    if control is not None:
+        names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
+        all_names = [control, *names, *[e for e in extra if e not in names]]
+        model_means = predictor.expectations(all_names, ate_particles, scale, ate_method, seed)
+        model_ate = model_means[1:] - model_means[0]
+        data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
+        data_ate = data_means[1:] - data_means[0]
+        n_observed = len(names)
+        for split in ("all", *SPLITS):
+            member = membership["learned"] & membership.get(split, np.ones(n_observed, bool))
+            if not member.any():
+                continue
+            agreement = metrics_lib.ate_agreement(data_ate[member], model_ate[:n_observed][member], TOP_K)
+            agreement.update(metrics_lib.perturbench_metrics(
+                data_means[1:][member], model_means[1:n_observed + 1][member], data_ate[member],
+                model_ate[:n_observed][member]))
+            results.update({f"{name}-{split}": value for name, value in agreement.items()})
+        with warnings.catch_warnings():  # expectations() has warned about these names already
+            warnings.simplefilter("ignore", InterventionWarning)
+            is_learned = np.concatenate([membership["learned"],
+                                         learned_rows(data, predictor.dosages(all_names[1 + n_observed:]))])
+        ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
         learned = predictor.mask_probs().to_numpy() > 0.5
@@ -116,6 +160,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    for name in OUTPUTS:  # no file of an earlier evaluation stays to contradict this one
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     if basis is not None:
         basis.effects.to_csv(os.path.join(out_dir, "sparse_effects.csv"))
         pd.DataFrame(basis.weights, index=pd.Index(predictor.embeddings().columns, name="latent"),
@@ -124,10 +171,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
-    _write_ate(out_dir, predictor, all_names[1:], n_observed, membership, n_cells, model_ate, data_ate, control,
-               scale, ate_method, ate_particles)
+    if ate is not None:
+        _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles)
     if plots:
-        _write_plots(out_dir, workdir, predictor, data_ate, model_ate[:n_observed], basis)
+        _, n_observed, _, _, is_learned, model_ate, data_ate = ate or ([], 0, {}, [], np.zeros(0, bool), [], [])
+        scored = is_learned[:n_observed]  # the interventions of the ATE metrics
+        _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
+                     np.asarray(model_ate)[:n_observed][scored], basis)
     return results
 
 
@@ -144,14 +194,15 @@ def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
         return None
 
 
-def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, model_ate, data_ate, control, scale,
-               method, n_particles) -> None:
+def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learned, model_ate, data_ate, control,
+               scale, method, n_particles) -> None:
     import anndata
 
     n = len(names)
     pad = lambda values, fill: np.concatenate([values, np.full(n - n_observed, fill, values.dtype)])
     obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
-                        **{f"in_{split}": pad(member, False) for split, member in membership.items()}},
+                        **{f"in_{split}": pad(membership[split], False) for split in SPLITS},
+                        "learned": learned},
                        index=pd.Index(names, name="intervention", dtype=object))
     data_layer = np.full(model_ate.shape, np.nan, np.float32)
     data_layer[:n_observed] = data_ate
@@ -213,7 +264,7 @@ def main(argv=None) -> None:
         results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
                            args.ate_method, args.control, extra, args.seed, plots=not args.no_plots,
                            sparse_basis_restarts=args.sparse_basis_restarts)
-    except (CheckpointError, FileNotFoundError, DataError, InterventionError) as error:
+    except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(results, indent=2))

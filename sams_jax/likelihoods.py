@@ -25,6 +25,7 @@ from sams_jax.special import digamma_positive, log_beta
 
 LIKELIHOODS = ("normal", "poisson", "library_nb")
 COUNT_LIKELIHOODS = ("poisson", "library_nb")
+LIBRARY_LIKELIHOODS = ("library_nb",)  # the mean scales with each cell's library size
 NB_MEAN_FLOOR = 1e-4
 _HALF_LOG_TWO_PI = float(0.5 * np.log(2 * np.pi))
 

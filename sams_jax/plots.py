@@ -87,10 +87,7 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
         ax.scatter(columns, rows, s=4, c="black", marker="o", linewidths=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perturbation")
-    if values.shape[0] <= 60:
-        ax.set_yticks(range(values.shape[0]), index, fontsize=6)
-    else:
-        ax.set_yticks([])
+    ax.set_yticks(range(values.shape[0]), index, fontsize=6 if values.shape[0] <= 100 else 5)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.6)
     fig.tight_layout()

@@ -10,6 +10,7 @@ unless it is itself a perturbation (as in the simulation, whose reference is ``"
 from __future__ import annotations
 
 import difflib
+import warnings
 from functools import partial
 from typing import Iterable, Sequence
 
@@ -38,6 +39,23 @@ class InterventionError(KeyError):
         return str(self.args[0])
 
 
+class InterventionWarning(UserWarning):
+    """An intervention that the model can predict only by an assumption it was not
+    trained under (a combination never seen by a model that encodes combinations as
+    perturbations of their own)."""
+
+
+def intervention_list(interventions: str | Iterable[str]) -> list[str]:
+    """``interventions`` as a list of names: one name (``"A+B"``) is a list of one."""
+    if isinstance(interventions, str):
+        return [interventions]
+    names = list(interventions)
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise InterventionError(f"interventions are names (str), e.g. ['A', 'A+B']; got {bad[:5]}")
+    return names
+
+
 class Predictor:
     """A trained model with its vocabulary. Build with :func:`load`."""
 
@@ -51,6 +69,7 @@ class Predictor:
         # combinations are named with the data's delimiter; "+" where the data had none
         self.delimiter: str = registration.get("delimiter") or "+"
         self._index = {name: i for i, name in enumerate(self.perturbation_names)}
+        self.encode_combinations: str = registration.get("encode_combinations") or "additive"
 
         def generate(variables, dosages, library_size, max_active, rngs):
             return model.apply(variables, dosages, library_size, max_active, rngs=rngs, method="generate")
@@ -74,26 +93,62 @@ class Predictor:
     def default_scale(self) -> str:
         return "perturbseq" if self.config.model.likelihood in COUNT_LIKELIHOODS else "mean"
 
-    def dosages(self, interventions: Sequence[str]) -> np.ndarray:
-        """Dosage rows ``[I, T]`` for intervention names; the control label (when not a
-        perturbation of the vocabulary) is the all-zero row."""
+    def dosages(self, interventions: str | Sequence[str]) -> np.ndarray:
+        """Dosage rows ``[I, T]`` for intervention names (one name or a list); the control
+        label (when not a perturbation of the vocabulary) is the all-zero row. Members of
+        a combination may come in any order (``"B+A"`` is ``"A+B"``) and each once.
+
+        With ``encode_combinations="unique"`` a combination the model was trained on is
+        its own perturbation (whatever the order of its members); one it was not trained
+        on is predicted as the sum of its members' shifts, which that model never learned
+        to do, with an :class:`InterventionWarning`."""
+        interventions = intervention_list(interventions)
         rows = np.zeros((len(interventions), len(self.perturbation_names)), np.float32)
         for i, name in enumerate(interventions):
             if name in self._index:  # includes combinations encoded as their own perturbation
                 rows[i, self._index[name]] = 1.0
                 continue
-            for member in name.split(self.delimiter):
-                member = member.strip()
-                if member in self._index:
-                    rows[i, self._index[member]] += 1.0
-                elif member != self.control or not member:
-                    close = difflib.get_close_matches(member, self.perturbation_names, n=5, cutoff=0.5)
-                    hint = f"closest known names: {close}" if close else \
-                        f"known names include {self.perturbation_names[:10]}"
-                    raise InterventionError(
-                        f"unknown perturbation {member!r} in intervention {name!r}; {hint}. Combinations are "
-                        f"written with {self.delimiter!r} between members, e.g. 'A{self.delimiter}B'")
+            members = self._members(name)
+            combined = self.delimiter.join(sorted(members))  # how registration names a combination
+            if len(members) > 1 and combined in self._index:
+                rows[i, self._index[combined]] = 1.0
+                continue
+            if len(members) > 1 and self.encode_combinations == "unique":
+                warnings.warn(
+                    f"{name!r} is not a perturbation of this model: it encodes each combination it was trained on "
+                    "as a perturbation of its own (encode_combinations='unique') and never learned that "
+                    "combinations add; predicted here as the sum of its members' shifts", InterventionWarning,
+                    stacklevel=3)
+            for member in members:
+                rows[i, self._index[member]] += 1.0
         return rows
+
+    def _members(self, name: str) -> list[str]:
+        """The vocabulary members of an intervention name (the control dropped)."""
+        members = []
+        for member in (part.strip() for part in name.split(self.delimiter)):
+            if member in self._index:
+                members.append(member)
+            elif member != self.control or not member:
+                close = difflib.get_close_matches(member, self.perturbation_names, n=5, cutoff=0.5)
+                hint = f"closest known names: {close}" if close else \
+                    f"known names include {self.perturbation_names[:10]}"
+                raise InterventionError(
+                    f"unknown perturbation {member!r} in intervention {name!r}; {hint}. Combinations are "
+                    f"written with {self.delimiter!r} between members, e.g. 'A{self.delimiter}B'")
+        repeated = sorted({m for m in members if members.count(m) > 1})
+        if repeated:
+            raise InterventionError(f"intervention {name!r} names {repeated} more than once; a combination lists "
+                                    "each perturbation once")
+        return members
+
+    def canonical_name(self, name: str) -> str:
+        """The vocabulary's name of an intervention: members in vocabulary order, a
+        combination trained as its own perturbation under its own name (``"B+A"`` ->
+        ``"A+B"``)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InterventionWarning)
+            return self.intervention_name(self.dosages([name])[0])
 
     def intervention_name(self, row: np.ndarray) -> str:
         """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
@@ -101,7 +156,7 @@ class Predictor:
         return self.delimiter.join(members) if members else (self.control or "control")
 
     # --- predictions ----------------------------------------------------------------
-    def expectations(self, interventions: Sequence[str], n_particles: int = 2_500, scale: str | None = None,
+    def expectations(self, interventions: str | Sequence[str], n_particles: int = 2_500, scale: str | None = None,
                      method: str = "paper", seed: int = 0, library_size: float = LIBRARY_SIZE) -> np.ndarray:
         """``E[f(x) | do(d)]`` per intervention (``[I, G]``); see :mod:`sams_jax.ate`."""
         scale = scale or self.default_scale
@@ -111,13 +166,13 @@ class Predictor:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
         if n_particles < 1:
             raise ValueError(f"n_particles must be >= 1, got {n_particles}")
-        dosages = self.dosages(interventions)
+        dosages = self.dosages(intervention_list(interventions))
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         out = self._expectations(self.variables, jnp.asarray(dosages), jax.random.key(seed), n_particles=n_particles,
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
         return np.asarray(out)
 
-    def ate(self, interventions: Iterable[str] | None = None, control: str | None = None, method: str = "paper",
+    def ate(self, interventions: str | Iterable[str] | None = None, control: str | None = None, method: str = "paper",
             n_particles: int = 2_500, scale: str | None = None, seed: int = 0,
             library_size: float = LIBRARY_SIZE):
         """Model average treatment effects relative to ``control`` (default: the data's
@@ -126,11 +181,15 @@ class Predictor:
 
         ``interventions`` default to every single perturbation of the vocabulary.
         ``method="paper"`` draws independently per intervention (the paper's estimator);
-        ``"crn"`` uses common random numbers for a much lower variance.
+        ``"crn"`` uses common random numbers for a much lower variance. With a
+        ``library_nb`` likelihood the model's cells have ``library_size`` total counts
+        (SPEC 5: 10,000): on the ``perturbseq`` scale (the default) every cell is scaled to
+        10,000 counts anyway, but on the ``mean`` scale the effects are expected counts at
+        that library size, so compare them with data normalised to it.
         """
         import anndata
 
-        interventions = list(interventions) if interventions is not None else \
+        interventions = intervention_list(interventions) if interventions is not None else \
             [p for p in self.perturbation_names if p != (control or self.control)]
         control = control or self.control
         if control is None:
@@ -147,20 +206,37 @@ class Predictor:
                           method=method, n_particles=n_particles, seed=seed)
         return result
 
-    def sample(self, interventions: Sequence[str], n: int = 100, seed: int = 0,
-               library_size: float = LIBRARY_SIZE):
-        """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``)."""
+    def sample(self, interventions: str | Sequence[str], n: int = 100, seed: int = 0,
+               library_size: float | None = None):
+        """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``).
+
+        ``library_size``: total counts of each generated cell under a ``library_nb``
+        likelihood (ignored by the others). Default: the median library size of the
+        training cells, as recorded in the checkpoint, so the cells look like the data's
+        (checkpoints written before that was recorded: 10,000, the ATEs' fixed size)."""
         import anndata
 
+        interventions = intervention_list(interventions)
+        if n < 1:
+            raise ValueError(f"n (cells per intervention) must be >= 1, got {n}")
+        library_size = self.training_library_size if library_size is None else float(library_size)
         dosages = np.repeat(self.dosages(interventions), n, axis=0)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         global_key, local_key = jax.random.split(jax.random.key(seed))
         x, _ = self._generate(self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size),
                               max_active, {"globals": global_key, "local": local_key})
-        obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(list(interventions), n))},
+        obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(interventions, n))},
                            index=pd.Index([str(i) for i in range(len(dosages))], dtype=object))
-        return anndata.AnnData(X=np.asarray(x), obs=obs,
-                               var=pd.DataFrame(index=pd.Index(self.feature_names, dtype=object)))
+        result = anndata.AnnData(X=np.asarray(x), obs=obs,
+                                 var=pd.DataFrame(index=pd.Index(self.feature_names, dtype=object)))
+        result.uns.update(library_size=library_size, seed=seed)
+        return result
+
+    @property
+    def training_library_size(self) -> float:
+        """Median total counts per training cell, as recorded at training (10,000 where
+        the checkpoint predates that record)."""
+        return float(self.metadata.get("median_library_size") or LIBRARY_SIZE)
 
     def register(self, adata_or_path, backed: bool = False) -> PerturbationData:
         """An AnnData (or ``.h5ad`` path) read with the training data's registration
@@ -174,7 +250,7 @@ class Predictor:
                 "library_size_key", "encode_combinations", "use_highly_variable")
         return from_anndata(adata_or_path, **{k: registration[k] for k in keys if k in registration},
                             likelihood=self.config.model.likelihood, perturbations=self.perturbation_names,
-                            feature_names=self.feature_names, backed=backed)
+                            feature_names=self.feature_names, backed=backed, for_training=False)
 
     def _data(self, data):
         """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes

@@ -340,3 +340,83 @@ def test_evaluate_writes_ate_h5ad_with_pandas_default_strings(trained):
     from sams_jax.data.anndata_io import write_h5ad
     write_h5ad(sampled, workdir / "sampled.h5ad")
     assert anndata.read_h5ad(workdir / "sampled.h5ad").obs["intervention"].tolist() == ["1"] * 3
+
+
+def _unique_predictor():
+    """The linear predictor with a vocabulary of a model trained with
+    ``encode_combinations="unique"``: the pair a+b is a perturbation of its own."""
+    predictor, _ = _linear_predictor()
+    metadata = {**predictor.metadata, "perturbation_names": ["a", "a+b", "b", "c"],
+                "registration": {"encode_combinations": "unique", "delimiter": "+"}}
+    return Predictor(predictor.model, predictor.variables, predictor.config, metadata, 0, "")
+
+
+def test_intervention_names_in_any_order_each_member_once():
+    from sams_jax.predictor import InterventionWarning
+
+    predictor, _ = _linear_predictor()
+    np.testing.assert_array_equal(predictor.dosages("c+b"), [[0, 1, 1, 0]])  # one name, members in any order
+    assert predictor.canonical_name("c + b") == "b+c" and predictor.canonical_name("control") == "control"
+    with pytest.raises(InterventionError, match=r"names \['a'\] more than once"):
+        predictor.dosages(["a+a"])  # as registration refuses an 'A+A' label
+    with pytest.raises(InterventionError, match="names"):
+        predictor.dosages([1])
+    assert predictor.ate("b+c", n_particles=4).obs_names.tolist() == ["b+c"]  # not 'b', '+', 'c'
+
+    unique = _unique_predictor()
+    np.testing.assert_array_equal(unique.dosages(["b+a", "a+b", "a"]), [[0, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+    assert unique.canonical_name("b+a") == "a+b"
+    with pytest.warns(InterventionWarning, match="never learned that combinations add"):
+        np.testing.assert_array_equal(unique.dosages(["c+a"]), [[1, 0, 0, 1]])
+    assert unique.canonical_name("c+a") == "a+c"
+
+
+def test_sample_library_size_and_cell_count(trained):
+    workdir, _ = trained
+    predictor = sams_jax.load(str(workdir))
+    data = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10))
+    assert predictor.training_library_size == pytest.approx(float(np.median(data.library_size[data.mask("train")])))
+    sampled = predictor.sample("1", n=3)
+    assert sampled.uns["library_size"] == predictor.training_library_size and sampled.shape == (3, 12)
+    assert predictor.sample("1", n=3, library_size=500).uns["library_size"] == 500
+    with pytest.raises(ValueError, match="n .* must be >= 1"):
+        predictor.sample(["1"], n=0)
+
+
+def test_mean_scale_is_refused_for_library_size_likelihoods():
+    from sams_jax.evaluate import EvaluationError, check_ate_scale
+
+    with pytest.raises(EvaluationError, match="perturbseq"):
+        check_ate_scale("library_nb", "mean")
+    for likelihood, scale in [("library_nb", "perturbseq"), ("poisson", "mean"), ("normal", "mean")]:
+        check_ate_scale(likelihood, scale)
+
+
+def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch):
+    """A perturbation without training cells is left out of the ATE metrics (``learned``
+    in ate.h5ad); without a control label evaluate scores the IWELBO, writes no ATE
+    outputs and leaves no file of an earlier evaluation behind."""
+    import ml_collections
+    from sams_jax import evaluate as evaluate_lib
+    from sams_jax.data import load_data
+
+    workdir, _ = trained
+    predictor = sams_jax.load(str(workdir))
+    data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
+    five = data.dosages[:, predictor.perturbation_names.index("5")] > 0
+    data.split = np.where(five, "test", data.split)  # "5" has no training cells now
+    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
+                                    sparse_basis_restarts=0)
+    out = workdir / "eval"
+    ate = anndata.read_h5ad(out / "ate.h5ad")
+    assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 4  # noqa: E712
+    kept = ate.obs["learned"].to_numpy()
+    expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
+    assert results["ATE_pearsonr-all"] == pytest.approx(expected)
+    assert (out / "ate_scatter.png").exists()
+
+    monkeypatch.setattr(evaluate_lib, "load", lambda *args: setattr(predictor, "control", None) or predictor)
+    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, plots=False, data=data,
+                                    sparse_basis_restarts=0)
+    assert np.isfinite(results["IWELBO-test"]) and not any(name.startswith("ATE") for name in results)
+    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
