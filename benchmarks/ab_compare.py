@@ -1,5 +1,6 @@
-"""Before/after timings in one process: two versions of sams_jax, or one program compiled
-with different XLA options, alternated call by call.
+"""Before/after timings in one process, the two programs alternated call by call.
+
+The programs: two versions of sams_jax, or one program compiled with different XLA options.
 
     python benchmarks/ab_compare.py --task iwelbo --old HEAD~1                  # this tree vs a revision
     python benchmarks/ab_compare.py --task train --scale replogle --old afc25ec

@@ -1,5 +1,7 @@
-"""Evaluation throughput: held-out IWELBO and model ATEs at simulation and Replogle scale,
-plus the Monte-Carlo error of the two ATE estimators.
+"""Evaluation throughput at simulation and Replogle scale, and the ATE estimators' errors.
+
+Throughput of the held-out IWELBO and the model ATEs, plus the Monte-Carlo error of the
+two ATE estimators.
 
     python benchmarks/ate_throughput.py --task simulation --workdir runs/simulation --out benchmarks/out/ate_sim.json
     python benchmarks/ate_throughput.py --task replogle --out benchmarks/out/ate_replogle.json

@@ -1,5 +1,6 @@
-"""Run the training and evaluation benchmarks on every backend and device count present,
-and write one JSON file plus a markdown table.
+"""Run the training and evaluation benchmarks on every backend and device count present.
+
+The results go to one JSON file plus a markdown table.
 
     python benchmarks/compare_accelerators.py --out benchmarks/out/compare
     python benchmarks/compare_accelerators.py --quick          # small settings, a smoke run

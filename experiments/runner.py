@@ -580,21 +580,22 @@ def _str_list(text: str) -> list[str]:
 
 def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description: str,
          data_help: str | None = None, argv: Sequence[str] | None = None,
-         after_aggregate: Callable[[Grid, pathlib.Path], None] | None = None) -> int:
+         after_aggregate: Callable[[Grid, pathlib.Path], None] | None = None, fractions: bool = True) -> int:
     """The command line of an experiment; returns the exit code (1 if any cell failed).
 
     ``make_grid(args)`` builds the grid from the parsed arguments (``args.data``,
     ``args.smoke``, ``args.out``). ``data_help`` is None for experiments without an input
     file (the simulation); otherwise ``--data`` is required outside ``--smoke`` and
     ``data_help`` says what to download. ``after_aggregate(grid, out)``, if given, adds an
-    experiment's own tables or plots after the standard ones.
+    experiment's own tables or plots after the standard ones. ``fractions=False``: the
+    experiment's grid has no fraction axis, so ``--fractions`` is not offered.
     """
     parser = argparse.ArgumentParser(prog=f"python experiments/{name}/run.py", description=description)
     if data_help is not None:
         parser.add_argument("--data", help=f"the input .h5ad file: {data_help}")
     parser.add_argument("--smoke", action="store_true",
                         help="the whole pipeline in minutes on a CPU: small synthetic data, tiny networks, "
-                             "50 steps, 2 seeds, 2 fractions")
+                             f"50 steps, 2 seeds{', 2 fractions' if fractions else ''}")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel runs (default: min(cores, available memory / per-run estimate)); "
                              "1 runs the cells one after the other; on a single GPU use 1")
@@ -602,13 +603,15 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
                         help=f"output directory (default: runs/experiments/{name}[_smoke])")
     parser.add_argument("--models", type=_str_list, default=None, help="comma-separated subset of the models")
     parser.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
+    if fractions:
+        parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
     parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     args = parser.parse_args(argv)
     args.data = getattr(args, "data", None)
+    args.fractions = getattr(args, "fractions", None)
     if args.out is None:
         args.out = ROOT / "runs" / "experiments" / (f"{name}_smoke" if args.smoke else name)
     if data_help is not None and not args.smoke:

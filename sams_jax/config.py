@@ -2,7 +2,8 @@
 
 Config files in ``configs/`` start from :func:`base_config` and change what they need;
 ``python -m sams_jax.train --config configs/x.py --config.<field>=<value>`` overrides
-single fields (unknown fields are rejected by ml_collections).
+single fields (an unknown field is an error naming the closest known field, or the known
+fields of its section: :func:`sams_jax.train.unknown_field_message`).
 """
 
 from __future__ import annotations

@@ -73,6 +73,35 @@ class ObjectiveConfig:
                    per_cell_variables=tuple(_split_list(objective_config.per_cell_variables)),
                    analytic_kl=tuple(_split_list(objective_config.get("analytic_kl", ""))))
 
+    def named_variables(self) -> dict[str, tuple[str, ...]]:
+        """The variable names each option names (``{"objective.variable_weights": ("mask",), ...}``),
+        options that name none left out."""
+        named = {"variable_weights": tuple(name for name, _ in self.variable_weights),
+                 "initial_variable_weights": tuple(name for name, _ in self.initial_variable_weights),
+                 "per_cell_variables": self.per_cell_variables, "analytic_kl": self.analytic_kl}
+        return {f"objective.{field}": names for field, names in named.items() if names}
+
+    def check_variables(self, terms: ParticleTerms) -> None:
+        """Raise ``ValueError`` if an option names a variable the model does not have
+        (``terms``: one particle's terms, e.g. from ``jax.eval_shape``): any variable for
+        the multipliers, a global (perturbation-plated) one for ``per_cell_variables``, one
+        with a closed-form KL for ``analytic_kl``."""
+        known = sorted(set(terms.local_log_p) | set(terms.global_log_p))
+        plated = sorted(terms.global_log_p)
+        offered = sorted(set(terms.local_kl) | set(terms.global_kl))
+        for field, names in self.named_variables().items():
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{field} names {name!r}, which this model does not have; its variables: "
+                                     f"{known}")
+                if field == "objective.per_cell_variables" and name not in plated:
+                    raise ValueError(f"{field} names {name!r}, which is not a perturbation-plated variable of "
+                                     f"this model (it is one per cell already); plated variables: "
+                                     f"{plated or 'none'}")
+                if field == "objective.analytic_kl" and name not in offered:
+                    raise ValueError(f"{field} names {name!r}, but this model has no closed-form KL for it; "
+                                     f"variables with one: {offered or 'none'}")
+
     def weight(self, name: str, step=None):
         """Multiplier of variable ``name``: the final one, or its annealed value at
         training step ``step`` (a traced integer) when an annealing schedule is set."""
@@ -139,22 +168,15 @@ def _log_ratio(name: str, log_p: dict, log_q: dict, kl: dict, config: ObjectiveC
     return -kl[name]
 
 
-def check_analytic_kl(apply_fn: Callable, variables, batch, config: ObjectiveConfig) -> None:
-    """Raise ``ValueError`` if ``config.analytic_kl`` names a variable the model does not
-    have or cannot give in closed form. Traces one particle abstractly (nothing runs)."""
-    if not config.analytic_kl:
+def check_objective_variables(apply_fn: Callable, variables, batch, config: ObjectiveConfig) -> None:
+    """Raise ``ValueError`` if an option of ``config`` (``variable_weights``,
+    ``initial_variable_weights``, ``per_cell_variables``, ``analytic_kl``) names a variable
+    the model does not have (:meth:`ObjectiveConfig.check_variables`). Traces one particle
+    abstractly: nothing is compiled or run."""
+    if not config.named_variables():
         return
     keys = particle_keys(jax.random.key(0), 1)
-    terms = jax.eval_shape(lambda v, b: sample_particles(apply_fn, v, b, *keys), variables, batch)
-    known = set(terms.local_log_p) | set(terms.global_log_p)
-    offered = sorted(set(terms.local_kl) | set(terms.global_kl))
-    for name in config.analytic_kl:
-        if name not in known:
-            raise ValueError(f"objective.analytic_kl names {name!r}, which this model does not have; its "
-                             f"variables: {sorted(known)}")
-        if name not in offered:
-            raise ValueError(f"objective.analytic_kl names {name!r}, but this model has no closed-form KL for "
-                             f"it; variables with one: {offered or 'none'}")
+    config.check_variables(jax.eval_shape(lambda v, b: sample_particles(apply_fn, v, b, *keys), variables, batch))
 
 
 def elbo_per_cell(terms: ParticleTerms, dosages, plate_scale, config: ObjectiveConfig, step=None):

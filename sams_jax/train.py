@@ -31,11 +31,13 @@ import json
 import os
 import sys
 import time
+import warnings
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pandas as pd
@@ -50,8 +52,8 @@ from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
-from sams_jax.objective import (ObjectiveConfig, check_analytic_kl, compiler_options, iwelbo_chunk_size, loss_fn,
-                                predictive_iwelbo, split_objective)
+from sams_jax.objective import (ObjectiveConfig, check_objective_variables, compiler_options, iwelbo_chunk_size,
+                                loss_fn, predictive_iwelbo, split_objective)
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
 
 # data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
@@ -63,6 +65,11 @@ MASK_COLUMNS = ["mask_density", "mask_f1"]  # added for simulations of models wi
 
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the step and the last good checkpoint."""
+
+
+class ResumeWarning(UserWarning):
+    """A run resumes with other optimisation settings (``train.learning_rate``, ...) than it
+    was trained with so far; the message names the fields, old and new values."""
 
 
 @struct.dataclass
@@ -255,28 +262,82 @@ def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedS
 
 # fields that change how data are read, not what is trained: a run may resume with other values
 STORAGE_FIELDS = {"data": ("backed",)}
+# train fields that change the optimisation: a run resumes with new values, with a ResumeWarning (the other
+# train and eval fields, e.g. max_steps, eval_every, steps_per_dispatch, num_devices, change silently)
+OPTIMISATION_FIELDS = ("learning_rate", "weight_decay", "grad_clip_norm", "mask_learning_rate", "batch_size",
+                       "data_shards")
+_UNSET = "<unset>"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` of every field (``"model.n_latent"``) that
+    differs from a saved run, in the current config's order. A field the saved run does
+    not have (added in a later version) counts as its default."""
+    current = _flatten(json.loads(config.to_json_best_effort()))
+    defaults = _flatten(json.loads(base_config().to_json_best_effort()))
+    saved = _flatten(saved)
+    changes = [(field, saved.get(field, defaults.get(field, _UNSET)), value) for field, value in current.items()]
+    changes += [(field, value, _UNSET) for field, value in saved.items() if field not in current]
+    return [(field, old, new) for field, old, new in changes if old != new]
+
+
+def _refused(field: str) -> bool:
+    """Whether a run may not resume with another value of ``field`` (not train / eval / storage)."""
+    section, _, key = field.partition(".")
+    return section not in ("train", "eval") and key not in STORAGE_FIELDS.get(section, ())
 
 
 def _compatible(saved: dict, config) -> list[str]:
     """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run,
-    ignoring :data:`STORAGE_FIELDS`. A field the saved run does not have (added in a later
-    version) counts as its default."""
-    current = json.loads(config.to_json_best_effort())
-    defaults = json.loads(base_config().to_json_best_effort())
+    ignoring :data:`STORAGE_FIELDS` (the fields: :func:`_config_changes`)."""
+    return list(dict.fromkeys(field.split(".")[0] for field, _, _ in _config_changes(saved, config)
+                              if _refused(field)))
 
-    def with_defaults(key):
-        value = saved.get(key)
-        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
-            return {**{k: v for k, v in defaults[key].items() if k in current[key]}, **value}
-        return value
 
-    def comparable(section: str, value):
-        if isinstance(value, dict) and section in STORAGE_FIELDS:
-            return {k: v for k, v in value.items() if k not in STORAGE_FIELDS[section]}
-        return value
+def _describe(changes) -> str:
+    return "; ".join(f"{field}={old!r} in the saved run, {new!r} now" for field, old, new in changes)
 
-    return [key for key in current if key not in ("train", "eval")
-            and comparable(key, with_defaults(key)) != comparable(key, current[key])]
+
+def _check_resume(saved: dict, config, workdir: str, latest: int, params) -> None:
+    """Refuse to resume a saved run (step ``latest``) with another model, data or
+    objective, fewer ``train.max_steps`` than it has, or optimisation settings that change
+    the optimizer's state; warn (:class:`ResumeWarning`) when other optimisation settings
+    change."""
+    changes = _config_changes(saved, config)
+    refused = [change for change in changes if _refused(change[0])]
+    if refused:
+        raise ConfigError(f"{workdir} holds a run with a different configuration ({_describe(refused)}); use a new "
+                          "--workdir or the original values")
+    max_steps = config.train.max_steps
+    if latest > max_steps:
+        raise ConfigError(f"{workdir} already holds {latest} training steps, more than train.max_steps={max_steps}; "
+                          f"a run cannot be shortened: use a new --workdir for a {max_steps}-step run, or "
+                          f"train.max_steps >= {latest} to keep this one (python -m sams_jax.evaluate --workdir "
+                          f"{workdir} scores it)")
+    optimisation = [change for change in changes if change[0] in {f"train.{f}" for f in OPTIMISATION_FIELDS}]
+    if not optimisation:
+        return
+    saved_train = {**base_config().train.to_dict(), **saved.get("train", {})}
+    before = jax.eval_shape(create_optimizer(ml_collections.ConfigDict(saved_train)).init, params)
+    now = jax.eval_shape(create_optimizer(config.train).init, params)
+    if jax.tree.structure(before) != jax.tree.structure(now):
+        raise ConfigError(f"{workdir} cannot resume with other optimizer settings ({_describe(optimisation)}): "
+                          "switching weight decay, gradient clipping or the mask learning rate on or off changes "
+                          "the optimizer's state; use a new --workdir or the original values")
+    if latest < max_steps:  # else nothing is left to train with them
+        warnings.warn(f"{workdir} resumes at step {latest} with other optimisation settings "
+                      f"({_describe(optimisation)}); the rest of the run uses the new values", ResumeWarning,
+                      stacklevel=3)
 
 
 def _read_history(path: str, upto_step: int) -> list[dict]:
@@ -320,7 +381,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(model, optimizer, stats, init_key)
     try:
-        check_analytic_kl(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]), objective)
+        check_objective_variables(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]), objective)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if main_process:
@@ -339,10 +400,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_config, _ = checkpointer.restore_json(latest)
-        differing = _compatible(saved_config, config)
-        if differing:
-            raise ConfigError(f"{workdir} holds a run with a different configuration ({', '.join(differing)} "
-                              "differ); use a new --workdir or the original config")
+        try:
+            _check_resume(saved_config, config, workdir, latest, state.params)
+        except ConfigError:
+            checkpointer.close()
+            raise
         state = checkpointer.restore_state(latest, state)
         history = _read_history(history_path, latest)
 
@@ -402,32 +464,41 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                                       data.rows("val"), chunk_size, put=jax.device_put)
             return -scores.mean()
 
+    def last_good_checkpoint() -> str:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            return f"no checkpoint was written (the first would have been at step {min(eval_every, max_steps)})"
+        return f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+
+    # cells_per_s: training cells per second of the window's dispatches, leaving out each dispatch that
+    # compiled (the first of each number of steps in this call); NaN when every dispatch of the window did
     window_losses: list[np.ndarray] = []
-    window_start, run_start = time.perf_counter(), time.perf_counter()
-    window_first_step = step
+    window_seconds, window_cells, compiled_sizes = 0.0, 0, set()
+    run_start = time.perf_counter()
     last_val = history[-1]["val_loss"] if history else float("nan")
     try:
         for _, n_steps in plan(step):
+            dispatch_start = time.perf_counter()
             new_state, losses = run_dispatch(state, step, n_steps)
             losses = np.asarray(losses)
             if not np.all(np.isfinite(losses)):
                 bad = step + int(np.argmax(~np.isfinite(losses)))
-                raise TrainingDiverged(
-                    f"non-finite training loss at step {bad}; the last good checkpoint is step "
-                    f"{checkpointer.latest_step()} in {checkpointer.directory}. Try a lower train.learning_rate "
-                    "or set train.grad_clip_norm")
+                raise TrainingDiverged(f"non-finite training loss at step {bad}; {last_good_checkpoint()}. Try a "
+                                       "lower train.learning_rate or set train.grad_clip_norm")
+            if n_steps in compiled_sizes:
+                window_seconds += time.perf_counter() - dispatch_start
+                window_cells += n_steps * config.train.batch_size
+            compiled_sizes.add(n_steps)
             state, step = new_state, step + n_steps
             window_losses.append(losses)
             bar.update(n_steps)
-            elapsed = time.perf_counter() - window_start
-            cells_per_s = (step - window_first_step) * config.train.batch_size / max(elapsed, 1e-9)
+            cells_per_s = window_cells / max(window_seconds, 1e-9) if window_cells else float("nan")
             train_loss = float(np.concatenate(window_losses).mean())
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
             if step % eval_every == 0 or step == max_steps:
                 last_val = float(validation_loss(state.variables))
                 if not np.isfinite(last_val):
-                    raise TrainingDiverged(f"non-finite validation loss at step {step}; the last good checkpoint "
-                                           f"is step {checkpointer.latest_step()} in {checkpointer.directory}")
+                    raise TrainingDiverged(f"non-finite validation loss at step {step}; {last_good_checkpoint()}")
                 history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
                                 "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start,
                                 **mask_recovery(model, data, parallel.local(state.variables))})
@@ -436,7 +507,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                     columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
                     pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
-                window_losses, window_start, window_first_step = [], time.perf_counter(), step
+                window_losses, window_seconds, window_cells = [], 0.0, 0
         bar.close()
         if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
             checkpointer.save(step, state, float(validation_loss(state.variables)), config_dict, metadata)
@@ -505,6 +576,7 @@ def main(argv) -> None:
 
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    warnings.formatwarning = _format_warning
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     try:
@@ -518,6 +590,18 @@ def main(argv) -> None:
         print(json.dumps(results, indent=2, sort_keys=True))
 
 
+_default_format_warning = warnings.formatwarning
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """The CLI's warnings: ``warning: <message>`` for those sams_jax raises (e.g.
+    :class:`ResumeWarning`, ``DataWarning``), Python's format for the others."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _default_format_warning(message, category, filename, lineno, line)
+
+
 def _config_path(argv) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -529,8 +613,8 @@ def _config_path(argv) -> str | None:
 
 def _parse_flags(argv):
     """absl flag parsing with clean errors (no traceback, exit code 2): a config file that
-    cannot be loaded, or an unknown / mistyped ``--config.<field>`` (named, with the known
-    fields beside it)."""
+    cannot be loaded, or an unknown / mistyped ``--config.<field>`` (named, with the closest
+    known field or else the known fields beside it: :func:`unknown_field_message`)."""
     import importlib.util
 
     from absl import flags
@@ -546,21 +630,43 @@ def _parse_flags(argv):
               file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         overrides = [arg.split("=", 1)[0][len("--config."):] for arg in argv if arg.startswith("--config.")]
-        missing = str(error).strip("\"'")
-        culprit = next((o for o in overrides if o.split(".")[-1] == missing), None)
-        if culprit is None:
-            print(f"error: bad --config override: {error}", file=sys.stderr)
-        else:
-            section = culprit.rsplit(".", 1)[0] if "." in culprit else ""
+        try:
             spec = importlib.util.spec_from_file_location("user_config", _config_path(argv))
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             config = module.get_config()
-            for key in filter(None, section.split(".")):
-                config = config.get(key, {})
-            print(f"error: unknown config field {culprit!r}; fields of {section or 'config'}: "
-                  f"{sorted(config.keys()) if hasattr(config, 'keys') else []}", file=sys.stderr)
+        except Exception:  # the config file itself failed: report the original error
+            config, overrides = None, []
+        message = next(filter(None, (unknown_field_message(config, o) for o in overrides)), None)
+        if message is None:  # not an unknown field: ml_collections' message, on one line
+            text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+            message = f"bad --config override: {'; '.join(filter(None, text.splitlines()))}"
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def unknown_field_message(config, field: str) -> str | None:
+    """The error for ``--config.<field>`` if ``field`` (``"model.likelihod"``) is not in
+    ``config``: the unknown part named, with the closest known field, or the known fields
+    of its section where none is close; ``None`` if the field exists."""
+    import difflib
+
+    node, path = config, []
+    for key in field.split("."):
+        if not hasattr(node, "keys"):
+            return (f"config field {'.'.join(path)!r} is a value, not a section, so {field!r} does not exist; "
+                    f"set it with --config.{'.'.join(path)}=<value>")
+        if key not in node:
+            section = ".".join(path)
+            unknown = ".".join(path + [key])
+            where = "" if unknown == field else f" (in --config.{field})"
+            close = difflib.get_close_matches(key, list(node.keys()), n=1)
+            if close:
+                return f"unknown config field {unknown!r}{where}; did you mean {'.'.join(path + close)!r}?"
+            return f"unknown config field {unknown!r}{where}; fields of {section or 'config'}: {sorted(node.keys())}"
+        node = node[key]
+        path.append(key)
+    return None
 
 
 def cli() -> None:

@@ -15,8 +15,9 @@ from sams_jax.checkpoint import Checkpointer
 from sams_jax.config import ConfigError, validate_config
 from sams_jax.data import DataError, load_data
 from sams_jax.models import create_model
-from sams_jax.train import (BatchSchedule, TrainingDiverged, create_optimizer, create_train_state,
-                            train_and_evaluate)
+from sams_jax.objective import ObjectiveConfig, check_objective_variables
+from sams_jax.train import (BatchSchedule, ResumeWarning, TrainingDiverged, create_optimizer, create_train_state,
+                            train_and_evaluate, unknown_field_message)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,8 @@ def test_cli_end_to_end(tmp_path):
     ("--config.model.guide=full", "model.guide='full' is not allowed"),
     ("--config.objective.n_particles=0", "objective.n_particles=0 is out of range"),
     ("--config.train.batch_size=100000", "train.batch_size=100000 is larger than the training set"),
+    ("--config.objective.variable_weights=masks=2", "objective.variable_weights names 'masks', which this model "
+                                                    "does not have; its variables: ['embedding', 'mask', 'z_basal']"),
 ])
 def test_cli_bad_input_is_a_clear_error_without_traceback(tmp_path, override, message):
     workdir = tmp_path / "bad"
@@ -75,10 +78,30 @@ def test_cli_bad_input_is_a_clear_error_without_traceback(tmp_path, override, me
     assert not workdir.exists()  # nothing written, nothing compiled
 
 
-def test_cli_unknown_field_is_rejected(tmp_path):
-    result = _run_cli("--config", "configs/test.py", "--workdir", str(tmp_path / "x"), "--config.train.lr=0.1")
-    assert result.returncode != 0
-    assert "lr" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.lr=0.1", "error: unknown config field 'train.lr'; fields of train: ['batch_size', "),
+    ("--config.model.likelihod=normal", "error: unknown config field 'model.likelihod'; did you mean "
+                                        "'model.likelihood'?"),
+    ("--config.trian.max_steps=1", "error: unknown config field 'trian' (in --config.trian.max_steps); did you "
+                                   "mean 'train'?"),
+])
+def test_cli_unknown_field_is_rejected_on_one_line(tmp_path, override, message):
+    result = _run_cli("--config", "configs/test.py", "--workdir", str(tmp_path / "x"), override)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, message", [
+    ("model.likelihod", "unknown config field 'model.likelihod'; did you mean 'model.likelihood'?"),
+    ("train.distributed.num_processs", "did you mean 'train.distributed.num_processes'?"),
+    ("seeed", "unknown config field 'seeed'; did you mean 'seed'?"),
+    ("model.zzz", "unknown config field 'model.zzz'; fields of model: ['basal_encoder_n_hidden', "),
+    ("model.n_latent.x", "config field 'model.n_latent' is a value, not a section"),
+    ("train.max_steps", None),
+])
+def test_unknown_field_message_names_the_field_and_a_suggestion(tiny_config, field, message):
+    got = unknown_field_message(tiny_config, field)
+    assert got is None if message is None else message in got
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -95,6 +118,34 @@ def test_validate_config_names_field_and_allowed_values(tiny_config, field, valu
     tiny_config[section][key] = value
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
         validate_config(tiny_config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("variable_weights", "masks=2", "objective.variable_weights names 'masks', which this model does not have"),
+    ("initial_variable_weights", "foo=3", "objective.initial_variable_weights names 'foo', which this model does "
+                                          "not have; its variables: ['embedding', 'mask', 'z_basal']"),
+    ("per_cell_variables", "foo", "objective.per_cell_variables names 'foo', which this model does not have"),
+    ("per_cell_variables", "z_basal", "objective.per_cell_variables names 'z_basal', which is not a "
+                                      "perturbation-plated variable of this model.*plated variables: "
+                                      "['embedding', 'mask']"),
+])
+def test_objective_options_naming_unknown_variables_are_config_errors(tiny_config, tmp_path, field, value,
+                                                                      message):
+    tiny_config.objective[field] = value
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_objective_options_naming_the_models_variables_pass(tiny_config):
+    data = load_data(tiny_config.data)
+    model = create_model(tiny_config.model, data.n_genes, data.n_perturbations)
+    state = create_train_state(model, create_optimizer(tiny_config.train), data.normalization_stats(
+        tiny_config.model.normalization), jax.random.key(0))
+    tiny_config.objective.update(variable_weights="mask=0.5,z_basal=2", initial_variable_weights="mask=10",
+                                 per_cell_variables="mask,embedding", analytic_kl="mask")
+    check_objective_variables(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]),
+                              ObjectiveConfig.from_config(tiny_config.objective))
 
 
 def test_non_finite_data_is_rejected_before_anything_is_written(tiny_config, tmp_path):
@@ -144,12 +195,37 @@ def test_checkpoint_round_trip_and_best_checkpoint(tiny_config, tmp_path):
     ckpt.close()
 
 
-def test_changed_model_config_on_existing_workdir_is_refused(tiny_config, tmp_path):
-    tiny_config.train.max_steps = 20
+def test_resume_refuses_or_warns_about_changed_settings(tiny_config, tmp_path):
+    tiny_config.train.update(max_steps=20, eval_every=10, steps_per_dispatch=10)
     train_and_evaluate(tiny_config, str(tmp_path))
-    tiny_config.model.n_latent = 4
-    with pytest.raises(ConfigError, match="model"):
-        train_and_evaluate(tiny_config, str(tmp_path))
+    # cells_per_s leaves out dispatches that compiled: the first row has only such a dispatch
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert np.isnan(history["cells_per_s"][0]) and history["cells_per_s"][1] > 0
+
+    def changed(**fields):
+        config = tiny_config.copy_and_resolve_references()
+        for field, value in fields.items():
+            section, key = field.split("__")
+            config[section][key] = value
+        return config
+
+    for fields, message in [
+        ({"model__n_latent": 4, "objective__n_particles": 3},
+         r"model\.n_latent=3 in the saved run, 4 now; objective\.n_particles=2 in the saved run, 3 now"),
+        ({"train__max_steps": 10}, r"already holds 20 training steps, more than train\.max_steps=10"),
+        ({"train__max_steps": 30, "train__grad_clip_norm": 1.0},
+         r"train\.grad_clip_norm=0\.0 in the saved run, 1\.0 now.*optimizer's state"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            train_and_evaluate(changed(**fields), str(tmp_path))
+    # another learning rate is a warning naming both values; steps_per_dispatch (like max_steps) changes silently
+    with pytest.warns(ResumeWarning) as record:
+        results = train_and_evaluate(changed(train__max_steps=30, train__learning_rate=2e-3,
+                                             train__steps_per_dispatch=5), str(tmp_path))
+    resume_warnings = [str(w.message) for w in record if issubclass(w.category, ResumeWarning)]
+    assert len(resume_warnings) == 1 and "resumes at step 20" in resume_warnings[0]
+    assert "(train.learning_rate=0.001 in the saved run, 0.002 now)" in resume_warnings[0]
+    assert results["steps"] == 30
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
@@ -157,12 +233,18 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_con
     train_and_evaluate(tiny_config, str(tmp_path))
     tiny_config.train.update(max_steps=60, learning_rate=1e30)
     with pytest.raises(TrainingDiverged, match=r"non-finite training loss at step (2\d|3\d|4\d|5\d); "
-                                               r"the last good checkpoint is step 20"):
+                                               r"the last good checkpoint is step 20"), \
+            pytest.warns(ResumeWarning, match=r"train\.learning_rate=0\.001 in the saved run, 1e\+30 now"):
         train_and_evaluate(tiny_config, str(tmp_path))
     tiny_config.train.learning_rate = 1e-3
     params = _latest_params(tmp_path, tiny_config)
     assert int(params.step) == 20
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params.params))
+    # diverging before the first checkpoint says that none was written
+    tiny_config.train.learning_rate = 1e30
+    with pytest.raises(TrainingDiverged, match=r"non-finite training loss at step \d+; no checkpoint was written "
+                                               r"\(the first would have been at step 20\)"):
+        train_and_evaluate(tiny_config, str(tmp_path / "fresh"))
 
 
 def test_batch_schedule_is_a_pure_function_of_seed_and_step():

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     if known.counts and not any(a.startswith("--out") for a in rest):
         rest += ["--out", str(runner.ROOT / "runs" / "experiments" / "mask_recovery_counts")]
     return runner.main("mask_recovery", grid_with_counts, __doc__.split("\n\n")[0], argv=rest,
-                       after_aggregate=mask_report)
+                       after_aggregate=mask_report, fractions=False)
 
 
 if __name__ == "__main__":

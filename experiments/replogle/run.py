@@ -48,7 +48,8 @@ def make_grid(args) -> runner.Grid:
 
 
 def main(argv=None) -> int:
-    return runner.main("replogle", make_grid, __doc__.split("\n\n")[0], data_help=DATA_HELP, argv=argv)
+    return runner.main("replogle", make_grid, __doc__.split("\n\n")[0], data_help=DATA_HELP, argv=argv,
+                       fractions=False)
 
 
 if __name__ == "__main__":

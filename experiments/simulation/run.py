@@ -40,7 +40,7 @@ def make_grid(args) -> runner.Grid:
 
 
 def main(argv=None) -> int:
-    return runner.main("simulation", make_grid, __doc__.split("\n\n")[0], argv=argv)
+    return runner.main("simulation", make_grid, __doc__.split("\n\n")[0], argv=argv, fractions=False)
 
 
 if __name__ == "__main__":
