@@ -343,7 +343,7 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params) -> Non
 def _read_history(path: str, upto_step: int) -> list[dict]:
     if not os.path.exists(path):
         return []
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(path, float_precision="round_trip")  # rows rewritten on resume keep their digits
     return frame[frame["step"] <= upto_step].to_dict("records")
 
 

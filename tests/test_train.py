@@ -161,8 +161,10 @@ def test_resumed_run_equals_uninterrupted_run_and_is_deterministic(tiny_config, 
     train_and_evaluate(tiny_config, str(tmp_path / "full"))
     tiny_config.train.max_steps = 20
     train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    first_row = (tmp_path / "resumed" / "history.csv").read_text().splitlines()[1]
     tiny_config.train.max_steps = 40
     train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "history.csv").read_text().splitlines()[1] == first_row  # rewritten as it was
     full = _latest_params(tmp_path / "full", tiny_config)
     resumed = _latest_params(tmp_path / "resumed", tiny_config)
     assert int(full.step) == int(resumed.step) == 40
