@@ -202,16 +202,23 @@ def load_config(name: str):
 
 
 def set_fields(config, overrides: Mapping[str, Any]) -> None:
-    """Set dotted fields (``"train.max_steps"``) of a ConfigDict; an unknown field is an error."""
+    """Set dotted fields (``"train.max_steps"``) of a ConfigDict; an unknown field (named
+    with the closest known one, as the training command does) or a value of the wrong type
+    is a ``ValueError``."""
+    from sams_jax.train import unknown_field_message
+
     for dotted, value in overrides.items():
+        message = unknown_field_message(config, dotted, flag="--set ")
+        if message:
+            raise ValueError(message)
         *parents, leaf = dotted.split(".")
         node = config
         for key in parents:
             node = node[key]
-        if leaf not in node:
-            raise KeyError(f"unknown config field {dotted!r}; fields of {'.'.join(parents) or 'config'}: "
-                           f"{sorted(node.keys())}")
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(f"{dotted}={value!r}: {error}") from None
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -628,6 +635,11 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         if args.set:
             grid = dataclasses.replace(grid, overrides={**grid.overrides, **dict(args.set)})
         cells = grid.cells()
+        import ml_collections
+        from sams_jax.config import validate_config
+
+        for cell in cells:  # bad --set values fail here, once, not in every cell's process
+            validate_config(ml_collections.ConfigDict(cell.config))
     except (KeyError, ValueError, FileNotFoundError) as error:
         parser.error(str(error).strip("\"'"))
     out = args.out.resolve()

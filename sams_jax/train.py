@@ -645,7 +645,7 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def unknown_field_message(config, field: str) -> str | None:
+def unknown_field_message(config, field: str, flag: str = "--config.") -> str | None:
     """The error for ``--config.<field>`` if ``field`` (``"model.likelihod"``) is not in
     ``config``: the unknown part named, with the closest known field, or the known fields
     of its section where none is close; ``None`` if the field exists."""
@@ -655,11 +655,11 @@ def unknown_field_message(config, field: str) -> str | None:
     for key in field.split("."):
         if not hasattr(node, "keys"):
             return (f"config field {'.'.join(path)!r} is a value, not a section, so {field!r} does not exist; "
-                    f"set it with --config.{'.'.join(path)}=<value>")
+                    f"set it with {flag}{'.'.join(path)}=<value>")
         if key not in node:
             section = ".".join(path)
             unknown = ".".join(path + [key])
-            where = "" if unknown == field else f" (in --config.{field})"
+            where = "" if unknown == field else f" (in {flag}{field})"
             close = difflib.get_close_matches(key, list(node.keys()), n=1)
             if close:
                 return f"unknown config field {unknown!r}{where}; did you mean {'.'.join(path + close)!r}?"

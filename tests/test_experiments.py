@@ -76,12 +76,27 @@ def test_subset_and_overrides_errors():
     config = runner.load_config("simulation")
     runner.set_fields(config, {"train.max_steps": 7, "model.guide": "mean_field"})
     assert (config.train.max_steps, config.model.guide) == (7, "mean_field")
-    with pytest.raises(KeyError, match=r"unknown config field 'train.max_step'.*max_steps"):
+    with pytest.raises(ValueError, match=r"unknown config field 'train.max_step'; did you mean 'train.max_steps'"):
         runner.set_fields(config, {"train.max_step": 7})
+    with pytest.raises(ValueError, match=r"train.max_steps='abc'"):
+        runner.set_fields(config, {"train.max_steps": "abc"})
     with pytest.raises(FileNotFoundError, match="no config .*nope.py; known configs: .*norman_ood"):
         runner.load_config("nope")
     assert runner.parse_assignment("train.learning_rate=1e-3") == ("train.learning_rate", 1e-3)
     assert runner.parse_assignment("model.guide=mean_field") == ("model.guide", "mean_field")
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("model.likelihood=foo", "model.likelihood='foo' is not allowed"),
+    ("bogus.x=1", "unknown config field 'bogus' (in --set bogus.x)"),
+    ("train.max_steps=abc", "train.max_steps='abc'"),
+])
+def test_bad_set_values_are_one_error_before_any_cell_runs(tmp_path, capsys, assignment, message):
+    with pytest.raises(SystemExit) as exit_info:
+        simulation.main(["--smoke", "--models", "sams_vae", "--seeds", "0", "--out", str(tmp_path / "out"),
+                         "--set", assignment])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no cell started
 
 
 def test_missing_data_path_says_what_to_download(capsys):
