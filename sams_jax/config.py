@@ -8,6 +8,9 @@ fields of its section: :func:`sams_jax.train.unknown_field_message`).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import os
 
 import ml_collections
@@ -153,7 +156,9 @@ def _check_number(config, path: str, low=None, high=None, integer=False, low_ope
     for key in path.split("."):
         value = value[key]
     kind = "an integer" if integer else "a number"
-    if integer and (isinstance(value, bool) or int(value) != value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r} must be {kind}" + ("" if integer else " (finite)"))
+    if integer and int(value) != value:
         raise ConfigError(f"{path}={value!r} must be {kind}")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and value > high
@@ -204,6 +209,7 @@ def validate_config(config) -> None:
     _check_number(config, "model.embedding_prior_scale", 0.0, low_open=True)
     _check_number(config, "model.gs_temperature", 0.0, low_open=True)
     _check_number(config, "model.embedding_loc_init_scale", 0.0)
+    _check_number(config, "model.mask_init_logits")
     _check_number(config, "model.mask_beta_a", 0.0, low_open=True)
     _check_number(config, "model.mask_beta_b", 0.0, low_open=True)
     if config.model.name == "cpa_vae" and config.model.guide != "mean_field":

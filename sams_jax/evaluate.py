@@ -76,6 +76,25 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     return names, rows[keep], membership, counts[keep]
 
 
+def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
+    """:class:`DataError` when the data rebuilt from a run's saved ``config.data`` are not
+    the data it was trained on, judged by the metadata saved with the checkpoint
+    (perturbations, cells per split and perturbation, normalisation statistics): e.g. a run
+    trained on data passed from Python, whose ``config.data`` describes other data."""
+    saved = predictor.metadata
+    current = data.metadata(saved["normalization"])
+    differ = [key for key in ("perturbation_names", "n_cells", "cells_per_perturbation") if key in saved
+              and current[key] != saved[key]]
+    differ += [f"normalization_stats[{key!r}]" for key, values in saved["normalization_stats"].items()
+               if not np.allclose(current["normalization_stats"][key], values, rtol=1e-4, atol=1e-5)]
+    if differ:
+        raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on "
+                        f"({', '.join(differ)} differ from the checkpoint's metadata). A run trained on data passed "
+                        "from Python (train_and_evaluate(config, workdir, data=data)) is evaluated from Python with "
+                        "the same data: sams_jax.evaluate.evaluate(workdir, data=data); a run on a file needs the "
+                        "file unchanged at its saved path")
+
+
 def check_ate_scale(likelihood: str, scale: str) -> None:
     """:class:`EvaluationError` where model and data ATEs on ``scale`` are not comparable."""
     if scale == "mean" and likelihood in LIBRARY_LIKELIHOODS:
@@ -100,6 +119,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     predictor = load(workdir, checkpoint)
     if data is None:
         data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
+        check_trained_data(predictor, data)
+    data.validate(predictor.config.model.likelihood)
     check_features(predictor.feature_names, data.feature_names)
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
@@ -147,8 +168,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
-        learned = predictor.mask_probs().to_numpy() > 0.5
-        results.update(metrics_lib.mask_scores(data.truth["mask"], learned))
+        results.update(metrics_lib.mask_scores(data.truth["mask"], predictor.mask_probs().to_numpy() > 0.5))
+    if data.truth is not None and "z_basal" in data.truth:  # every model has a basal (or local) latent
         test = data.mask("test")
         results["mcc"] = metrics_lib.mean_correlation_coefficient(
             data.truth["z_basal"][test], predictor.latent(data, seed=seed, split="test"))

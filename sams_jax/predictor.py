@@ -113,6 +113,11 @@ class Predictor:
             if len(members) > 1 and combined in self._index:
                 rows[i, self._index[combined]] = 1.0
                 continue
+            if len(members) > 1 and not getattr(self.model, "composes_perturbations", True):
+                raise InterventionError(
+                    f"{name!r} combines perturbations, which model {self.config.model.name!r} cannot predict: its "
+                    "perturbations do not add (it is trained on one perturbation per cell); combinations it was "
+                    f"trained on as perturbations of their own are {self._combinations() or 'none'}")
             if len(members) > 1 and self.encode_combinations == "unique":
                 warnings.warn(
                     f"{name!r} is not a perturbation of this model: it encodes each combination it was trained on "
@@ -122,6 +127,10 @@ class Predictor:
             for member in members:
                 rows[i, self._index[member]] += 1.0
         return rows
+
+    def _combinations(self) -> list[str]:
+        """Vocabulary entries that are combinations (``encode_combinations="unique"``)."""
+        return [name for name in self.perturbation_names if self.delimiter in name][:10]
 
     def _members(self, name: str) -> list[str]:
         """The vocabulary members of an intervention name (the control dropped)."""

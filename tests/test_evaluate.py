@@ -420,3 +420,33 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
                                     sparse_basis_restarts=0)
     assert np.isfinite(results["IWELBO-test"]) and not any(name.startswith("ATE") for name in results)
     assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
+
+
+def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch):
+    """The data rebuilt from the saved config.data are checked against the checkpoint's
+    metadata: a run trained on other data (e.g. passed from Python) is not scored on them."""
+    from sams_jax import evaluate as evaluate_lib
+
+    workdir, _ = trained
+    other = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10),
+                     seed=1)  # the same sizes and splits, other cells
+    monkeypatch.setattr(evaluate_lib, "load_data", lambda *args: other)
+    with pytest.raises(DataError, match=r"not the data it was trained on \(normalization_stats\['mean'\].*"
+                                        r"evaluate\(workdir, data=data\)"):
+        evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
+
+
+def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):
+    from sams_jax.models import create_model
+
+    tiny_config.model.name = "svae_plus"
+    model = create_model(tiny_config.model, 5, 3)
+    dummy = (jnp.zeros((2, 5)), jnp.zeros((2, 3)), jnp.ones(2))
+    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+                           *dummy)
+    metadata = {"feature_names": [f"g{i}" for i in range(5)], "perturbation_names": ["a", "b", "c"],
+                "control": "control"}
+    predictor = Predictor(model, variables, tiny_config, metadata, 0, "")
+    np.testing.assert_array_equal(predictor.dosages(["b", "control"]), [[0, 1, 0], [0, 0, 0]])
+    with pytest.raises(InterventionError, match="'a\\+b' combines perturbations, which model 'svae_plus' cannot"):
+        predictor.ate(["a+b"], n_particles=4)

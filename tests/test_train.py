@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -112,11 +113,13 @@ def test_unknown_field_message_names_the_field_and_a_suggestion(tiny_config, fie
     ("model.decoder_n_layers", 0, "model.decoder_n_layers=0 is out of range"),
     ("objective.kind", "elbo2", "objective.kind='elbo2' is not allowed"),
     ("objective.variable_weights", "mask", "objective.variable_weights: cannot parse 'mask'"),
+    ("model.mask_init_logits", float("nan"), "model.mask_init_logits=nan must be a number (finite)"),
+    ("model.embedding_prior_scale", float("inf"), "model.embedding_prior_scale=inf must be a number (finite)"),
 ])
 def test_validate_config_names_field_and_allowed_values(tiny_config, field, value, message):
     section, key = field.split(".")
     tiny_config[section][key] = value
-    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(tiny_config)
 
 

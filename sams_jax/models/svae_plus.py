@@ -20,6 +20,8 @@ rejects such data before training (encode combinations as unique perturbations i
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
@@ -49,6 +51,7 @@ class SVAEPlus(LearnedMask):
 
     mask_beta_a: float = 1.0
     mask_beta_b: float = 2.0
+    composes_perturbations: ClassVar[bool] = False  # a cell's perturbations do not add (one-hot dosages only)
 
     def setup(self):
         self.setup_mask()
