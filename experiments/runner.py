@@ -631,10 +631,10 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         parser.error("--workers must be >= 1")
     try:
         grid = make_grid(args)
-        grid = grid.subset(args.models, args.seeds, args.fractions)
         if args.set:
             grid = dataclasses.replace(grid, overrides={**grid.overrides, **dict(args.set)})
-        cells = grid.cells()
+        # the cells to run; the tables aggregate every finished cell of the whole grid
+        cells = grid.subset(args.models, args.seeds, args.fractions).cells()
         import ml_collections
         from sams_jax.config import validate_config
 

@@ -210,7 +210,8 @@ def test_simulation_smoke_end_to_end_skips_finished_cells_and_reports_failures(t
     assert np.isfinite(table["ATE_pearson_mean"]).all()
     assert np.isfinite(table.loc[0, "mask_F1_mean"]) and np.isnan(table.loc[1, "mask_F1_mean"])  # CPA-VAE: no mask
     text = (out / "table.md").read_text()
-    assert "2 of 2 runs finished" in text and "| sams_vae | 1 | " in text and "mask_F1" in text
+    n_cells = len(simulation.make_grid(_args(data=None, smoke=True, out=out)).cells())  # the whole grid
+    assert f"2 of {n_cells} runs finished" in text and "| sams_vae | 1 | " in text and "mask_F1" in text
     assert (out / "relative_iwelbo.png").stat().st_size > 0 and (out / "ate_pearson.png").stat().st_size > 0
 
     # finished cells are skipped
@@ -227,6 +228,11 @@ def test_simulation_smoke_end_to_end_skips_finished_cells_and_reports_failures(t
     failures = (out / "failures.txt").read_text()
     assert "sams_vae-s0" in failures and "batch_size" in failures
     assert json.loads((out / "runs" / "sams_vae-s0" / "done.json").read_text())["config"]["train"]["batch_size"] == 32
+
+    # running part of the grid keeps every finished cell of the whole grid in the tables
+    assert simulation.main(["--smoke", "--models", "sams_vae", "--seeds", "1", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv").set_index("variant")
+    assert table.loc["sams_vae", "n_seeds"] == 2 and table.loc["cpa_vae", "n_seeds"] == 1
 
 
 def test_mask_recovery_grid_is_valid():
