@@ -46,7 +46,7 @@ import pandas as pd
 from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
-from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
+from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metadata_differences
 from sams_jax.data.anndata_io import write_h5ad
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, load
@@ -82,11 +82,7 @@ def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
     (perturbations, cells per split and perturbation, normalisation statistics): e.g. a run
     trained on data passed from Python, whose ``config.data`` describes other data."""
     saved = predictor.metadata
-    current = data.metadata(saved["normalization"])
-    differ = [key for key in ("perturbation_names", "n_cells", "cells_per_perturbation") if key in saved
-              and current[key] != saved[key]]
-    differ += [f"normalization_stats[{key!r}]" for key, values in saved["normalization_stats"].items()
-               if not np.allclose(current["normalization_stats"][key], values, rtol=1e-4, atol=1e-5)]
+    differ = metadata_differences(saved, data.metadata(saved["normalization"]))
     if differ:
         raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on "
                         f"({', '.join(differ)} differ from the checkpoint's metadata). A run trained on data passed "

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from sams_jax import distributed, metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
 from sams_jax.config import ConfigError, base_config, validate_against_data, validate_config
-from sams_jax.data import DataError, PerturbationData, load_data, plate_scale
+from sams_jax.data import DataError, PerturbationData, load_data, metadata_differences, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model
@@ -261,7 +261,7 @@ def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedS
 
 
 # fields that change how data are read, not what is trained: a run may resume with other values
-STORAGE_FIELDS = {"data": ("backed",)}
+STORAGE_FIELDS = {"data": ("backed", "path")}  # a moved file: its data are compared with the run's metadata
 # train fields that change the optimisation: a run resumes with new values, with a ResumeWarning (the other
 # train and eval fields, e.g. max_steps, eval_every, steps_per_dispatch, num_devices, change silently)
 OPTIMISATION_FIELDS = ("learning_rate", "weight_decay", "grad_clip_norm", "mask_learning_rate", "batch_size",
@@ -399,9 +399,13 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     history: list[dict] = []
     latest = checkpointer.latest_step()
     if latest is not None:
-        saved_config, _ = checkpointer.restore_json(latest)
+        saved_config, saved_metadata = checkpointer.restore_json(latest)
         try:
             _check_resume(saved_config, config, workdir, latest, state.params)
+            differ = metadata_differences(saved_metadata, metadata)
+            if differ:
+                raise ConfigError(f"{workdir} holds a run trained on other data ({', '.join(differ)} differ from "
+                                  "the checkpoint's metadata); use a new --workdir or the original data")
         except ConfigError:
             checkpointer.close()
             raise

@@ -5,6 +5,7 @@ block-wise pass (checks, statistics, evaluation) really runs over several blocks
 """
 
 import pickle
+import shutil
 import threading
 import time
 
@@ -331,3 +332,22 @@ def test_prefetcher_passes_errors_on_and_closes_without_hanging():
         assert [prefetcher.get(), prefetcher.get()] == [(0, 0), (1, 1)]
         with pytest.raises(StopIteration):
             prefetcher.get()
+
+
+def test_resume_after_the_file_moved_and_refused_when_its_data_changed(tmp_path):
+    """``data.path`` may change on resume (a moved file or output folder) when the data
+    match the checkpoint's metadata; other data at the saved path are refused."""
+    from sams_jax.config import ConfigError
+
+    path = write(screen(), tmp_path / "screen.h5ad")
+    config = _anndata_config(path)
+    config.train.max_steps = 10
+    train_and_evaluate(config, str(tmp_path / "run"))
+    moved = tmp_path / "moved.h5ad"
+    shutil.move(path, moved)
+    config.data.path, config.train.max_steps = str(moved), 20
+    assert train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 20
+    write(screen(seed=1), moved)  # other counts at the same path
+    config.train.max_steps = 30
+    with pytest.raises(ConfigError, match=r"trained on other data \(normalization_stats\['mean'\]"):
+        train_and_evaluate(config, str(tmp_path / "run"))

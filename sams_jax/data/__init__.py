@@ -5,6 +5,7 @@ from sams_jax.data.dataset import (
     NORMALIZATIONS,
     PerturbationData,
     SPLITS,
+    metadata_differences,
     normalization_stats,
     normalize_input,
     plate_scale,
@@ -38,5 +39,5 @@ def load_data(data_config, likelihood: str | None = None) -> PerturbationData:
 
 __all__ = [
     "DATA_SOURCES", "DataError", "NORMALIZATIONS", "PerturbationData", "SPLITS", "load_data",
-    "normalization_stats", "normalize_input", "plate_scale", "simulate",
+    "metadata_differences", "normalization_stats", "normalize_input", "plate_scale", "simulate",
 ]

@@ -190,6 +190,21 @@ class PerturbationData:
         }
 
 
+def metadata_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields of a run's saved data ``metadata`` (:meth:`PerturbationData.metadata`)
+    that ``current`` data's do not match: names, cells per split and per perturbation,
+    normalisation statistics (to float tolerance). Fields a run saved before they existed
+    are skipped. Empty when the data are the ones the run was trained on, wherever they
+    are stored."""
+    differ = [key for key in ("feature_names", "perturbation_names", "n_cells", "cells_per_perturbation")
+              if key in saved and current[key] != saved[key]]
+    saved_stats, current_stats = saved.get("normalization_stats", {}), current["normalization_stats"]
+    differ += [f"normalization_stats[{key!r}]" for key, values in saved_stats.items()
+               if key not in current_stats or np.shape(current_stats[key]) != np.shape(values)
+               or not np.allclose(current_stats[key], values, rtol=1e-4, atol=1e-5)]
+    return differ
+
+
 def normalization_stats(x_train, method: str, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``{"mean": [G], "scale": [G]}`` for ``log_standardize`` (on ``log(x + 1)``) or
     ``standardize`` (on ``x``); zeros / ones for ``none``. A gene constant on the training
