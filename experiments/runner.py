@@ -587,7 +587,8 @@ def _str_list(text: str) -> list[str]:
 
 def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description: str,
          data_help: str | None = None, argv: Sequence[str] | None = None,
-         after_aggregate: Callable[[Grid, pathlib.Path], None] | None = None, fractions: bool = True) -> int:
+         after_aggregate: Callable[[Grid, pathlib.Path], None] | None = None, fractions: bool = True,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """The command line of an experiment; returns the exit code (1 if any cell failed).
 
     ``make_grid(args)`` builds the grid from the parsed arguments (``args.data``,
@@ -596,6 +597,7 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     ``data_help`` says what to download. ``after_aggregate(grid, out)``, if given, adds an
     experiment's own tables or plots after the standard ones. ``fractions=False``: the
     experiment's grid has no fraction axis, so ``--fractions`` is not offered.
+    ``add_arguments(parser)`` adds an experiment's own options (shown by ``--help``).
     """
     parser = argparse.ArgumentParser(prog=f"python experiments/{name}/run.py", description=description)
     if data_help is not None:
@@ -616,11 +618,15 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     args.data = getattr(args, "data", None)
     args.fractions = getattr(args, "fractions", None)
     if args.out is None:
         args.out = ROOT / "runs" / "experiments" / (f"{name}_smoke" if args.smoke else name)
+    if args.smoke and args.data:
+        parser.error("--smoke writes and uses its own small synthetic data; drop --data (or drop --smoke)")
     if data_help is not None and not args.smoke:
         if not args.data:
             parser.error(f"--data is required (or --smoke for synthetic data): {data_help}")

@@ -99,6 +99,18 @@ def test_bad_set_values_are_one_error_before_any_cell_runs(tmp_path, capsys, ass
     assert not (tmp_path / "out").exists()  # no cell started
 
 
+def test_smoke_with_data_and_the_mask_recovery_counts_option(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        norman_ood.main(["--smoke", "--data", str(tmp_path / "norman.h5ad"), "--list"])
+    assert exit_info.value.code == 2 and "drop --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        mask_recovery.main(["--help"])
+    assert exit_info.value.code == 0 and "--counts" in capsys.readouterr().out
+    assert mask_recovery.main(["--counts", "--smoke", "--models", "paper", "--seeds", "0", "--out",
+                               str(tmp_path / "mr"), "--list"]) == 0
+    assert "todo  paper-s0" in capsys.readouterr().out
+
+
 def test_missing_data_path_says_what_to_download(capsys):
     with pytest.raises(SystemExit) as exit_info:
         norman_ood.main([])

@@ -154,18 +154,20 @@ def _true_mask(config: dict):
 def main(argv=None) -> int:
     import argparse
 
+    def add_counts(parser):
+        parser.add_argument("--counts", action="store_true",
+                            help="the count-valued simulation (configs/simulation_counts.py); default --out: "
+                                 "runs/experiments/mask_recovery_counts[_smoke]")
+
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--counts", action="store_true")
-    known, rest = parser.parse_known_args(argv)
-
-    def grid_with_counts(args):
-        args.counts = known.counts
-        return make_grid(args)
-
-    if known.counts and not any(a.startswith("--out") for a in rest):
-        rest += ["--out", str(runner.ROOT / "runs" / "experiments" / "mask_recovery_counts")]
-    return runner.main("mask_recovery", grid_with_counts, __doc__.split("\n\n")[0], argv=rest,
-                       after_aggregate=mask_report, fractions=False)
+    add_counts(parser)
+    known, _ = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if known.counts and not any(a.startswith("--out") for a in argv):  # the count runs' own default folder
+        folder = "mask_recovery_counts_smoke" if "--smoke" in argv else "mask_recovery_counts"
+        argv += ["--out", str(runner.ROOT / "runs" / "experiments" / folder)]
+    return runner.main("mask_recovery", make_grid, __doc__.split("\n\n")[0], argv=argv,
+                       after_aggregate=mask_report, fractions=False, add_arguments=add_counts)
 
 
 if __name__ == "__main__":
