@@ -119,8 +119,8 @@ def mask_report(grid: runner.Grid, out: pathlib.Path) -> None:
     summary = frame.drop(columns="seed").groupby("variant", sort=False).agg(["mean", "std"])
     lines = ["| variant | " + " | ".join(c for c in frame.columns[2:]) + " |", "|---" * (len(frame.columns) - 1) + "|"]
     for variant, row in summary.iterrows():
-        cells = [f"{row[(c, 'mean')]:.3f} ± {0.0 if pd.isna(row[(c, 'std')]) else row[(c, 'std')]:.3f}"
-                 for c in frame.columns[2:]]
+        cells = [f"{row[(c, 'mean')]:.3f}" + ("" if pd.isna(row[(c, 'std')]) else f" ± {row[(c, 'std')]:.3f}")
+                 for c in frame.columns[2:]]  # one seed: no spread, as in table.md
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     text = (f"# Mask decision rules\n\nTrue mask density {truth.mean():.3f}. Mean ± std over seeds "
             f"({len(frame)} runs).\n\n" + "\n".join(lines) + "\n")
