@@ -639,8 +639,11 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         grid = make_grid(args)
         if args.set:
             grid = dataclasses.replace(grid, overrides={**grid.overrides, **dict(args.set)})
-        # the cells to run; the tables aggregate every finished cell of the whole grid
+        # the cells to run; the tables aggregate every finished cell of the whole grid, extended by the
+        # seeds and fractions asked for
         cells = grid.subset(args.models, args.seeds, args.fractions).cells()
+        grid = dataclasses.replace(grid, seeds=tuple(sorted({*grid.seeds, *(args.seeds or [])})),
+                                   fractions=tuple(sorted({*grid.fractions, *(args.fractions or [])})))
         import ml_collections
         from sams_jax.config import validate_config
 

@@ -72,7 +72,7 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     keep = np.asarray(keep, dtype=np.int64)
     names = [predictor.intervention_name(row) for row in rows[keep]]
     membership = {split: np.isin(keep, np.unique(inverse[data.mask(split)])) for split in SPLITS}
-    membership["learned"] = learned_rows(data, rows[keep])
+    membership["learned"] = learned_rows(predictor, rows[keep])
     return names, rows[keep], membership, counts[keep]
 
 
@@ -101,9 +101,11 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
 
 
-def learned_rows(data: PerturbationData, rows: np.ndarray) -> np.ndarray:
-    """``[I]`` bool: every perturbation of a dosage row ``[I, T]`` has training cells."""
-    return np.all((data.cells_per_perturbation("train") > 0) | (np.asarray(rows) == 0), axis=1)
+def learned_rows(predictor: Predictor, rows: np.ndarray) -> np.ndarray:
+    """``[I]`` bool: every perturbation of a dosage row ``[I, T]`` had training cells when
+    the model was trained (the checkpoint's metadata)."""
+    trained = np.asarray(predictor.metadata["cells_per_perturbation"]["train"]) > 0
+    return np.all(trained | (np.asarray(rows) == 0), axis=1)
 
 
 def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int = 100, ate_particles: int = 2_500,
@@ -115,8 +117,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     predictor = load(workdir, checkpoint)
     if data is None:
         data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
+        data.validate(predictor.config.model.likelihood)
         check_trained_data(predictor, data)
-    data.validate(predictor.config.model.likelihood)
     check_features(predictor.feature_names, data.feature_names)
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
@@ -160,7 +162,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             is_learned = np.concatenate([membership["learned"],
-                                         learned_rows(data, predictor.dosages(all_names[1 + n_observed:]))])
+                                         learned_rows(predictor, predictor.dosages(all_names[1 + n_observed:]))])
         ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):

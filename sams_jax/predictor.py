@@ -70,6 +70,9 @@ class Predictor:
         self.delimiter: str = registration.get("delimiter") or "+"
         self._index = {name: i for i, name in enumerate(self.perturbation_names)}
         self.encode_combinations: str = registration.get("encode_combinations") or "additive"
+        # combinations that are perturbations of their own, by their set of members (any order)
+        self._combination_index = {frozenset(part.strip() for part in name.split(self.delimiter)): i
+                                   for i, name in enumerate(self.perturbation_names) if self.delimiter in name}
 
         def generate(variables, dosages, library_size, max_active, rngs):
             return model.apply(variables, dosages, library_size, max_active, rngs=rngs, method="generate")
@@ -108,11 +111,11 @@ class Predictor:
             if name in self._index:  # includes combinations encoded as their own perturbation
                 rows[i, self._index[name]] = 1.0
                 continue
-            members = self._members(name)
-            combined = self.delimiter.join(sorted(members))  # how registration names a combination
-            if len(members) > 1 and combined in self._index:
-                rows[i, self._index[combined]] = 1.0
+            parts = frozenset(part.strip() for part in name.split(self.delimiter)) - {self.control}
+            if len(parts) > 1 and parts in self._combination_index:  # one, in another order
+                rows[i, self._combination_index[parts]] = 1.0
                 continue
+            members = self._members(name)
             if len(members) > 1 and not getattr(self.model, "composes_perturbations", True):
                 raise InterventionError(
                     f"{name!r} combines perturbations, which model {self.config.model.name!r} cannot predict: its "
@@ -130,7 +133,7 @@ class Predictor:
 
     def _combinations(self) -> list[str]:
         """Vocabulary entries that are combinations (``encode_combinations="unique"``)."""
-        return [name for name in self.perturbation_names if self.delimiter in name][:10]
+        return [self.perturbation_names[i] for i in self._combination_index.values()][:10]
 
     def _members(self, name: str) -> list[str]:
         """The vocabulary members of an intervention name (the control dropped)."""

@@ -297,13 +297,6 @@ def _refused(field: str) -> bool:
     return section not in ("train", "eval") and key not in STORAGE_FIELDS.get(section, ())
 
 
-def _compatible(saved: dict, config) -> list[str]:
-    """Top-level config keys (other than ``train`` / ``eval``) that differ from a saved run,
-    ignoring :data:`STORAGE_FIELDS` (the fields: :func:`_config_changes`)."""
-    return list(dict.fromkeys(field.split(".")[0] for field, _, _ in _config_changes(saved, config)
-                              if _refused(field)))
-
-
 def _describe(changes) -> str:
     return "; ".join(f"{field}={old!r} in the saved run, {new!r} now" for field, old, new in changes)
 

@@ -143,7 +143,7 @@ def test_conditional_vae_dosages_act_only_through_the_decoder_input(batch):
 
 def test_svae_plus_rejects_pairs_with_the_intended_message(tiny_config, tmp_path):
     data = load_data(tiny_config.data)
-    SVAEPlus.check_data(data)  # one-hot simulation: accepted
+    check_data("svae_plus", data)  # one-hot simulation: accepted
     train_cells = np.nonzero(data.split == "train")[0]
     data.dosages[train_cells[:4], 0] = 1.0
     data.dosages[train_cells[:4], 1] = 1.0  # pairs

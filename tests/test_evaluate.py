@@ -294,7 +294,7 @@ def test_evaluate_command_end_to_end(trained):
     workdir, _ = trained
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
-                             "--ate-particles", "64", "--iwelbo-particles", "8", "--interventions", "1+2,3+4"],
+                             "--ate-particles", "64", "--iwelbo-particles", "8", "--interventions", "1+2,3+4,2+1"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = workdir / "eval"
@@ -369,6 +369,10 @@ def test_intervention_names_in_any_order_each_member_once():
     with pytest.warns(InterventionWarning, match="never learned that combinations add"):
         np.testing.assert_array_equal(unique.dosages(["c+a"]), [[1, 0, 0, 1]])
     assert unique.canonical_name("c+a") == "a+c"
+    pairs_only = Predictor(unique.model, unique.variables, unique.config,  # a pair whose members are not singles
+                           {**unique.metadata, "perturbation_names": ["b+a", "c", "d", "e"]}, 0, "")
+    np.testing.assert_array_equal(pairs_only.dosages(["a + b", "b+a"]), [[1, 0, 0, 0], [1, 0, 0, 0]])
+    assert pairs_only.canonical_name("a+b") == "b+a"  # the vocabulary's own name
 
 
 def test_sample_library_size_and_cell_count(trained):
@@ -403,8 +407,9 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     workdir, _ = trained
     predictor = sams_jax.load(str(workdir))
     data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
-    five = data.dosages[:, predictor.perturbation_names.index("5")] > 0
-    data.split = np.where(five, "test", data.split)  # "5" has no training cells now
+    trained_cells = predictor.metadata["cells_per_perturbation"]["train"]
+    trained_cells[predictor.perturbation_names.index("5")] = 0  # as if "5" had had no training cells
+    monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
     results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
                                     sparse_basis_restarts=0)
     out = workdir / "eval"
@@ -415,11 +420,14 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
     assert (out / "ate_scatter.png").exists()
 
-    monkeypatch.setattr(evaluate_lib, "load", lambda *args: setattr(predictor, "control", None) or predictor)
+    predictor.control = None
     results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, plots=False, data=data,
                                     sparse_basis_restarts=0)
     assert np.isfinite(results["IWELBO-test"]) and not any(name.startswith("ATE") for name in results)
     assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
+    predictor.config.model.likelihood = "library_nb"  # evaluate refuses the mean scale for it
+    with pytest.raises(evaluate_lib.EvaluationError, match="perturbseq"):
+        evaluate_lib.evaluate(str(workdir), ate_scale="mean", data=data)
 
 
 def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch):
@@ -431,7 +439,7 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     other = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10),
                      seed=1)  # the same sizes and splits, other cells
     monkeypatch.setattr(evaluate_lib, "load_data", lambda *args: other)
-    with pytest.raises(DataError, match=r"not the data it was trained on \(normalization_stats\['mean'\].*"
+    with pytest.raises(DataError, match=r"not the data it was trained on \(median_library_size, normalization_stats.*"
                                         r"evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
 

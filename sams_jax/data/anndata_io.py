@@ -481,15 +481,11 @@ def check_empty(cell_nonzero: np.ndarray, gene_nonzero: np.ndarray, cell_names: 
                       "count (e.g. scanpy.pp.filter_cells(adata, min_genes=1))", DataWarning, stacklevel=3)
 
 
-def library_sizes(obs: pd.DataFrame, counts, library_size_key: str | None,
-                  sums: np.ndarray | None = None) -> np.ndarray:  # [n_cells] float32
-    """``obs[library_size_key]`` when given, else the row sums of ``counts`` (``sums`` when
-    already computed, e.g. by :func:`check_values`; a backed matrix is summed one block of
-    cells at a time)."""
+def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None) -> np.ndarray:
+    """``[n_cells]`` float32: ``obs[library_size_key]`` when given, else ``row_sums`` (the
+    counts' row sums, from :func:`check_values`' pass)."""
     if not library_size_key:
-        if sums is None:
-            sums = matrix_lib.row_sums(counts) if isinstance(counts, BackedMatrix) else counts.sum(axis=1)
-        return np.asarray(sums, dtype=np.float64).reshape(-1).astype(np.float32)
+        return np.asarray(row_sums, dtype=np.float64).reshape(-1).astype(np.float32)
     column = _require_column(obs, library_size_key, "library sizes", "data.library_size_key")
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values) & (values > 0)):
@@ -549,7 +545,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     gene_names = adata.var_names[columns].astype(str).tolist()
     check_empty(cell_nonzero, gene_nonzero, obs.index.astype(str), gene_names, what, likelihood, library_size_key,
                 genes=for_training)
-    library_size = library_sizes(obs, counts, library_size_key, sums)
+    library_size = library_sizes(obs, sums, library_size_key)
     if isinstance(counts, BackedMatrix):
         x = counts
     elif sp.issparse(counts):  # a copy unless read from a file here (the caller's AnnData stays untouched)

@@ -193,11 +193,15 @@ class PerturbationData:
 def metadata_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields of a run's saved data ``metadata`` (:meth:`PerturbationData.metadata`)
     that ``current`` data's do not match: names, cells per split and per perturbation,
-    normalisation statistics (to float tolerance). Fields a run saved before they existed
-    are skipped. Empty when the data are the ones the run was trained on, wherever they
-    are stored."""
+    the training cells' normalisation statistics and median library size (to float
+    tolerance). Fields a run saved before they existed are skipped. Empty for the data the
+    run was trained on, wherever they are stored; these summaries do not see every change
+    (e.g. cells reordered, or changed outside the training split with the same counts)."""
     differ = [key for key in ("feature_names", "perturbation_names", "n_cells", "cells_per_perturbation")
               if key in saved and current[key] != saved[key]]
+    if "median_library_size" in saved and not np.isclose(current["median_library_size"],
+                                                          saved["median_library_size"], rtol=1e-5):
+        differ.append("median_library_size")
     saved_stats, current_stats = saved.get("normalization_stats", {}), current["normalization_stats"]
     differ += [f"normalization_stats[{key!r}]" for key, values in saved_stats.items()
                if key not in current_stats or np.shape(current_stats[key]) != np.shape(values)

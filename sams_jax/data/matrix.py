@@ -66,14 +66,6 @@ def row_blocks(x, rows=None, n_rows: int | None = None) -> Iterator[tuple[int, n
         yield start, (x[start:stop] if rows is None else x[np.asarray(rows[start:stop], dtype=np.int64)])
 
 
-def row_sums(x) -> np.ndarray:  # [n] float64
-    """Row sums, one block at a time."""
-    out = np.empty(x.shape[0], np.float64)
-    for start, block in row_blocks(x):
-        out[start:start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float64).reshape(-1)
-    return out
-
-
 def column_moments(x, rows=None, log1p: bool = False) -> tuple[np.ndarray, np.ndarray]:  # ([G], [G]) float64
     """Per-column mean and (population) standard deviation of ``x`` or ``log(x + 1)`` over
     ``rows``, one block at a time: exact two-pass moments within a block (over the

@@ -19,7 +19,7 @@ from sams_jax.models.base import ParticleTerms
 from sams_jax.models.components import PerturbationVAE
 from sams_jax.models.conditional_vae import ConditionalVAE
 from sams_jax.models.sams_vae import CPAVAE, GUIDES, SAMSVAE, SAMSVAEBetaBernoulli
-from sams_jax.models.svae_plus import SVAEPlus
+from sams_jax.models.svae_plus import SVAEPlus, check_one_hot
 
 MODELS = {
     "sams_vae": SAMSVAE,
@@ -46,10 +46,11 @@ def create_model(model_config, n_genes: int, n_perturbations: int):
 
 
 def check_data(model_name: str, data) -> None:
-    """Model-specific checks of the data before training (e.g. SVAE+ needs one-hot
-    dosages); raises :class:`~sams_jax.data.DataError`. A model opts in with a
-    ``check_data(data)`` classmethod."""
-    getattr(MODELS[model_name], "check_data", lambda data: None)(data)
+    """Model-specific checks of the data before training; raises
+    :class:`~sams_jax.data.DataError`. A model whose perturbations do not add
+    (``composes_perturbations = False``, SVAE+) needs one-hot dosages."""
+    if not getattr(MODELS[model_name], "composes_perturbations", True):
+        check_one_hot(data.dosages)
 
 
 __all__ = ["CPAVAE", "ConditionalVAE", "GUIDES", "MODELS", "ParticleTerms", "PerturbationVAE", "SAMSVAE",

@@ -59,11 +59,6 @@ class SVAEPlus(LearnedMask):
                                      (self.n_perturbations, self.n_latent))
         super().setup()
 
-    @classmethod
-    def check_data(cls, data) -> None:
-        """Before training: the data's dosages must be one-hot (or all-zero) rows."""
-        check_one_hot(data.dosages)
-
     def __call__(self, x, dosages, library_size) -> ParticleTerms:
         """x ``[n, G]``, dosages ``[n, T]`` (one-hot or zero rows), library_size ``[n]`` ->
         :class:`ParticleTerms`."""
