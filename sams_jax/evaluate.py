@@ -126,8 +126,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     # extra names in the vocabulary's form ("B+A" -> "A+B"), each once; unknown names fail here, before any work
     extra = list(dict.fromkeys(predictor.canonical_name(name) for name in interventions or []))
     if control is None:
+        skipped = f" (not computed either: {extra})" if extra else ""
         print("note: the model's data have no control label, so there are no ATEs; pass --control <label> "
-              "(a perturbation to measure the others against) to compute them", file=sys.stderr)
+              f"(a perturbation to measure the others against) to compute them{skipped}", file=sys.stderr)
     else:
         control_row = predictor.dosages([control])[0]
         if not np.all(data.dosages == control_row, axis=1).any():
@@ -273,6 +274,12 @@ def main(argv=None) -> None:
                         help="starts of the sparse-basis fit (sams_jax.basis); 0 skips it (about 1 s at K = 15, "
                              "17 s at K = 100 on a 2-core CPU)")
     args = parser.parse_args(argv)
+    from absl import logging
+
+    from sams_jax.train import cli_format_warning
+
+    logging.set_verbosity(logging.ERROR)  # Orbax notes at WARNING that a read-only checkpointer saves nothing
+    warnings.formatwarning = cli_format_warning
     for name in ("iwelbo_particles", "ate_particles"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

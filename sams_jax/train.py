@@ -573,7 +573,7 @@ def main(argv) -> None:
 
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
-    warnings.formatwarning = _format_warning
+    warnings.formatwarning = cli_format_warning
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     try:
@@ -591,8 +591,8 @@ _default_format_warning = warnings.formatwarning
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """The CLI's warnings: ``warning: <message>`` for those sams_jax raises (e.g.
+def cli_format_warning(message, category, filename, lineno, line=None) -> str:
+    """The command lines' warnings (training, evaluation): ``warning: <message>`` for those sams_jax raises (e.g.
     :class:`ResumeWarning`, ``DataWarning``), Python's format for the others."""
     if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE_DIR):
         return f"warning: {message}\n"

@@ -524,7 +524,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     ``for_training=False`` registers data to be scored by a trained model rather than
     trained on (``Predictor.register``): the checks that concern training only are
     skipped, namely control cells present and in the training split, perturbations
-    without training cells, and all-zero genes. The registration is kept in
+    without training cells, and all-zero genes (the splits are still assigned by
+    ``split_key`` / ``task``, whose own requirements still apply). The registration is kept in
     ``data.registration`` and saved with checkpoints.
     """
     control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
