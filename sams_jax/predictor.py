@@ -178,7 +178,7 @@ class Predictor:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
         if n_particles < 1:
             raise ValueError(f"n_particles must be >= 1, got {n_particles}")
-        dosages = self.dosages(intervention_list(interventions))
+        dosages = self.dosages(interventions)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         out = self._expectations(self.variables, jnp.asarray(dosages), jax.random.key(seed), n_particles=n_particles,
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
