@@ -188,8 +188,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         pd.DataFrame(basis.weights, index=pd.Index(predictor.embeddings().columns, name="latent"),
                      columns=basis.effects.columns).to_csv(os.path.join(out_dir, "sparse_basis.csv"))
     results = {k: results[k] for k in sorted(results)}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    metrics_lib.write_json(os.path.join(out_dir, "metrics.json"), results)
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:
         _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles)

@@ -133,3 +133,29 @@ def mean_correlation_coefficient(true_latents: np.ndarray, learned_latents: np.n
     corr = np.abs(np.nan_to_num(corr))
     rows, cols = linear_sum_assignment(corr, maximize=True)
     return float(corr[rows, cols].mean())
+
+
+# --- files ------------------------------------------------------------------------------
+def write_json(path: str, scores: dict) -> None:
+    """Write ``scores`` (metric name -> number) to ``path`` as strict JSON, keys sorted.
+
+    A score that is undefined (NaN, e.g. a correlation over a split without interventions)
+    or infinite is written as ``null``: Python's ``json`` would write ``NaN``, which
+    stricter readers (``jq``, JavaScript, most other languages) reject.
+    """
+    import json
+    import math
+
+    def strict(value):
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        if isinstance(value, (float, np.floating)):
+            return float(value) if math.isfinite(value) else None
+        if isinstance(value, np.integer):
+            return int(value)
+        return value
+
+    with open(path, "w") as handle:
+        json.dump(strict(scores), handle, indent=2, sort_keys=True, allow_nan=False)

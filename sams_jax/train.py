@@ -340,11 +340,6 @@ def _read_history(path: str, upto_step: int) -> list[dict]:
     return frame[frame["step"] <= upto_step].to_dict("records")
 
 
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-
-
 def train_and_evaluate(config, workdir: str, data: PerturbationData | None = None) -> dict[str, float]:
     """Train (or resume) the configured model in ``workdir`` and return final metrics.
 
@@ -521,7 +516,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         bar.close()
         checkpointer.close()
     if main_process:
-        _write_json(os.path.join(workdir, "metrics.json"), results)
+        metrics_lib.write_json(os.path.join(workdir, "metrics.json"), results)
     return results
 
 

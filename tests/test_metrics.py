@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from sams_jax.metrics import mask_scores
 
@@ -32,3 +33,17 @@ def test_mask_scores_dense_and_extra_dimensions():
     scores = mask_scores(truth, wide)
     np.testing.assert_allclose(scores["mask_precision"], 10 / 12)
     assert mask_scores(truth, np.zeros((10, 3), bool))["mask_f1"] == 0.0
+
+
+def test_write_json_is_strict_json_with_null_for_undefined_scores(tmp_path):
+    import json
+
+    from sams_jax.metrics import write_json
+
+    path = tmp_path / "metrics.json"
+    write_json(str(path), {"b": np.float32(0.5), "a": float("nan"), "c": np.int64(3), "d": -np.inf, "e": 1.25})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
+    assert json.loads(text) == {"a": None, "b": 0.5, "c": 3, "d": None, "e": 1.25}
+    assert list(json.loads(text)) == ["a", "b", "c", "d", "e"]
