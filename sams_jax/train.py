@@ -21,8 +21,9 @@ parameters of an uninterrupted run.
 Every ``train.eval_every`` steps: validation loss (fixed particles, the validation
 split's own ``N_t``), a row of ``<workdir>/history.csv``, and a checkpoint (the latest
 and the best by validation loss are kept). At the end the best checkpoint is scored:
-predictive IWELBO on the validation and test splits and, for simulations, mask
-precision / recall / F1; written to ``<workdir>/metrics.json``.
+predictive IWELBO and the training objective's loss (each split with its own ``N_t``) on
+the validation and test splits and, for simulations, mask precision / recall / F1;
+written to ``<workdir>/metrics.json``.
 """
 
 from __future__ import annotations
@@ -402,8 +403,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
 
     n_shards = config.train.data_shards or parallel.n_processes
     train_scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
-    # validation: every process on its first device, on the whole split
-    val_scale = jnp.asarray(plate_scale(data.cells_per_perturbation("val")))
+    # validation (and the final test loss): every process on its first device, on the whole split, with
+    # the split's own N_t (SPEC 3)
+    def split_scale(split):
+        return jnp.asarray(plate_scale(data.cells_per_perturbation(split)))
+
     chunk_size = config.train.eval_batch_size
     schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed, n_shards)
     max_steps, eval_every = config.train.max_steps, config.train.eval_every
@@ -416,7 +420,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     if resolve_placement(config.train.data_placement, data) == "device":
         shards = parallel.shards_of_process(n_shards)
         train_arrays = parallel.put_process_rows(shard_rows(data.arrays("train"), n_shards, shards))
-        val_arrays = jax.device_put(data.arrays("val"))
+        split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
         train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
         prefetcher = None
 
@@ -428,8 +432,10 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         def validation_loss_fn(variables, arrays, scale):
             return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
 
-        def validation_loss(variables):
-            return validation_loss_fn(parallel.local(variables), val_arrays, val_scale)
+        def split_loss(variables, split="val"):
+            if split not in split_arrays:
+                split_arrays[split] = jax.device_put(data.arrays(split))
+            return validation_loss_fn(parallel.local(variables), split_arrays[split], split_scale(split))
     else:  # one process only (validate_against_data): the same global batches, densified on the host
         train_chunk = make_batch_train_chunk(model.apply, objective, optimizer)
         train_cells = data.rows("train")
@@ -451,9 +457,9 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             return split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size,
                                    first_chunk)
 
-        def validation_loss(variables):
-            scores = host_cell_scores(partial(validation_block, parallel.local(variables), val_scale), data,
-                                      data.rows("val"), chunk_size, put=jax.device_put)
+        def split_loss(variables, split="val"):
+            scores = host_cell_scores(partial(validation_block, parallel.local(variables), split_scale(split)),
+                                      data, data.rows(split), chunk_size, put=jax.device_put)
             return -scores.mean()
 
     def last_good_checkpoint() -> str:
@@ -488,7 +494,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             train_loss = float(np.concatenate(window_losses).mean())
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
             if step % eval_every == 0 or step == max_steps:
-                last_val = float(validation_loss(state.variables))
+                last_val = float(split_loss(state.variables))
                 if not np.isfinite(last_val):
                     raise TrainingDiverged(f"non-finite validation loss at step {step}; {last_good_checkpoint()}")
                 history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
@@ -502,12 +508,15 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                 window_losses, window_seconds, window_cells = [], 0.0, 0
         bar.close()
         if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
-            checkpointer.save(step, state, float(validation_loss(state.variables)), config_dict, metadata)
+            checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
 
         best = checkpointer.best_step()
         best_state = checkpointer.restore_state(best, state)
         results = final_metrics(model, config, data, parallel.local(best_state.variables),
                                 jax.random.key(config.seed))
+        for split in ("val", "test"):  # the training objective's loss, each split with its own N_t (SPEC 3)
+            if data.mask(split).any():
+                results[f"{split}/loss"] = float(split_loss(best_state.variables, split))
         results["best_step"] = int(best)
         results["steps"] = int(step)
     finally:

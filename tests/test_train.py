@@ -41,6 +41,31 @@ def _latest_params(workdir, config):
         ckpt.close()
 
 
+def _split_loss(workdir, step, split, scale_of=None):
+    """The training objective's loss on ``split`` at checkpoint ``step``, recomputed by hand
+    (plate weights from the cells per perturbation of ``scale_of``, default ``split``)."""
+    import ml_collections
+
+    from sams_jax.data import plate_scale
+    from sams_jax.objective import split_objective
+
+    ckpt = Checkpointer(str(workdir), read_only=True)
+    try:
+        config = ml_collections.ConfigDict(ckpt.restore_json(step)[0])
+        data = load_data(config.data)
+        model = create_model(config.model, data.n_genes, data.n_perturbations)
+        target = create_train_state(model, create_optimizer(config.train), data.normalization_stats(
+            config.model.normalization), jax.random.key(0))
+        state = ckpt.restore_state(step, target)
+    finally:
+        ckpt.close()
+    eval_key = jax.random.split(jax.random.key(config.seed), 3)[2]
+    scale = plate_scale(data.cells_per_perturbation(scale_of or split))
+    objective = ObjectiveConfig.from_config(config.objective)
+    return -float(split_objective(model.apply, objective, state.variables, eval_key, data.arrays(split), scale,
+                                  config.train.eval_batch_size).mean())
+
+
 def test_cli_end_to_end(tmp_path):
     workdir = tmp_path / "run"
     result = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40")
@@ -55,6 +80,11 @@ def test_cli_end_to_end(tmp_path):
     assert np.isfinite(metrics["test/IWELBO"]) and metrics["test/IWELBO"] < 0
     assert {"mask_precision", "mask_recall", "mask_f1", "val/IWELBO"} <= set(metrics)
     assert metrics == json.loads(result.stdout[result.stdout.index("{"):])
+    # the best checkpoint's losses (SPEC 3): validation as in the history, test with the test split's own N_t
+    best = history.set_index("step").loc[metrics["best_step"], "val_loss"]
+    np.testing.assert_allclose(metrics["val/loss"], best, rtol=1e-6)
+    np.testing.assert_allclose(metrics["test/loss"], _split_loss(workdir, metrics["best_step"], "test"), rtol=1e-5)
+    assert metrics["test/loss"] != pytest.approx(_split_loss(workdir, metrics["best_step"], "test", scale_of="train"))
     # running the same command again resumes from the latest checkpoint: nothing to do
     again = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40")
     assert again.returncode == 0, again.stderr[-3000:]
