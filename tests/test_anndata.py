@@ -134,11 +134,34 @@ def test_replogle_guide_pairs_with_non_targeting_merged_into_control():
               "non-targeting_03530|non-targeting_01407", "non-targeting_00442|non-targeting_01312"]
     adata = make_screen(labels=[g for g in guides for _ in range(20)])
     adata.obs = adata.obs.rename(columns={"perturbation": "sgID_AB"})
-    data = from_anndata(adata, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
-                        delimiter=None, task="replogle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # '+', '|' and '_' inside names join no labels of their own
+        data = from_anndata(adata, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
+                            delimiter=None, task="replogle")
     assert data.perturbation_names == sorted(guides[:2])  # '+' inside a guide name is not a pair
     np.testing.assert_array_equal(data.dosages.sum(1), [1.0] * 40 + [0.0] * 40)
     assert (data.split == "test").sum() == 80 - math.floor(0.8 * 80)
+
+
+def test_combination_labels_read_wrongly_warn():
+    """Pairs of labels that occur alone, joined by another separator than the delimiter,
+    and (additive encoding) perturbations that never occur alone are named."""
+    adata = make_screen()  # every pair member also occurs alone: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        from_anndata(adata)
+        from_anndata(adata, encode_combinations="unique")
+    for delimiter in (None, "|"):
+        with pytest.warns(DataWarning, match=r"such as \['A\+B', 'A\+C', 'A\+D'\] \(10 in all\) join labels of their "
+                                             rf"own with '\+', but the delimiter is {re.escape(repr(delimiter))}.*"
+                                             r"delimiter='\+'"):
+            data = from_anndata(adata, delimiter=delimiter)
+        assert "A+B" in data.perturbation_names  # registered as asked, but not silently
+    labels = ["control"] * 30 + [c for c in SINGLES + ["HLA+A", "HLA+A", "B+C"] for _ in range(10)]
+    with pytest.warns(DataWarning, match=r"1 perturbations occur only inside combinations, never alone: \['HLA'\] "
+                                         r"\(in \['HLA\+A'\]\)"):
+        data = from_anndata(make_screen(labels=labels))
+    assert "HLA" in data.perturbation_names
 
 
 # -------------------------------------------------------------------------- validation

@@ -280,7 +280,7 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
         raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
                         f"obs[{perturbation_key!r}]; labels seen (most frequent first): "
                         f"{_show(counts.index, 20)}; pass control=<label> (--config.data.control=<label>), "
-                        "or control=None for a screen without control cells (no ATEs then)")
+                        "or control=None (--config.data.control='') for a screen without control cells (no ATEs then)")
     names = sorted({m for members in parsed for m in members})
     position = {name: i for i, name in enumerate(names)}
     unique_members = np.zeros((len(uniques), len(names)), dtype=bool)
@@ -289,6 +289,57 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
     joiner = delimiter or ""
     unique_labels = np.array([joiner.join(m) if m else str(control) for m in parsed], dtype=object)
     return Conditions(labels=unique_labels[codes], members=unique_members[codes], names=names)
+
+
+SEPARATORS = ("+", "|", ";", ",", "_")  # characters that commonly join the members of a combination label
+
+
+def _joins_singles(parts: list[str], singles: set[str], is_control) -> bool:
+    """Whether ``parts`` are all labels of their own (or the control), two of them perturbations."""
+    parts = [part.strip() for part in parts]
+    return sum(part in singles for part in parts) >= 2 and all(part in singles or is_control(part) for part in parts)
+
+
+def check_combination_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: str, control: str | None,
+                             control_match: str, delimiter: str | None, encode_combinations: str) -> None:
+    """:class:`DataWarning` for combination labels that the registration probably reads
+    wrongly (training registrations of labelled conditions):
+
+    * labels joined by a separator other than ``delimiter`` whose parts are all labels of
+      their own, two of them perturbations (``"A+B"`` with ``delimiter=None`` when ``"A"``
+      and ``"B"`` occur alone):
+      each such combination would become a perturbation of its own;
+    * with ``additive`` encoding, perturbations that never occur alone, only inside
+      combinations (``"HLA+A"`` meant as one name): their separate effects are identified
+      only through the combinations.
+    """
+    labels = pd.unique(obs[perturbation_key].astype(str))
+    is_control = _control_test(control, control_match)
+    singles = {label.strip() for label in labels if not is_control(label)}
+    for separator in SEPARATORS:
+        if separator == delimiter:
+            continue
+        joined = [label for label in labels if _joins_singles(label.split(separator), singles, is_control)]
+        if joined:
+            warnings.warn(f"labels of obs[{perturbation_key!r}] such as {_show(joined[:3])} ({len(joined)} in all) "
+                          f"join labels of their own with {separator!r}, but the delimiter is {delimiter!r}: each is "
+                          f"registered as a perturbation of its own. If they are combinations, set "
+                          f"delimiter={separator!r} (--config.data.delimiter={separator!r})", DataWarning, stacklevel=3)
+            break
+    if encode_combinations != "additive" or not delimiter:
+        return
+    n_members = conditions.members.sum(axis=1)
+    alone = conditions.members[n_members == 1].any(axis=0)
+    in_combination = conditions.members[n_members > 1].any(axis=0)
+    never_alone = np.asarray(conditions.names)[in_combination & ~alone]
+    if len(never_alone):
+        raw = obs[perturbation_key].astype(str).to_numpy()
+        examples = pd.unique(raw[conditions.members[:, in_combination & ~alone].any(axis=1)])
+        warnings.warn(f"{len(never_alone)} perturbations occur only inside combinations, never alone: "
+                      f"{_show(never_alone)} (in {_show(examples, 3)}); their separate effects are identified "
+                      f"only through those combinations. If a name contains the delimiter {delimiter!r} (one "
+                      "perturbation, not a combination), set delimiter to another separator or None",
+                      DataWarning, stacklevel=3)
 
 
 def _guide_column_conditions(obs, perturbation_key, control, pattern) -> Conditions:
@@ -324,7 +375,7 @@ def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", 
         if require_control and control is not None and not conditions.is_control.any():
             raise DataError(f"no control cells: every cell has a guide column set ({guide_column_pattern!r} "
                             "columns); ATEs are measured against cells without a targeting guide. Add control "
-                            "cells, or pass control=None (no ATEs then)")
+                            "cells, or pass control=None (--config.data.control=''; no ATEs then)")
         return conditions
     return _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control)
 
@@ -535,6 +586,9 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     conditions = parse_conditions(adata.obs, perturbation_key, control, control_match, delimiter,
                                   guide_column_pattern, require_control=for_training)
     dosages, perturbation_names = encode_dosages(conditions, encode_combinations, perturbations)
+    if for_training and not guide_column_pattern:
+        check_combination_labels(adata.obs, conditions, perturbation_key, control, control_match, delimiter,
+                                 encode_combinations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
     keep = np.flatnonzero(split != splits_lib.DROPPED)
@@ -583,7 +637,8 @@ def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> 
         per_split = {s: int((is_control & (data.split == s)).sum()) for s in SPLITS}
         raise DataError(f"no control cells ({data.control!r}) in the training split (control cells per split: "
                         f"{per_split}); ATEs are measured against the control, so the model must see it: put "
-                        "control cells in the training split, or pass control=None for a screen without controls")
+                        "control cells in the training split, or pass control=None (--config.data.control='') for a screen "
+                        "without controls")
     untrained = np.asarray(data.perturbation_names)[data.cells_per_perturbation("train") == 0]
     if len(untrained):
         warnings.warn(f"{len(untrained)} perturbations have no training cells: {_show(untrained)}; their effects "
