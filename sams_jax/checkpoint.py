@@ -6,6 +6,8 @@ Layout: ``<workdir>/checkpoints/<step>/{state,config,metadata}``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -20,6 +22,28 @@ class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was expected."""
 
 
+class _ReadOnlyNotes(logging.Filter):
+    """Drops Orbax's notes that a read-only manager saves nothing (logged at WARNING by
+    every read-only ``CheckpointManager``, i.e. on every ``sams_jax.load``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "read_only=True" not in message and "directory is read only" not in message
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notes(read_only: bool):
+    if not read_only:
+        yield
+        return
+    logger, notes = logging.getLogger("absl"), _ReadOnlyNotes()
+    logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notes)
+
+
 class Checkpointer:
     """Keeps the latest checkpoint (to resume) and the best one by validation loss."""
 
@@ -29,15 +53,16 @@ class Checkpointer:
             checkpoint_managers.LatestN(n=1),
             checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[METRIC], reverse=True, n=1),
         ])
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy,
-            best_fn=lambda metrics: metrics[METRIC],
-            best_mode="min",
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=False,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_read_only_notes(read_only):
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policy,
+                best_fn=lambda metrics: metrics[METRIC],
+                best_mode="min",
+                create=not read_only,
+                read_only=read_only,
+                enable_async_checkpointing=False,
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -31,6 +31,10 @@ from sams_jax.objective import compiler_options, iwelbo_chunk_size, predictive_i
 from sams_jax.streaming import host_cell_scores
 from sams_jax.train import create_optimizer, create_train_state
 
+# registration fields that describe how an AnnData stores the screen (not what the model is)
+LAYOUT_KEYS = ("perturbation_key", "control", "control_match", "delimiter", "guide_column_pattern", "counts_layer",
+               "library_size_key")
+
 
 class InterventionError(KeyError):
     """An intervention name that the vocabulary cannot resolve."""
@@ -145,6 +149,8 @@ class Predictor:
                 close = difflib.get_close_matches(member, self.perturbation_names, n=5, cutoff=0.5)
                 hint = f"closest known names: {close}" if close else \
                     f"known names include {self.perturbation_names[:10]}"
+                if self.control is not None:
+                    hint += f"; the control is {self.control!r}"
                 raise InterventionError(
                     f"unknown perturbation {member!r} in intervention {name!r}; {hint}. Combinations are "
                     f"written with {self.delimiter!r} between members, e.g. 'A{self.delimiter}B'")
@@ -250,19 +256,36 @@ class Predictor:
         the checkpoint predates that record)."""
         return float(self.metadata.get("median_library_size") or LIBRARY_SIZE)
 
-    def register(self, adata_or_path, backed: bool = False) -> PerturbationData:
+    def register(self, adata_or_path, backed: bool = False, **layout) -> PerturbationData:
         """An AnnData (or ``.h5ad`` path) read with the training data's registration
         (perturbation column, control, delimiter, counts layer, ...), checked against the
         model's genes (reordered to them) and perturbation vocabulary; ``backed`` leaves
-        the counts of a file on disk (see ``from_anndata``)."""
+        the counts of a file on disk (see ``from_anndata``).
+
+        ``layout`` overrides how this AnnData stores what the training data stored, when it
+        differs: ``perturbation_key``, ``control``, ``control_match``, ``delimiter``,
+        ``guide_column_pattern``, ``counts_layer``, ``library_size_key`` (e.g.
+        ``predictor.register(adata, perturbation_key="gene", counts_layer=None)``; pass
+        the result to :meth:`iwelbo` or :meth:`latent`). The genes and the perturbation
+        vocabulary stay the model's."""
         from sams_jax.data.anndata_io import from_anndata
 
-        registration = dict(self.metadata.get("registration") or {})
-        keys = ("perturbation_key", "control", "control_match", "delimiter", "guide_column_pattern", "counts_layer",
-                "library_size_key", "encode_combinations", "use_highly_variable")
-        return from_anndata(adata_or_path, **{k: registration[k] for k in keys if k in registration},
-                            likelihood=self.config.model.likelihood, perturbations=self.perturbation_names,
-                            feature_names=self.feature_names, backed=backed, for_training=False)
+        unknown = sorted(set(layout) - set(LAYOUT_KEYS))
+        if unknown:
+            raise TypeError(f"register() got {unknown}; it accepts backed= and the layout keys {list(LAYOUT_KEYS)}")
+        saved = dict(self.metadata.get("registration") or {})
+        registration = {k: saved[k] for k in (*LAYOUT_KEYS, "encode_combinations", "use_highly_variable")
+                        if k in saved}
+        registration.update(layout)
+        try:
+            return from_anndata(adata_or_path, **registration, likelihood=self.config.model.likelihood,
+                                perturbations=self.perturbation_names, feature_names=self.feature_names,
+                                backed=backed, for_training=False)
+        except DataError as error:
+            used = ", ".join(f"{k}={registration[k]!r}" for k in LAYOUT_KEYS if k in registration)
+            raise DataError(f"{error}. (This AnnData was read with the model's registration: {used}; where it "
+                            "stores things differently, pass those keys to predictor.register(adata, ...) and "
+                            "score its result)") from None
 
     def _data(self, data):
         """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes

@@ -562,6 +562,42 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     assert metadata["perturbation_names"] == SINGLES
     assert metadata["registration"]["control"] == "control"
     check_compatible(metadata, path)  # the training file fits its own checkpoint
+    _predict_from_another_layout(tmp_path / "run", adata)
+
+
+def _predict_from_another_layout(workdir, adata):
+    """A trained model scores an AnnData that stores the screen differently (another obs
+    column, the counts in X) through register's layout overrides; the errors say how."""
+    import logging
+
+    import sams_jax
+    from sams_jax.predictor import InterventionError
+
+    class Notes(logging.Handler):
+        records: list = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    notes = Notes(logging.WARNING)
+    logging.getLogger("absl").addHandler(notes)
+    try:
+        predictor = sams_jax.load(str(workdir))
+    finally:
+        logging.getLogger("absl").removeHandler(notes)
+    assert notes.records == []  # Orbax's read-only notes are not shown on every load
+    expected = predictor.iwelbo(adata, n_particles=4)
+    moved = anndata.AnnData(X=adata.layers["counts"].copy(), obs=adata.obs.rename(columns={"perturbation": "gene"}),
+                            var=adata.var)
+    with pytest.raises(DataError, match=r"obs has no column 'perturbation'.*read with the model's registration: "
+                                        r"perturbation_key='perturbation'.*predictor.register\(adata, ...\)"):
+        predictor.iwelbo(moved, n_particles=4)
+    registered = predictor.register(moved, perturbation_key="gene", counts_layer=None)
+    np.testing.assert_allclose(predictor.iwelbo(registered, n_particles=4), expected, rtol=1e-6)
+    with pytest.raises(TypeError, match=r"register\(\) got \['task'\]"):
+        predictor.register(moved, task="replogle")
+    with pytest.raises(InterventionError, match="unknown perturbation 'NTC'.*the control is 'control'"):
+        predictor.ate(["A"], control="NTC", n_particles=4)
 
 
 def test_cli_empty_path_is_a_clean_error(tmp_path):
