@@ -4,7 +4,8 @@
 
 Needs no config file: the model, its config and the data metadata come from the
 checkpoint; the data are rebuilt from the saved ``config.data`` (the simulation is
-regenerated from its seed; files are read from their saved path). Writes
+regenerated from its seed; files are read from their saved path, or ``--data-path``
+where the file has moved). Writes
 ``<workdir>/eval/``:
 
 * ``metrics.json`` / ``metrics.csv``: ``IWELBO-<split>``; ``ATE_pearsonr-<split>``,
@@ -84,11 +85,11 @@ def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
     saved = predictor.metadata
     differ = metadata_differences(saved, data.metadata(saved["normalization"]))
     if differ:
-        raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on "
-                        f"({', '.join(differ)} differ from the checkpoint's metadata). A run trained on data passed "
-                        "from Python (train_and_evaluate(config, workdir, data=data)) is evaluated from Python with "
-                        "the same data: sams_jax.evaluate.evaluate(workdir, data=data); a run on a file needs the "
-                        "file unchanged at its saved path")
+        raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on: "
+                        f"{'; '.join(differ)} differ from the checkpoint's metadata. A run on a file needs that file "
+                        "as it was (at its saved path, or --data-path NEW); a run trained on data passed from Python "
+                        "(train_and_evaluate(config, workdir, data=data)) is evaluated from Python with the same "
+                        "data: sams_jax.evaluate.evaluate(workdir, data=data)")
 
 
 def check_ate_scale(likelihood: str, scale: str) -> None:
@@ -112,13 +113,28 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              ate_scale: str | None = None, ate_method: str = "paper", control: str | None = None,
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
              sparse_basis_restarts: int = 8,
-             data: PerturbationData | None = None) -> dict[str, float]:
-    """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring)."""
+             data: PerturbationData | None = None, data_path: str | None = None) -> dict[str, float]:
+    """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring).
+
+    The data are ``data``, or rebuilt from the run's saved ``config.data``; ``data_path``
+    replaces its file's path there (a run trained on a file that has moved since). Rebuilt
+    data must be those the run was trained on (:func:`check_trained_data`)."""
     predictor = load(workdir, checkpoint)
     if data is None:
-        data = load_data(ml_collections.ConfigDict(predictor.config.data.to_dict()), predictor.config.model.likelihood)
+        data_config = ml_collections.ConfigDict(predictor.config.data.to_dict())
+        if data_path is not None:
+            if data_config.source != "anndata":
+                raise EvaluationError(f"--data-path (data_path=) replaces the path of a run trained on a file; this "
+                                      f"run's data are data.source={data_config.source!r}, rebuilt from its config")
+            data_config.path = str(data_path)
+        if data_config.source == "anndata" and not os.path.exists(data_config.path):
+            raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
+                            "new path with --data-path (data_path=)")
+        data = load_data(data_config, predictor.config.model.likelihood)
         data.validate(predictor.config.model.likelihood)
         check_trained_data(predictor, data)
+    elif data_path is not None:
+        raise EvaluationError("pass data= or data_path=, not both")
     check_features(predictor.feature_names, data.feature_names)
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
@@ -258,6 +274,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    parser.add_argument("--data-path", default=None,
+                        help="the training data file's path, where it has moved since training (default: the path "
+                             "saved with the checkpoint); it must hold the same data")
     parser.add_argument("--iwelbo-particles", type=int, default=100)
     parser.add_argument("--ate-particles", type=int, default=2_500)
     parser.add_argument("--ate-scale", choices=["mean", "perturbseq"], default=None,
@@ -288,7 +307,7 @@ def main(argv=None) -> None:
     try:
         results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
                            args.ate_method, args.control, extra, args.seed, plots=not args.no_plots,
-                           sparse_basis_restarts=args.sparse_basis_restarts)
+                           sparse_basis_restarts=args.sparse_basis_restarts, data_path=args.data_path)
     except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -393,7 +393,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             _check_resume(saved_config, config, workdir, latest, state.params)
             differ = metadata_differences(saved_metadata, metadata)
             if differ:
-                raise ConfigError(f"{workdir} holds a run trained on other data ({', '.join(differ)} differ from "
+                raise ConfigError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
                                   "the checkpoint's metadata); use a new --workdir or the original data")
         except ConfigError:
             checkpointer.close()

@@ -563,6 +563,28 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     assert metadata["registration"]["control"] == "control"
     check_compatible(metadata, path)  # the training file fits its own checkpoint
     _predict_from_another_layout(tmp_path / "run", adata)
+    _evaluate_after_the_file_moved(tmp_path / "run", path, tmp_path / "moved.h5ad", metrics)
+
+
+def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
+    """evaluate --data-path scores a run whose file has moved; a missing file and a file
+    with other genes are errors that say how to fix them."""
+    from sams_jax.evaluate import EvaluationError, evaluate
+
+    options = dict(iwelbo_particles=4, ate_particles=8, plots=False, sparse_basis_restarts=0)
+    os.rename(path, moved)
+    with pytest.raises(DataError, match=r"data file .*screen.h5ad' does not exist \(moved or deleted\?\); pass its "
+                                        r"new path with --data-path"):
+        evaluate(str(workdir), **options)
+    results = evaluate(str(workdir), data_path=str(moved), **options)
+    assert np.isfinite(results["IWELBO-test"]) and "ATE_pearsonr-all" in results
+    reversed_genes = anndata.read_h5ad(moved)[:, ::-1].copy()
+    reversed_genes.write_h5ad(path)
+    with pytest.raises(DataError, match=r"feature_names \(the same 12 names in another order\); "
+                                        r"normalization_stats.*--data-path NEW"):
+        evaluate(str(workdir), data_path=str(path), **options)
+    with pytest.raises(EvaluationError, match="not both"):
+        evaluate(str(workdir), data=object(), data_path=str(moved), **options)
 
 
 def _predict_from_another_layout(workdir, adata):

@@ -439,7 +439,7 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     other = simulate(n_latent=3, n_perturbations=6, n_genes=12, mask_prob=0.3, cells_per_perturbation=(40, 10, 10),
                      seed=1)  # the same sizes and splits, other cells
     monkeypatch.setattr(evaluate_lib, "load_data", lambda *args: other)
-    with pytest.raises(DataError, match=r"not the data it was trained on \(median_library_size, normalization_stats.*"
+    with pytest.raises(DataError, match=r"not the data it was trained on: median_library_size; normalization_stats.*"
                                         r"evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
 

@@ -349,5 +349,5 @@ def test_resume_after_the_file_moved_and_refused_when_its_data_changed(tmp_path)
     assert train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 20
     write(screen(seed=1), moved)  # other counts at the same path
     config.train.max_steps = 30
-    with pytest.raises(ConfigError, match=r"trained on other data \(median_library_size, normalization_stats"):
+    with pytest.raises(ConfigError, match=r"trained on other data \(median_library_size; normalization_stats"):
         train_and_evaluate(config, str(tmp_path / "run"))

@@ -190,15 +190,27 @@ class PerturbationData:
         }
 
 
+def _name_difference(key: str, saved: list[str], current: list[str]) -> str:
+    """``key`` with how two name lists differ: order only, or the names missing and extra."""
+    if sorted(saved) == sorted(current):
+        return f"{key} (the same {len(saved)} names in another order)"
+    saved_set, current_set = set(saved), set(current)
+    missing = [name for name in saved if name not in current_set]
+    extra = [name for name in current if name not in saved_set]
+    return f"{key} ({len(missing)} missing, e.g. {missing[:5]}; {len(extra)} extra, e.g. {extra[:5]})"
+
+
 def metadata_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields of a run's saved data ``metadata`` (:meth:`PerturbationData.metadata`)
     that ``current`` data's do not match: names, cells per split and per perturbation,
     the training cells' normalisation statistics and median library size (to float
-    tolerance). Fields a run saved before they existed are skipped. Empty for the data the
+    tolerance); differing gene or perturbation names come with how they differ (order only,
+    or the names missing and extra). Fields a run saved before they existed are skipped. Empty for the data the
     run was trained on, wherever they are stored; these summaries do not see every change
     (e.g. cells reordered, or changed outside the training split with the same counts)."""
-    differ = [key for key in ("feature_names", "perturbation_names", "n_cells", "cells_per_perturbation")
+    differ = [_name_difference(key, saved[key], current[key]) for key in ("feature_names", "perturbation_names")
               if key in saved and current[key] != saved[key]]
+    differ += [key for key in ("n_cells", "cells_per_perturbation") if key in saved and current[key] != saved[key]]
     if "median_library_size" in saved and not np.isclose(current["median_library_size"],
                                                           saved["median_library_size"], rtol=1e-5):
         differ.append("median_library_size")
