@@ -63,12 +63,16 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
                  max_rows: int = 200, value_range: tuple[float, float] | None = None,
                  xlabel: str = "latent dimension", marked: pd.DataFrame | None = None) -> None:
-    """Perturbations (rows, ordered by similarity; at most ``max_rows``) x latent dims;
-    entries where ``marked`` (same shape, booleans) is true get a dot."""
+    """Perturbations (rows, ordered by similarity; at most ``max_rows``, those of largest
+    summed absolute value, as the title then says) x latent dims; entries where ``marked``
+    (same shape, booleans) is true get a dot. The title wraps to the figure's width."""
+    import textwrap
+
     plt = _pyplot()
     values = frame.to_numpy()
     dots = np.zeros(values.shape, bool) if marked is None else marked.to_numpy(bool)
     if values.shape[0] > max_rows:  # keep the most active perturbations
+        title = f"{title}; the {max_rows} of {values.shape[0]} perturbations with the largest sum of |values|"
         keep = np.sort(np.argsort(-np.abs(values).sum(1))[:max_rows])
         values, index, dots = values[keep], frame.index[keep], dots[keep]
     else:
@@ -76,7 +80,8 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     order = similarity_order(values)
     values, index, dots = values[order], np.asarray(index)[order], dots[order]
     height = min(2 + 0.12 * values.shape[0], 30)
-    fig, ax = plt.subplots(figsize=(2 + 0.25 * values.shape[1], height))
+    width = max(2 + 0.25 * values.shape[1], 5.0)
+    fig, ax = plt.subplots(figsize=(width, height))
     if value_range is None and center and values.size:
         limit = float(np.abs(values).max())
         value_range = (-limit, limit)
@@ -88,7 +93,7 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perturbation")
     ax.set_yticks(range(values.shape[0]), index, fontsize=6 if values.shape[0] <= 100 else 5)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=int(width * 8)), fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
