@@ -180,6 +180,10 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             warnings.simplefilter("ignore", InterventionWarning)
             is_learned = np.concatenate([membership["learned"],
                                          learned_rows(predictor, predictor.dosages(all_names[1 + n_observed:]))])
+        unlearned = [name for name, learned in zip(all_names[1 + n_observed:], is_learned[n_observed:]) if not learned]
+        if unlearned:
+            print(f"note: --interventions {unlearned} have members without training cells; their effects are the "
+                  "prior's, not learned (learned=False in ate.h5ad)", file=sys.stderr)
         ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):

@@ -334,6 +334,13 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params) -> Non
                       stacklevel=3)
 
 
+def _progress(train_loss: float, val_loss: float, cells_per_s: float) -> dict[str, str]:
+    """The progress bar's figures; "-" for one not measured yet (NaN)."""
+    figures = {"loss": f"{train_loss:.3f}", "val": f"{val_loss:.3f}", "cells_s": f"{cells_per_s:,.0f}"}
+    values = {"loss": train_loss, "val": val_loss, "cells_s": cells_per_s}
+    return {name: text if np.isfinite(values[name]) else "-" for name, text in figures.items()}
+
+
 def _read_history(path: str, upto_step: int) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -492,7 +499,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             bar.update(n_steps)
             cells_per_s = window_cells / max(window_seconds, 1e-9) if window_cells else float("nan")
             train_loss = float(np.concatenate(window_losses).mean())
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
+            bar.set_postfix(_progress(train_loss, last_val, cells_per_s))
             if step % eval_every == 0 or step == max_steps:
                 last_val = float(split_loss(state.variables))
                 if not np.isfinite(last_val):
@@ -504,7 +511,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                 if main_process:
                     columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
                     pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
-                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}", cells_s=f"{cells_per_s:,.0f}")
+                bar.set_postfix(_progress(train_loss, last_val, cells_per_s))
                 window_losses, window_seconds, window_cells = [], 0.0, 0
         bar.close()
         if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state

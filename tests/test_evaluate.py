@@ -396,7 +396,7 @@ def test_mean_scale_is_refused_for_library_size_likelihoods():
         check_ate_scale(likelihood, scale)
 
 
-def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch):
+def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch, capsys):
     """A perturbation without training cells is left out of the ATE metrics (``learned``
     in ate.h5ad); without a control label evaluate scores the IWELBO, writes no ATE
     outputs and leaves no file of an earlier evaluation behind."""
@@ -411,10 +411,13 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     trained_cells[predictor.perturbation_names.index("5")] = 0  # as if "5" had had no training cells
     monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
     results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
-                                    sparse_basis_restarts=0)
+                                    sparse_basis_restarts=0, interventions=["4+5", "3+4"])
+    assert "note: --interventions ['4+5'] have members without training cells" in capsys.readouterr().err
     out = workdir / "eval"
     ate = anndata.read_h5ad(out / "ate.h5ad")
-    assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 4  # noqa: E712
+    assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712
+    assert ate.obs.loc["4+5", "learned"] == False and ate.obs.loc["3+4", "learned"] == True  # noqa: E712
+    assert ate.obs.loc["3+4", "observed"] == False  # noqa: E712
     kept = ate.obs["learned"].to_numpy()
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)

@@ -232,13 +232,20 @@ def normalization_stats(x_train, method: str, rows: np.ndarray | None = None) ->
     g = x_train.shape[1]
     if method == "none":
         return {"mean": np.zeros(g, np.float32), "scale": np.ones(g, np.float32)}
-    if rows is not None or not matrix_lib.is_dense(x_train):
-        mean, scale = matrix_lib.column_moments(x_train, rows, log1p=method == "log_standardize")
-        scale = np.where(scale < MIN_SCALE, 1.0, scale)
-        return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32)}
-    values = np.log1p(x_train.astype(np.float64)) if method == "log_standardize" else x_train.astype(np.float64)
-    mean = values.mean(axis=0)
-    scale = values.std(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # log1p(x <= -1): reported below
+        if rows is not None or not matrix_lib.is_dense(x_train):
+            mean, scale = matrix_lib.column_moments(x_train, rows, log1p=method == "log_standardize")
+        else:
+            values = x_train.astype(np.float64)
+            values = np.log1p(values) if method == "log_standardize" else values
+            mean, scale = values.mean(axis=0), values.std(axis=0)
+    if not (np.isfinite(mean).all() and np.isfinite(scale).all()):
+        if method == "log_standardize":
+            raise DataError("model.normalization='log_standardize' feeds the encoder log(1 + x), which is undefined "
+                            "for x <= -1, and the training cells hold such values (scaled or centred data?); use "
+                            "--config.model.normalization=standardize (or none), or give raw counts")
+        raise DataError("the training cells' per-gene means or standard deviations are not finite (values too "
+                        "large for float64?); rescale x or use --config.model.normalization=none")
     scale = np.where(scale < MIN_SCALE, 1.0, scale)
     return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32)}
 
