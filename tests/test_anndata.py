@@ -143,6 +143,16 @@ def test_replogle_guide_pairs_with_non_targeting_merged_into_control():
     assert (data.split == "test").sum() == 80 - math.floor(0.8 * 80)
 
 
+def test_contains_match_with_a_delimiter_drops_control_members_only():
+    """``control_match="contains"`` with a delimiter tests each member: ``A+ctrl_1`` is the
+    single A (not a control cell), ``ctrl_1+ctrl_2`` a control."""
+    labels = ["ctrl_1"] * 20 + ["ctrl_1+ctrl_2"] * 10 + ["A"] * 10 + ["A+ctrl_2"] * 10 + ["B"] * 10 + ["A+B"] * 10
+    data = from_anndata(make_screen(labels=labels), control="ctrl", control_match="contains")
+    assert data.perturbation_names == ["A", "B"]
+    np.testing.assert_array_equal(data.dosages, np.repeat([[0, 0], [0, 0], [1, 0], [1, 0], [0, 1], [1, 1]],
+                                                          [20, 10, 10, 10, 10, 10], axis=0))
+
+
 def test_combination_labels_read_wrongly_warn():
     """Pairs of labels that occur alone, joined by another separator than the delimiter,
     and (additive encoding) perturbations that never occur alone are named."""

@@ -241,9 +241,13 @@ def _control_test(control: str | None, control_match: str):
     return lambda label: label == control
 
 
-def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key: str) -> tuple[str, ...]:
-    """Sorted members of one label (``()`` for the control)."""
-    if is_control(label):
+def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key: str,
+                 whole_label: bool = True) -> tuple[str, ...]:
+    """Sorted members of one label (``()`` for the control); members that are the control
+    are dropped. ``whole_label``: a label that is the control as a whole is the control
+    (``False`` for ``control_match="contains"`` with a delimiter, where ``"A+ctrl"``
+    contains the control but is the single ``A``)."""
+    if whole_label and is_control(label):
         return ()
     parts = [part.strip() for part in (label.split(delimiter) if delimiter else [label])]
     if "" in parts:
@@ -274,7 +278,8 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
     column = _require_column(obs, perturbation_key, "the perturbation key", "data.perturbation_key")
     codes, uniques = pd.factorize(column.astype(str))
     is_control = _control_test(control, control_match)
-    parsed = [_parse_label(label, is_control, delimiter, perturbation_key) for label in uniques]
+    whole_label = control_match == "exact" or not delimiter
+    parsed = [_parse_label(label, is_control, delimiter, perturbation_key, whole_label) for label in uniques]
     if require_control and control is not None and not any(len(members) == 0 for members in parsed):
         counts = column.astype(str).value_counts()
         raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
