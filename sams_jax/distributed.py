@@ -68,8 +68,52 @@ def initialize(config) -> bool:
         kwargs["process_id"] = int(settings.process_id)
     if settings.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(settings.local_device_ids).split(",")]
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as error:
+        from sams_jax.config import ConfigError
+
+        raise ConfigError(
+            f"jax.distributed.initialize failed: {error}. With {ENV_FLAG}=1 JAX reads the settings from a cluster "
+            "environment (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); outside one, set "
+            "train.distributed.coordinator_address, num_processes and process_id, or unset "
+            f"{ENV_FLAG}") from None
     return True
+
+
+# settings that may differ between the processes of one run
+PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids")
+
+
+def check_same_config(config) -> None:
+    """``ConfigError`` unless every process of a multi-process run has the same config
+    (but for :data:`PER_PROCESS_FIELDS`): processes with another seed would train on other
+    data and parameters without noticing, and other step counts would wait for each other
+    forever. A no-op for one process."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    import json
+
+    from jax.experimental import multihost_utils
+
+    from sams_jax.config import ConfigError
+
+    settings = json.loads(config.to_json_best_effort())
+    for field in PER_PROCESS_FIELDS:
+        *parents, name = field.split(".")
+        node = settings
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(name, None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).digest()
+    digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
+    differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
+    if differ:
+        raise ConfigError(f"the processes of this run have different configs: processes {differ} differ from "
+                          "process 0 (e.g. another --config.seed or --config.train.max_steps); start every process "
+                          "with the same config and overrides (only train.distributed.process_id and "
+                          "local_device_ids may differ)")
 
 
 def is_main_process() -> bool:
@@ -84,7 +128,11 @@ def process_devices(num_devices: int = 0) -> list[list]:
         by_process.setdefault(device.process_index, []).append(device)
     rows = [devices[: num_devices or None] for _, devices in sorted(by_process.items())]
     if len({len(row) for row in rows}) != 1:
-        raise ValueError(f"processes have different device counts: {[len(row) for row in rows]}")
+        from sams_jax.config import ConfigError
+
+        raise ConfigError(f"the processes of this run have different numbers of devices: "
+                          f"{[len(row) for row in rows]}; give every process as many devices "
+                          "(train.distributed.local_device_ids, or train.num_devices to use fewer)")
     return rows
 
 
@@ -144,19 +192,14 @@ class DataParallel:
         return range(self.process_index * per_process, (self.process_index + 1) * per_process)
 
 
-def shard_rows(arrays: dict[str, np.ndarray], n_shards: int, shards) -> dict[str, np.ndarray]:
-    """The rows of ``shards`` (shard ``s``: rows ``s, s + S, s + 2S, ...``), each shard
-    padded with zeros to ``ceil(n / S)`` rows, concatenated in order."""
-    if n_shards == 1:
-        return dict(arrays)
-    n = len(next(iter(arrays.values())))
+def shard_rows(n: int, n_shards: int, shards) -> np.ndarray:  # [len(shards) * ceil(n / S)] int64
+    """Positions (among ``n`` training cells) of the cells of ``shards`` (shard ``s``:
+    positions ``s, s + S, s + 2S, ...``), each shard padded with ``-1`` to ``ceil(n / S)``
+    entries, concatenated in order: the rows a process keeps (padding rows are zeros), so
+    it reads only its own cells."""
     size = -(-n // n_shards)
-    out = {}
-    for key, value in arrays.items():
-        blocks = []
-        for shard in shards:
-            block = value[shard::n_shards]
-            pad = np.zeros((size - len(block), *value.shape[1:]), value.dtype)
-            blocks.append(np.concatenate([block, pad]))
-        out[key] = np.concatenate(blocks)
-    return out
+    blocks = []
+    for shard in shards:
+        block = np.arange(shard, n, n_shards, dtype=np.int64)
+        blocks.append(np.concatenate([block, np.full(size - len(block), -1, np.int64)]))
+    return np.concatenate(blocks)

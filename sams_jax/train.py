@@ -166,8 +166,9 @@ class BatchSchedule:
                                for shard in range(self.n_shards)], axis=1).astype(np.int32)
 
     def local_indices(self, start_step: int, n_steps: int, shards) -> np.ndarray:  # [n_steps, B * |shards| / S]
-        """Indices into the rows ``sams_jax.distributed.shard_rows(train, S, shards)`` (each
-        shard padded to ``ceil(n_train / S)`` rows): a process's part of each batch."""
+        """Indices into the training cells at ``sams_jax.distributed.shard_rows(n_train, S,
+        shards)`` (each shard padded to ``ceil(n_train / S)`` rows): a process's part of each
+        batch."""
         size = -(-self.n_train // self.n_shards)
         return np.concatenate([j * size + self.shard_positions(shard, start_step, n_steps)
                                for j, shard in enumerate(shards)], axis=1).astype(np.int32)
@@ -361,6 +362,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     returns the same metrics.
     """
     validate_config(config)
+    distributed.check_same_config(config)
     if data is None:
         data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
@@ -426,7 +428,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                disable=not (config.train.progress and main_process), dynamic_ncols=True)
     if resolve_placement(config.train.data_placement, data) == "device":
         shards = parallel.shards_of_process(n_shards)
-        train_arrays = parallel.put_process_rows(shard_rows(data.arrays("train"), n_shards, shards))
+        positions = shard_rows(int((data.split == "train").sum()), n_shards, shards)  # this process's cells only
+        own_cells = data.cell_arrays(data.rows("train")[np.maximum(positions, 0)])
+        train_arrays = parallel.put_process_rows(
+            {key: np.where((positions >= 0).reshape(-1, *[1] * (value.ndim - 1)), value, 0).astype(value.dtype)
+             for key, value in own_cells.items()})
         split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
         train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
         prefetcher = None

@@ -125,7 +125,6 @@ def test_shard_rows_and_schedule_agree():
     from sams_jax.train import BatchSchedule
 
     n, shards = 103, 4
-    cells = {"i": np.arange(n)}
     schedule = BatchSchedule(n, 32, seed=5, n_shards=shards)
     batches = schedule.indices(0, 30)  # several epochs of every shard
     assert batches.shape == (30, 32)
@@ -134,10 +133,70 @@ def test_shard_rows_and_schedule_agree():
     assert sorted(set((batches % shards).ravel().tolist())) == [0, 1, 2, 3]
     np.testing.assert_array_equal(batches[:, 8:16] % shards, 1)  # columns 8-15 come from shard 1
     for held in ([0, 1, 2, 3], [0, 1], [2, 3], [3]):
-        rows = distributed.shard_rows(cells, shards, held)["i"]
+        rows = distributed.shard_rows(n, shards, held)
+        assert len(rows) == 26 * len(held) and (rows[rows < 0] == -1).all()  # shards padded to ceil(103 / 4)
         local = schedule.local_indices(0, 30, held)
-        np.testing.assert_array_equal(rows[local], batches[:, held[0] * 8:(held[-1] + 1) * 8])
-    # one shard: the single-process schedule, rows unchanged
+        np.testing.assert_array_equal(rows[local], batches[:, held[0] * 8:(held[-1] + 1) * 8])  # no padding drawn
+    # one shard: the single-process schedule, every cell in order
     one = BatchSchedule(n, 32, seed=5)
     np.testing.assert_array_equal(one.local_indices(3, 4, [0]), one.indices(3, 4))
-    assert distributed.shard_rows(cells, 1, [0])["i"] is cells["i"]
+    np.testing.assert_array_equal(distributed.shard_rows(n, 1, [0]), np.arange(n))
+
+
+MISMATCH_DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from configs import test as test_config
+    from sams_jax import distributed
+    from sams_jax.config import ConfigError
+    from sams_jax.train import train_and_evaluate
+
+    workdir, address, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    config = test_config.get_config()
+    config.seed = process_id  # a mistake: the processes disagree
+    config.train.distributed.update(coordinator_address=address, num_processes=2, process_id=process_id)
+    try:
+        distributed.initialize(config)
+        train_and_evaluate(config, workdir)
+    except ConfigError as error:
+        print("CONFIG ERROR:", error)
+""")
+
+
+def test_processes_with_different_configs_stop_with_a_config_error(tmp_path):
+    """Another seed in one process (other data, other parameters) is found before any work:
+    every process stops with a ConfigError, nothing is written."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    env.pop(distributed.ENV_FLAG, None)
+    script = MISMATCH_DRIVER.format(root=str(ROOT))
+    address = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run"), address, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "CONFIG ERROR: the processes of this run have different configs: processes [1] differ" in stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_flag_outside_a_cluster_is_a_config_error():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), distributed.ENV_FLAG: "1"}
+    for name in [n for n in env if n.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))]:
+        env.pop(name)
+    result = subprocess.run([sys.executable, "-m", "sams_jax.train", "--config", "configs/test.py", "--workdir",
+                             "unused"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "jax.distributed.initialize failed" in result.stderr and "unset SAMS_JAX_DISTRIBUTED" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
+    class Device:
+        def __init__(self, process_index, id):
+            self.process_index, self.id = process_index, id
+
+    monkeypatch.setattr(distributed.jax, "devices", lambda: [Device(0, 0), Device(0, 1), Device(1, 2)])
+    with pytest.raises(ConfigError, match=r"different numbers of devices: \[2, 1\]"):
+        distributed.process_devices()
+    assert [[d.id for d in row] for row in distributed.process_devices(1)] == [[0], [2]]  # train.num_devices=1
