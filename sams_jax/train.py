@@ -303,12 +303,19 @@ def _describe(changes) -> str:
     return "; ".join(f"{field}={old!r} in the saved run, {new!r} now" for field, old, new in changes)
 
 
-def _check_resume(saved: dict, config, workdir: str, latest: int, params) -> None:
+def _check_resume(saved: dict, config, workdir: str, latest: int, params,
+                  shards: tuple[int | None, int] | None = None) -> None:
     """Refuse to resume a saved run (step ``latest``) with another model, data or
     objective, fewer ``train.max_steps`` than it has, or optimisation settings that change
     the optimizer's state; warn (:class:`ResumeWarning`) when other optimisation settings
-    change."""
+    change. ``shards``: the data shards in effect in the saved run (``None`` if it did not
+    record them) and now: ``train.data_shards=0`` means one per process, so the batches
+    change with the process count, not with the field's value."""
     changes = _config_changes(saved, config)
+    if shards is not None and shards[0] is not None:
+        changes = [change for change in changes if change[0] != "train.data_shards"]
+        if shards[0] != shards[1]:
+            changes.append(("train.data_shards (shards in effect)", shards[0], shards[1]))
     refused = [change for change in changes if _refused(change[0])]
     if refused:
         raise ConfigError(f"{workdir} holds a run with a different configuration ({_describe(refused)}); use a new "
@@ -319,7 +326,8 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params) -> Non
                           f"a run cannot be shortened: use a new --workdir for a {max_steps}-step run, or "
                           f"train.max_steps >= {latest} to keep this one (python -m sams_jax.evaluate --workdir "
                           f"{workdir} scores it)")
-    optimisation = [change for change in changes if change[0] in {f"train.{f}" for f in OPTIMISATION_FIELDS}]
+    fields = {f"train.{field}" for field in OPTIMISATION_FIELDS}
+    optimisation = [change for change in changes if change[0].split(" ")[0] in fields]
     if not optimisation:
         return
     saved_train = {**base_config().train.to_dict(), **saved.get("train", {})}
@@ -389,6 +397,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     # parameters, optimizer state and keys replicated; each step's batch split across all
     # devices (device placement: the training cells split into shards, each process holding its own)
     parallel = DataParallel(config.train.num_devices)
+    n_shards = config.train.data_shards or parallel.n_processes
+    metadata["data_shards"] = n_shards  # in effect: decides the batches, recorded for resuming
     state = parallel.replicate(state)
     train_key = parallel.replicate(train_key)
 
@@ -399,7 +409,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     if latest is not None:
         saved_config, saved_metadata = checkpointer.restore_json(latest)
         try:
-            _check_resume(saved_config, config, workdir, latest, state.params)
+            _check_resume(saved_config, config, workdir, latest, state.params,
+                          shards=(saved_metadata.get("data_shards"), n_shards))
             differ = metadata_differences(saved_metadata, metadata)
             if differ:
                 raise ConfigError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
@@ -410,7 +421,6 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         state = checkpointer.restore_state(latest, state)
         history = _read_history(history_path, latest)
 
-    n_shards = config.train.data_shards or parallel.n_processes
     train_scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
     # validation (and the final test loss): every process on its first device, on the whole split, with
     # the split's own N_t (SPEC 3)
@@ -485,7 +495,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     # compiled (the first of each number of steps in this call); NaN when every dispatch of the window did
     window_losses: list[np.ndarray] = []
     window_seconds, window_cells, compiled_sizes = 0.0, 0, set()
-    run_start = time.perf_counter()
+    run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # resumed: the time so far
     last_val = history[-1]["val_loss"] if history else float("nan")
     try:
         for _, n_steps in plan(step):

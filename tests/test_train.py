@@ -6,6 +6,7 @@ import re
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -261,6 +262,20 @@ def test_resume_refuses_or_warns_about_changed_settings(tiny_config, tmp_path):
     assert len(resume_warnings) == 1 and "resumes at step 20" in resume_warnings[0]
     assert "(train.learning_rate=0.001 in the saved run, 0.002 now)" in resume_warnings[0]
     assert results["steps"] == 30
+    # the data shards in effect decide the batches (the saved run records them): data_shards=0 is one per
+    # process (here 1), so 0 -> 2 and 2 -> 1 warn, and 2 -> 2 and 1 -> 0 do not
+    with pytest.warns(ResumeWarning, match=r"train\.data_shards \(shards in effect\)=1 in the saved run, 2 now"):
+        train_and_evaluate(changed(train__max_steps=40, train__learning_rate=2e-3, train__data_shards=2), str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        train_and_evaluate(changed(train__max_steps=50, train__learning_rate=2e-3, train__data_shards=2), str(tmp_path))
+    with pytest.warns(ResumeWarning, match=r"train\.data_shards \(shards in effect\)=2 in the saved run, 1 now"):
+        train_and_evaluate(changed(train__max_steps=60, train__learning_rate=2e-3, train__data_shards=1), str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        train_and_evaluate(changed(train__max_steps=70, train__learning_rate=2e-3, train__data_shards=0), str(tmp_path))
+    elapsed = pd.read_csv(tmp_path / "history.csv")["elapsed_s"].to_numpy()  # across the six resumes
+    assert len(elapsed) == 7 and np.all(np.diff(elapsed) > 0), elapsed
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
