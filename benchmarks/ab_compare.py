@@ -141,7 +141,8 @@ def output_difference(first: list, other: list) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task", choices=["iwelbo", "ate", "train"], default="iwelbo")
     parser.add_argument("--scale", choices=["simulation", "replogle"], default="simulation")
     parser.add_argument("--old", default=None, help="git revision to compare the working tree with")

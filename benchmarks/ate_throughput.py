@@ -76,8 +76,10 @@ def fresh_predictor(task: str) -> tuple[Predictor, int]:
     model = create_model(config.model, n_genes, n_perturbations)
     stats = {"mean": np.zeros(n_genes, np.float32), "scale": np.ones(n_genes, np.float32)}
     state = create_train_state(model, create_optimizer(config.train), stats, jax.random.key(0))
+    # the simulation measures ATEs against perturbation "0", as a trained simulation run does (99 interventions)
     metadata = {"feature_names": [f"g{i}" for i in range(n_genes)],
-                "perturbation_names": [str(i) for i in range(n_perturbations)], "control": "control"}
+                "perturbation_names": [str(i) for i in range(n_perturbations)],
+                "control": "0" if task == "simulation" else "control"}
     return Predictor(model, state.variables, config, metadata, 0, ""), n_cells
 
 
@@ -104,7 +106,8 @@ def estimator_spread(predictor: Predictor, interventions, seeds: int = 5) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task", choices=["simulation", "replogle"], default="simulation")
     parser.add_argument("--workdir", default=None, help="trained run to load (simulation task)")
     parser.add_argument("--ate-particles", type=int, default=2_500)

@@ -6,8 +6,12 @@ The results go to one JSON file plus a markdown table.
     python benchmarks/compare_accelerators.py --quick          # small settings, a smoke run
 
 Each measurement runs in its own process (``JAX_PLATFORMS`` selects the backend), using
-``train_throughput.py`` (the default simulation, and the Replogle- and Norman-scale
-synthetic screens) and ``ate_throughput.py`` (simulation and Replogle scale).
+``train_throughput.py`` (``--configs``, default the default simulation and the Replogle-
+and Norman-scale synthetic screens) and ``ate_throughput.py`` (simulation and Replogle
+scale). ``--quick`` runs few dispatches and particles on the default simulation only
+(the screens need several GB of memory and minutes to simulate; name them in ``--configs``
+to include them). The markdown table starts with the machine: CPU, cores, JAX version,
+date and ``XLA_FLAGS`` (simulated CPU devices share the CPU's cores).
 """
 
 from __future__ import annotations
@@ -53,8 +57,26 @@ def run(script: str, args: list[str], backend: str, timeout: float | None = None
     return rows if isinstance(rows, list) else [rows]
 
 
+def machine_line() -> str:
+    """The machine the figures come from, for the top of the table."""
+    import datetime
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   cpu)
+    flags = os.environ.get("XLA_FLAGS", "")
+    return (f"Machine: {cpu}, {os.cpu_count()} cores; JAX {jax.__version__}; {datetime.date.today().isoformat()}"
+            + (f"; XLA_FLAGS={flags}" if flags else "") + ".")
+
+
 def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
-    lines = ["| backend | device | devices | config | batch | cells/s | steps/s | compile s | FLOP/step | "
+    lines = [machine_line(), "", "FLOP/step: the step's XLA FLOPs summed over its devices; % of matmul: achieved "
+             "FLOP/s over the measured float32 matmul rate times the device count.", "",
+             "| backend | device | devices | config | batch | cells/s | steps/s | compile s | FLOP/step | "
              "% of matmul | peak RSS MB | peak device MB |", "|" + "---|" * 12]
     for r in train_rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['num_devices']} | {r['config']} | {r['batch_size']} | "
@@ -71,13 +93,17 @@ def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="benchmarks/out/compare", help="output prefix (.json and .md)")
     parser.add_argument("--quick", action="store_true", help="few dispatches and particles (smoke run)")
     parser.add_argument("--backends", nargs="*", default=None,
                         help="backends to measure (default: every one JAX can start: cpu, cuda, rocm, tpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=None,
                         help="training batch sizes at the two screen scales (default: the paper's 512)")
+    parser.add_argument("--configs", nargs="*", default=None,
+                        help="training configs (configs/*.py files or named scales; default: configs/simulation.py "
+                             "replogle_scale norman_scale, with --quick configs/simulation.py)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation benchmarks")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per benchmark process")
     args = parser.parse_args()
@@ -98,17 +124,19 @@ def main() -> None:
             handle.write(table)
         return table
 
+    configs = args.configs or (["configs/simulation.py"] if args.quick else
+                               ["configs/simulation.py", "replogle_scale", "norman_scale"])
+    tasks = [] if args.no_eval else ["simulation"] if args.quick and not args.configs else ["simulation", "replogle"]
     for backend, n_devices in found.items():
         counts = sorted({1, n_devices})
         device_args = ["--num-devices", *map(str, counts)]
-        train_rows += run("train_throughput.py", ["--config", "configs/simulation.py", *dispatches, *device_args],
-                          backend, args.timeout)
-        save()
-        for scale in ("replogle_scale", "norman_scale"):
-            train_rows += run("train_throughput.py", ["--config", scale, *dispatches, *device_args, *batches],
+        for config in configs:
+            # the batch sizes apply to the screens; the default simulation keeps its own
+            sizes = [] if config.endswith("simulation.py") else batches
+            train_rows += run("train_throughput.py", ["--config", config, *dispatches, *device_args, *sizes],
                               backend, args.timeout)
             save()
-        for task in ([] if args.no_eval else ["simulation", "replogle"]):
+        for task in tasks:
             eval_rows += run("ate_throughput.py", ["--task", task, *particles], backend, args.timeout)
             save()
     print(save())

@@ -29,7 +29,8 @@ timed() {  # timed NAME SECONDS COMMAND...: run, log to OUTDIR/NAME.log, print t
   local name=$1 limit=$2; shift 2
   local start; start=$(date +%s.%N)
   timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-  echo "[$(( $(date +%s) - T0 )) s] $name: exit $? in $(awk -v a="$start" -v b="$(date +%s.%N)" \
+  local status=$?  # before any other command (a $(...) below would reset $?); 124: past the limit
+  echo "[$(( $(date +%s) - T0 )) s] $name: exit $status in $(awk -v a="$start" -v b="$(date +%s.%N)" \
     'BEGIN{printf "%.1f", b-a}') s" | tee -a "$OUTDIR/$name.log" "$OUTDIR/parts.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

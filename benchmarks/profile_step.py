@@ -18,7 +18,9 @@ accessed" over the memory bandwidth, both measured in the same run (XLA counts t
 each fused kernel reads and writes, so this is the floor of the program as XLA fused
 it, not of the model's minimal traffic); on the CPU, whose caches hold most of those
 bytes, the FLOPs alone. Times are self times: an operation nested in another (a loop, the
-CPU's thunk executor) is not counted twice. The Perfetto trace stays in ``--trace-dir``.
+CPU's thunk executor) is not counted twice; the CPU runtime's own events (the thunk
+executor, waits on its thread pool) are not operations and are reported apart
+(``runtime_us_per_step``). The Perfetto trace stays in ``--trace-dir``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_config, machine, matmul_rate, memory_bandwidth, write_json  # noqa: E402
 from train_throughput import TrainingRun  # noqa: E402
+
+
+RUNTIME_EVENTS = ("ThunkExecutor::", "SlinkyThreadPool::")  # XLA CPU runtime events, not operations
 
 
 def summarise_trace(path: str, n_steps: int, top: int = 40) -> dict:
@@ -81,11 +86,15 @@ def summarise_trace(path: str, n_steps: int, top: int = 40) -> dict:
     for i, event in enumerate(work):
         per_name[event.get("name", "?")][0] += 1
         per_name[event.get("name", "?")][1] += self_us[i]
-    busy_us = sum(self_us.values())
+    # the CPU runtime's own events (the thunk executor, waits on its thread pool): their self
+    # time is scheduling and waiting, not an operation's work, so they are reported apart
+    runtime = {name: per_name.pop(name) for name in list(per_name) if name.startswith(RUNTIME_EVENTS)}
+    busy_us = sum(total for _, total in per_name.values())
     span_us = max(e["ts"] + e.get("dur", 0.0) for e in work) - min(e["ts"] for e in work)
     ranked = sorted(per_name.items(), key=lambda item: -item[1][1])
     return {
         "n_steps": n_steps, "lanes": len(lanes), "busy_fraction": busy_us / (span_us * len(lanes)),
+        "runtime_us_per_step": {name: total / n_steps for name, (_, total) in runtime.items()},
         "launches_per_step": len(work) / n_steps, "busy_us_per_step": busy_us / n_steps,
         "span_us_per_step": span_us / n_steps, "distinct_names": len(per_name),
         "top": [{"name": name, "us_per_step": total / n_steps, "count_per_step": count / n_steps}
@@ -100,7 +109,8 @@ def process_cpu_seconds() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="replogle_scale", help="a configs/*.py file or a named scale")
     parser.add_argument("--dispatches", type=int, default=10, help="timed dispatches (untraced)")
     parser.add_argument("--steps-per-dispatch", type=int, default=None)

@@ -43,7 +43,8 @@ def _median_seconds(fn, *args, repeats: int = 5) -> tuple[float, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="benchmarks/out/sampler.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

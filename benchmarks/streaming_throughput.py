@@ -6,8 +6,8 @@
    non-zero, 1,000 perturbations + control, ``obs["perturbation"]`` and ``obs["split"]``)
    to an ``.h5ad`` without ever holding it dense: CSR blocks of 20,000 cells, the first
    written with ``anndata.io.write_elem`` and the others appended to the on-disk matrix
-   (``anndata.io.sparse_dataset(...).append``). An existing file of the same size is
-   reused (``--rewrite`` forces a new one; ``--delete`` removes it at the end).
+   (``anndata.io.sparse_dataset(...).append``). An existing file written with the same
+   settings is reused (``--rewrite`` forces a new one; ``--delete`` removes it at the end).
 2. Times training of the same SAMS-VAE (library-size NB, K = 100, 1 x 400 encoder and
    decoder, 2 x 200 embedding encoder, batch 512, 5 particles), each mode in a process
    of its own so that each peak RSS (``ru_maxrss``) is its own:
@@ -58,6 +58,14 @@ MODES = ("stream", "paired", "memory", "sparse")
 # ----------------------------------------------------------------------------- the file
 
 
+SCREEN_ATTRIBUTE = "streaming_throughput_screen"  # the settings a file was written with
+
+
+def screen_settings(n_cells: int, n_genes: int, n_perturbations: int, density: float, seed: int = 0) -> dict:
+    return {"n_cells": n_cells, "n_genes": n_genes, "n_perturbations": n_perturbations, "density": density,
+            "seed": seed}
+
+
 def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, density: float = 0.1,
                  block: int = 20_000, seed: int = 0, val_test_cells: int = 2_048) -> dict:
     """Write the synthetic screen block by block; returns its size and the time taken.
@@ -106,6 +114,7 @@ def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, de
             else:
                 sparse_dataset(handle["X"]).append(counts)
         nnz = int(handle["X"]["data"].shape[0])
+        handle.attrs[SCREEN_ATTRIBUTE] = json.dumps(screen_settings(n_cells, n_genes, n_perturbations, density, seed))
     anndata.read_h5ad(path, backed="r").file.close()  # readable by anndata itself
     return {"n_cells": n_cells, "n_genes": n_genes, "n_perturbations": n_perturbations, "nnz": nnz,
             "density": nnz / (n_cells * n_genes), "file_gb": os.path.getsize(path) / 1e9,
@@ -269,7 +278,8 @@ def run_mode(path: str, mode: str, n_dispatches: int, steps_per_dispatch: int, m
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--path", default="/tmp/sams_jax_screen.h5ad", help="where the .h5ad is written")
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--genes", type=int, default=2_000)
@@ -282,7 +292,7 @@ def main() -> None:
     parser.add_argument("--steps-per-dispatch", type=int, default=25)
     parser.add_argument("--memory-cells", type=int, default=100_000,
                         help="training cells held dense on the device by the memory mode")
-    parser.add_argument("--rewrite", action="store_true", help="write the file even if one of this size exists")
+    parser.add_argument("--rewrite", action="store_true", help="write the file even if one with these settings exists")
     parser.add_argument("--delete", action="store_true", help="delete the file at the end")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one mode, in a child process
@@ -297,10 +307,10 @@ def main() -> None:
     if os.path.exists(args.path) and not args.rewrite:
         import h5py
 
-        with h5py.File(args.path, "r") as handle:
-            shape = tuple(int(v) for v in handle["X"].attrs["shape"])
-            if shape == (args.cells, args.genes):
-                screen = {"n_cells": shape[0], "n_genes": shape[1], "nnz": int(handle["X"]["data"].shape[0]),
+        wanted = screen_settings(args.cells, args.genes, args.perturbations, args.density)
+        with h5py.File(args.path, "r") as handle:  # reused only if written with the same settings
+            if json.loads(handle.attrs.get(SCREEN_ATTRIBUTE, "{}")) == wanted:
+                screen = {**wanted, "nnz": int(handle["X"]["data"].shape[0]),
                           "file_gb": os.path.getsize(args.path) / 1e9, "reused": True}
     if screen is None:
         screen = write_screen(args.path, args.cells, args.genes, args.perturbations, args.density)

@@ -8,8 +8,11 @@
 ``norman_scale``; see ``benchmarks/common.py``). Times the same ``make_train_chunk`` and
 data-parallel placement that ``sams_jax.train`` uses, after one warm-up dispatch (whose
 time is ``compile_s``). Writes JSON with ``cells_per_s``, ``steps_per_s``, ``compile_s``,
-``peak_rss_mb``, peak device memory, the step's FLOPs (XLA cost analysis of one step),
-achieved FLOP/s and its fraction of the float32 matmul rate measured in the same run.
+``peak_rss_mb``, peak device memory, the step's FLOPs (XLA cost analysis of one step;
+on several devices the sum over devices, ``flops_per_step_per_device`` each), achieved
+FLOP/s and its fraction of the float32 matmul rate measured in the same run (on several
+devices, of that rate times the device count; simulated CPU devices share the cores, so
+there the fraction understates the use of the CPU).
 ``--compute-dtype`` sets ``model.compute_dtype`` (bfloat16 matrix-multiply inputs of the
 networks); give both values to compare them in one run.
 """
@@ -86,19 +89,24 @@ class TrainingRun:
 def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
     run = TrainingRun(config, num_devices)
     n_steps = run.n_steps
-    step_flops = run.step_cost().get("flops", float("nan"))
+    # XLA's cost analysis of a program split over devices counts one device's share (which
+    # includes the work every device repeats, e.g. the global variables' draws)
+    devices = run.parallel.n_devices
+    device_flops = run.step_cost().get("flops", float("nan"))
+    step_flops = device_flops * devices
 
     compile_s, _ = run.timed(1)
     elapsed, losses = run.timed(n_dispatches, first=1)
     steps = n_dispatches * n_steps
     return {
-        "num_devices": num_devices,
+        "num_devices": devices,
         "steps_per_s": steps / elapsed,
         "cells_per_s": steps * config.train.batch_size / elapsed,
         "compile_s": compile_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mb": peak_device_memory_mb(),
         "flops_per_step": step_flops,
+        "flops_per_step_per_device": device_flops,
         "flops_per_s": step_flops * steps / elapsed,
         "batch_size": config.train.batch_size,
         "compute_dtype": config.model.compute_dtype,
@@ -109,7 +117,8 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="configs/simulation.py")
     parser.add_argument("--batch-size", type=int, nargs="*", default=None,
                         help="batch sizes to measure (default: the config's)")
@@ -122,7 +131,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
 
+    available = jax.local_device_count()
+    for count in args.num_devices:
+        if not 1 <= count <= available:
+            parser.error(f"--num-devices {count}: this process has {available} {jax.default_backend()} device(s) "
+                         "(simulate more CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     config = load_config(args.config)
+    for count in args.num_devices:
+        for batch_size in args.batch_size or [config.train.batch_size]:
+            if batch_size % count:
+                parser.error(f"batch size {batch_size} is not divisible by --num-devices {count}")
     if args.steps_per_dispatch:
         config.train.steps_per_dispatch = args.steps_per_dispatch
     results = []
@@ -136,9 +154,10 @@ def main() -> None:
                 print(json.dumps(row))
                 results.append(row)
     rate = matmul_rate()  # after the training, so peak_device_mb is the model's, not this product's
-    for row in results:
-        row.update(matmul_flops_per_s=rate, fraction_of_matmul=row["flops_per_s"] / rate)
-    print(json.dumps([{k: row[k] for k in ("config", "batch_size", "cells_per_s", "fraction_of_matmul")}
+    for row in results:  # per device: the step's FLOP/s on all devices over their summed matmul rates
+        row.update(matmul_flops_per_s=rate,
+                   fraction_of_matmul=row["flops_per_s"] / (rate * row["num_devices"]))
+    print(json.dumps([{k: row[k] for k in ("config", "num_devices", "batch_size", "cells_per_s", "fraction_of_matmul")}
                       for row in results]))
     write_json(args.out, results)
 
