@@ -6,7 +6,7 @@ so every pair is encoded as a perturbation of its own (``encode_combinations="un
 A test pair then is a perturbation without training cells: its mask probabilities and
 prior mean keep their initial values, so SVAE+ has no way to predict it (it is the
 no-transfer reference here); use ``configs/svae_plus_norman_data_efficiency.py``, where
-every pair is seen in training, to compare it on pairs.
+every pair is seen in training (at a fraction of pair cells above 0), to compare it on pairs.
 
     python -m sams_jax.train --config configs/svae_plus_norman_ood.py --workdir runs/svae_plus_norman_ood \\
         --config.data.path=/path/to/norman.h5ad --config.data.frac_combinations_train=0.75 \\

@@ -130,8 +130,11 @@ class Grid:
     Each seed is written to every field of ``seed_fields`` (e.g. ``("seed",
     "data.split_seed")``) and each fraction to ``fraction_field`` (e.g.
     ``"data.frac_combinations_train"``). ``overrides`` apply to every cell (the data path,
-    the smoke settings) after the variant's own. The relative IWELBO of a run is its test
-    IWELBO minus that of ``reference`` at the smallest fraction on the same seed.
+    the smoke settings) before the variant's own, so a variant keeps what defines it (the
+    K = 200 variant stays K = 200 in a smoke run); ``settings`` (the command line's
+    ``--set``, which may not name a field a variant, the seeds or the fractions set) after
+    them. The relative IWELBO of a run is its test IWELBO minus that of ``reference`` at
+    the grid's smallest fraction on the same seed.
     ``memory_gb`` is the per-run host memory estimate that sizes the default number of
     parallel workers.
     """
@@ -143,6 +146,7 @@ class Grid:
     fractions: tuple[float, ...] = ()
     fraction_field: str | None = None
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reference: str = "sams_vae"
     metrics: tuple[tuple[str, str], ...] = STANDARD_METRICS
     evaluation: Evaluation = Evaluation()
@@ -170,6 +174,19 @@ class Grid:
         return dataclasses.replace(self, variants=variants, seeds=tuple(seeds) if seeds else self.seeds,
                                    fractions=tuple(fractions) if fractions else self.fractions)
 
+    def check_settings(self, settings: Mapping[str, Any]) -> None:
+        """``ValueError`` for ``--set`` fields that the grid sets itself: the seeds, the
+        fractions, or a field one of its variants is defined by."""
+        for field in settings:
+            if field in self.seed_fields:
+                raise ValueError(f"--set {field}: the grid sets it from each cell's seed; use --seeds")
+            if field == self.fraction_field:
+                raise ValueError(f"--set {field}: the grid sets it from each cell's fraction; use --fractions")
+            defining = [v.name for v in self.variants if field in v.overrides]
+            if defining:
+                raise ValueError(f"--set {field}: the models {defining} are defined by their own {field}; leave "
+                                 "them out with --models, or set it for the others only")
+
     def cells(self) -> list[Cell]:
         """Every cell: seeds outermost (each seed's table is complete early, and parallel
         workers start runs of different shapes, so a seed's runs reuse the compilations of
@@ -179,8 +196,9 @@ class Grid:
             for variant in self.variants:
                 for fraction in self.fractions or (None,):
                     config = load_config(variant.config)
-                    set_fields(config, variant.overrides)
                     set_fields(config, self.overrides)
+                    set_fields(config, variant.overrides)
+                    set_fields(config, self.settings)
                     set_fields(config, {field: seed for field in self.seed_fields})
                     if fraction is not None:
                         set_fields(config, {self.fraction_field: float(fraction)})
@@ -217,8 +235,10 @@ def set_fields(config, overrides: Mapping[str, Any]) -> None:
             node = node[key]
         try:
             node[leaf] = value
-        except TypeError as error:
-            raise ValueError(f"{dotted}={value!r}: {error}") from None
+        except TypeError:
+            current = node[leaf]
+            raise ValueError(f"--set {dotted}={value!r}: the field is of type {type(current).__name__} (its "
+                             f"value here {current!r}); give a value of that type") from None
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -398,6 +418,7 @@ def run_cell(directory: str) -> None:
     import ml_collections
     from absl import logging
 
+    from sams_jax.config import ConfigError
     from sams_jax.data import load_data
     from sams_jax.evaluate import evaluate
     from sams_jax.train import train_and_evaluate
@@ -409,7 +430,11 @@ def run_cell(directory: str) -> None:
     options = spec["evaluation"]
     start = time.perf_counter()
     data = load_data(config.data, config.model.likelihood)
-    train_metrics = train_and_evaluate(config, str(directory), data=data)
+    try:
+        train_metrics = train_and_evaluate(config, str(directory), data=data)
+    except ConfigError as error:  # e.g. the folder holds this cell's run with other --set values
+        sys.exit(f"error: {error}\n(the experiment runner's --workdir of this cell is {directory}: for other --set "
+                 "values use a new --out, or repeat the earlier ones)")
     print("train:", json.dumps(train_metrics, sort_keys=True), flush=True)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],
@@ -440,9 +465,10 @@ def collect(cells: Sequence[Cell], out: pathlib.Path):
     return pd.DataFrame(rows)
 
 
-def add_relative_iwelbo(runs, reference: str, iwelbo: str = "IWELBO-test"):
-    """``runs[RELATIVE]``: test IWELBO minus that of ``reference`` at the smallest fraction
-    with the same seed (NaN where that run is missing). Returns a new frame."""
+def add_relative_iwelbo(runs, reference: str, iwelbo: str = "IWELBO-test", fraction: float | None = None):
+    """``runs[RELATIVE]``: test IWELBO minus that of ``reference`` at ``fraction`` (the
+    grid's smallest; None for grids without fractions) with the same seed (NaN where that
+    run is missing or has not finished). Returns a new frame."""
     import numpy as np
 
     runs = runs.copy()
@@ -450,8 +476,8 @@ def add_relative_iwelbo(runs, reference: str, iwelbo: str = "IWELBO-test"):
         runs[RELATIVE] = []
         return runs
     base = runs[runs["variant"] == reference]
-    if base["fraction"].notna().any():
-        base = base[base["fraction"] == base["fraction"].min()]
+    if fraction is not None:
+        base = base[np.isclose(base["fraction"].astype(float), fraction)]
     by_seed = dict(zip(base["seed"], base[iwelbo]))
     runs[RELATIVE] = runs[iwelbo] - runs["seed"].map(lambda s: by_seed.get(s, np.nan)).astype(float)
     return runs
@@ -491,7 +517,8 @@ def markdown_table(table, metrics: Sequence[tuple[str, str]], has_fraction: bool
     import pandas as pd
 
     names = [name for _, name in metrics]
-    names.insert(1, RELATIVE)  # after the test IWELBO, as in the paper
+    iwelbo = next((i for i, name in enumerate(names) if "IWELBO" in name), None)
+    names.insert(len(names) if iwelbo is None else iwelbo + 1, RELATIVE)  # after the test IWELBO, as in the paper
     header = ["model"] + (["fraction"] if has_fraction else []) + ["seeds"] + names
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
@@ -547,7 +574,8 @@ def plot_metric(table, name: str, ylabel: str, path: pathlib.Path, has_fraction:
 def aggregate(grid: Grid, out: pathlib.Path, echo: Callable[[str], None] = print):
     """Write ``runs.csv``, ``table.csv``, ``table.md`` and the two plots; return the table."""
     cells = grid.cells()
-    runs = add_relative_iwelbo(collect(cells, out), grid.reference)
+    runs = add_relative_iwelbo(collect(cells, out), grid.reference,
+                               fraction=min(grid.fractions) if grid.fractions else None)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     table = summarize(runs, grid.metrics, [v.name for v in grid.variants])
@@ -636,12 +664,15 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
     try:
+        if args.models is not None and not args.models:
+            raise ValueError("--models is empty; name models, or leave --models out for all of them")
         grid = make_grid(args)
-        if args.set:
-            grid = dataclasses.replace(grid, overrides={**grid.overrides, **dict(args.set)})
+        running = grid.subset(args.models, args.seeds, args.fractions)
+        running.check_settings(dict(args.set))
+        grid = dataclasses.replace(grid, settings=dict(args.set))
         # the cells to run; the tables aggregate every finished cell of the whole grid, extended by the
         # seeds and fractions asked for
-        cells = grid.subset(args.models, args.seeds, args.fractions).cells()
+        cells = dataclasses.replace(running, settings=dict(args.set)).cells()
         grid = dataclasses.replace(grid, seeds=tuple(sorted({*grid.seeds, *(args.seeds or [])})),
                                    fractions=tuple(sorted({*grid.fractions, *(args.fractions or [])})))
         import ml_collections
@@ -649,6 +680,10 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
 
         for cell in cells:  # bad --set values fail here, once, not in every cell's process
             validate_config(ml_collections.ConfigDict(cell.config))
+        if args.data and cells:  # a file in another layout fails here, once, without reading its counts
+            from sams_jax.data.anndata_io import check_layout
+
+            check_layout(ml_collections.ConfigDict(cells[0].config).data)
     except (KeyError, ValueError, FileNotFoundError) as error:
         parser.error(str(error).strip("\"'"))
     out = args.out.resolve()
@@ -666,7 +701,8 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     aggregate(grid, out)
     if after_aggregate is not None:
         after_aggregate(grid, out)
-    report_failures(failures, out)
+    if not args.aggregate_only:  # an aggregation alone leaves the last run's failures.txt
+        report_failures(failures, out)
     return 1 if failures else 0
 
 

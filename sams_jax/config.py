@@ -171,6 +171,7 @@ def _check_number(config, path: str, low=None, high=None, integer=False, low_ope
 
 def validate_config(config) -> None:
     """Check every field that does not need the data; raise :class:`ConfigError`."""
+    _check_number(config, "seed", 0, integer=True)
     _check_choice(config, "data.source", DATA_SOURCES)
     if config.data.source == "simulation":
         _check_choice(config, "data.observation", OBSERVATIONS)

@@ -485,6 +485,7 @@ def test_prepare_replogle_cli_reproduces_the_filter(tmp_path):
     np.testing.assert_array_equal(filtered.X.toarray(), x[keep][:, :7])
     assert filtered.uns["pathways"]["EXOSOME"][:3].tolist() == ["ZC3H3", "ZFC3H1", "CAMTA2"]
     assert f"{keep.sum()} cells x 7 genes" in result.stdout
+    assert "warning: the result is not the paper's 118,641 x 1,187" in result.stderr  # a small file, as here
     data = from_anndata(out, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
                         delimiter=None, counts_layer=None, task="replogle")
     assert len(data.perturbation_names) == len(set(obs["gene"][keep]) - {"non-targeting"})
@@ -495,6 +496,15 @@ def test_prepare_replogle_missing_raw_file_is_a_clean_error(tmp_path):
     out = tmp_path / "out.h5ad"
     with pytest.raises(DataError, match="no file at .*plus.figshare.com/ndownloader/files/35775507"):
         prepare_replogle(str(tmp_path / "raw.h5ad"), str(out))
+    spec = load_filter()
+    obs, _ = _raw_replogle(tmp_path / "raw.h5ad", spec)
+    with pytest.raises(DataError, match="chunk_size=0"):
+        prepare_replogle(str(tmp_path / "raw.h5ad"), str(out), spec, chunk_size=0)
+    raw = anndata.read_h5ad(tmp_path / "raw.h5ad")
+    del raw.obs["sgID_AB"]
+    raw.write_h5ad(tmp_path / "no_guides.h5ad")
+    with pytest.raises(DataError, match="no obs column 'sgID_AB' \\(the guide pair of each cell"):
+        prepare_replogle(str(tmp_path / "no_guides.h5ad"), str(out), spec)
     assert not out.exists()
 
 

@@ -3,6 +3,7 @@ seeds, markdown), worker sizing, and one experiment end to end (runs in their ow
 processes, skipping finished cells, aggregation, plots, a failing cell)."""
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -122,6 +123,23 @@ def test_missing_data_path_says_what_to_download(capsys):
     assert "no such file" in err and "prepare_replogle" in err and "35775507" in err
 
 
+def test_data_in_another_layout_is_refused_before_any_cell_starts(capsys, tmp_path):
+    """A file that is no .h5ad, or a Replogle-like file given to a Norman experiment, is one
+    error up front (from obs and var alone), not a failure in every cell."""
+    from experiments import synthetic
+
+    (tmp_path / "notes.h5ad").write_text("not an AnnData")
+    synthetic.replogle_like(tmp_path / "replogle.h5ad")
+    synthetic.norman_like(tmp_path / "norman.h5ad")
+    for path, message in [(tmp_path / "notes.h5ad", "is not a readable .h5ad file"),
+                          (tmp_path / "replogle.h5ad", "highly_variable")]:
+        with pytest.raises(SystemExit) as exit_info:
+            norman_ood.main(["--data", str(path), "--out", str(tmp_path / "out"), "--workers", "1"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no cell started
+    assert norman_ood.main(["--data", str(tmp_path / "norman.h5ad"), "--out", str(tmp_path / "out"), "--list"]) == 0
+
+
 def test_default_workers_sized_by_cores_and_memory(monkeypatch):
     monkeypatch.setattr(runner, "usable_cores", lambda: list(range(16)))
     monkeypatch.setattr(runner, "available_memory_gb", lambda: 45.0)
@@ -145,7 +163,7 @@ def _fake_runs():
 
 
 def test_relative_iwelbo_mean_std_and_markdown():
-    runs = runner.add_relative_iwelbo(_fake_runs(), "sams_vae")
+    runs = runner.add_relative_iwelbo(_fake_runs(), "sams_vae", fraction=0.0)
     # minus SAMS-VAE at fraction 0 on the same seed
     sams0 = runs[(runs.variant == "sams_vae") & (runs.fraction == 0.0)]
     np.testing.assert_allclose(sams0[runner.RELATIVE], 0.0)
@@ -166,10 +184,36 @@ def test_relative_iwelbo_mean_std_and_markdown():
                         "ATE_pearson_top20 |")
     assert lines[-1] == "| cpa_vae | 1 | 2 | -96.50 ± 0.71 | 4.50 ± 0.71 | 0.550 ± 0.071 | 0.800 ± 0.000 |"
     # a missing reference run gives NaN, a metric that does not apply "–"
-    partial = runner.add_relative_iwelbo(_fake_runs().query("not (variant == 'sams_vae' and seed == 1)"), "sams_vae")
+    partial = runner.add_relative_iwelbo(_fake_runs().query("not (variant == 'sams_vae' and seed == 1)"), "sams_vae",
+                                         fraction=0.0)
     assert partial.query("seed == 1")[runner.RELATIVE].isna().all()
     one = runner.summarize(partial.assign(mcc=np.nan), runner.STANDARD_METRICS + (("mcc", "MCC"),), ["cpa_vae"])
     assert "| – |" in runner.markdown_table(one, runner.STANDARD_METRICS + (("mcc", "MCC"),), True)
+    # the reference is the grid's smallest fraction: without that run (not finished), NaN, not another fraction's
+    no_zero = runner.add_relative_iwelbo(_fake_runs().query("not (variant == 'sams_vae' and fraction == 0.0)"),
+                                         "sams_vae", fraction=0.0)
+    assert no_zero[runner.RELATIVE].isna().all()
+    # the relative IWELBO follows the test IWELBO wherever that column is (mask_recovery lists masks first)
+    metrics = (("ATE_pearsonr-test", "ATE_pearson"), ("IWELBO-test", "test_IWELBO"))
+    header = runner.markdown_table(runner.summarize(runs, metrics, ["sams_vae"]), metrics, True).splitlines()[0]
+    assert header == "| model | fraction | seeds | ATE_pearson | test_IWELBO | relative_IWELBO |"
+
+
+def test_set_may_not_name_what_the_grid_sets_itself():
+    grid = runner.Grid("g", (runner.Variant("sams_vae", "simulation"),
+                             runner.Variant("sams_vae_K200", "simulation", {"model.n_latent": 200})),
+                       seeds=(0,), seed_fields=("seed", "data.split_seed"), fractions=(0.0, 1.0),
+                       fraction_field="data.frac_combinations_train", overrides={"model.n_latent": 4})
+    for field, message in [("seed", "use --seeds"), ("data.split_seed", "use --seeds"),
+                           ("data.frac_combinations_train", "use --fractions"),
+                           ("model.n_latent", r"the models \['sams_vae_K200'\] are defined by their own")]:
+        with pytest.raises(ValueError, match=message):
+            grid.check_settings({field: 1})
+    grid.subset(["sams_vae"]).check_settings({"model.n_latent": 50})  # without the variant that sets it: fine
+    cells = dataclasses.replace(grid, settings={"train.max_steps": 7}).cells()
+    # a variant keeps its defining field over the grid's (smoke) overrides; --set settings reach every cell
+    assert {c.variant: c.config["model"]["n_latent"] for c in cells} == {"sams_vae": 4, "sams_vae_K200": 200}
+    assert {c.config["train"]["max_steps"] for c in cells} == {7}
 
 
 # ------------------------------------------------------------------------ end to end

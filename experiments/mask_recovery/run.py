@@ -136,7 +136,7 @@ def mask_report(grid: runner.Grid, out: pathlib.Path) -> None:
     fig.suptitle("q(mask), and the mask in the sparse basis, per perturbation (x) and latent dimension (y), "
                  "dimensions matched to the truth; seed "
                  f"{min(grid.seeds)}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))  # room for the title above the panels
     fig.savefig(out / "masks.png", dpi=120)
     plt.close(fig)
 
@@ -166,7 +166,9 @@ def main(argv=None) -> int:
     if known.counts and not any(a.startswith("--out") for a in argv):  # the count runs' own default folder
         folder = "mask_recovery_counts_smoke" if "--smoke" in argv else "mask_recovery_counts"
         argv += ["--out", str(runner.ROOT / "runs" / "experiments" / folder)]
-    return runner.main("mask_recovery", make_grid, __doc__.split("\n\n")[0], argv=argv,
+    description = (f"{__doc__.split(chr(10) * 2)[0]} Variants (--models; the module docstring says what each "
+                   f"changes): {', '.join(v.name for v in VARIANTS)}.")
+    return runner.main("mask_recovery", make_grid, description, argv=argv,
                        after_aggregate=mask_report, fractions=False, add_arguments=add_counts)
 
 

@@ -676,6 +676,29 @@ _WHERE_TO_GET = {
 }
 
 
+def check_layout(data_config) -> None:
+    """``DataError`` when the ``.h5ad`` file of ``config.data`` does not have the layout
+    the config registers (missing file or obs column, control label, malformed labels,
+    counts layer, split values, highly variable genes, duplicated names), found from its
+    ``obs`` and ``var`` alone, without reading the counts: a quick check before many runs
+    of an experiment start (their registration checks the values too)."""
+    if not data_config.path:
+        raise DataError("data.path is empty: set --config.data.path=/path/to/file.h5ad")
+    adata = read_anndata(data_config.path, backed=True)
+    check_names(adata)
+    select_genes(adata, data_config.use_highly_variable, None)
+    conditions = parse_conditions(adata.obs, data_config.perturbation_key, _label(data_config.control or None),
+                                  data_config.control_match, data_config.delimiter or None,
+                                  data_config.guide_column_pattern or None)
+    encode_dosages(conditions, data_config.encode_combinations)
+    assign_splits(adata.obs, conditions, data_config.split_key or None, data_config.task, data_config.split_seed,
+                  data_config.frac_combinations_train, data_config.frac_combinations_test,
+                  data_config.frac_combination_cells_train)
+    layer = data_config.counts_layer or None
+    if layer and layer not in adata.layers or not layer and not adata._has_x:
+        _matrix(adata, layer)  # its error names the layers there are
+
+
 def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
     """:func:`from_anndata` with the fields of ``config.data`` (``""`` means unset)."""
     if not data_config.path:

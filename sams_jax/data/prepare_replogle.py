@@ -96,6 +96,8 @@ def prepare_replogle(raw_path: str, out_path: str, spec: dict[str, Any] | None =
         raise DataError(f"the output folder {out_dir!r} does not exist; create it or choose another OUT path")
     if os.path.abspath(out_path) == os.path.abspath(raw_path):
         raise DataError("OUT must differ from RAW; the raw file is read while the result is written")
+    if chunk_size < 1:
+        raise DataError(f"chunk_size={chunk_size}: the raw rows read at a time must be >= 1")
     try:
         raw = anndata.read_h5ad(raw_path, backed="r")
     except Exception as error:
@@ -103,9 +105,11 @@ def prepare_replogle(raw_path: str, out_path: str, spec: dict[str, Any] | None =
                         "check that the download is complete") from None
     try:
         column = spec["perturbation_column"]
-        if column not in raw.obs.columns:
-            raise DataError(f"the raw file has no obs column {column!r} (the target gene of each cell); obs "
-                            f"columns: {list(raw.obs.columns)}; is it the Replogle et al. 2022 raw single-cell file?")
+        for needed, what in ((column, "the target gene of each cell"),
+                             (spec.get("guide_column"), "the guide pair of each cell, the model's perturbation")):
+            if needed and needed not in raw.obs.columns:
+                raise DataError(f"the raw file has no obs column {needed!r} ({what}); obs columns: "
+                                f"{list(raw.obs.columns)}; is it the Replogle et al. 2022 raw single-cell file?")
         rows = select_cells(raw.obs[column], spec)
         columns = select_genes(raw.var, spec)
         if len(rows) == 0 or len(columns) == 0:
@@ -146,6 +150,9 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}: {summary['n_cells']:,} cells x {summary['n_genes']:,} genes "
           f"({summary['n_control_cells']:,} non-targeting, {summary['n_targets']} targets); the paper's file: "
           f"{EXPECTED_SHAPE[0]:,} x {EXPECTED_SHAPE[1]:,}")
+    if (summary["n_cells"], summary["n_genes"]) != EXPECTED_SHAPE:
+        print(f"warning: the result is not the paper's {EXPECTED_SHAPE[0]:,} x {EXPECTED_SHAPE[1]:,}: is RAW the "
+              "complete raw single-cell file (K562_gwps_raw_singlecell_01.h5ad)?", file=sys.stderr)
     if summary["missing_targets"]:
         print(f"note: {len(summary['missing_targets'])} perturbed genes of the filter have no cells: "
               f"{summary['missing_targets'][:10]}", file=sys.stderr)
