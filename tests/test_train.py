@@ -97,6 +97,7 @@ def test_cli_end_to_end(tmp_path):
     ("--config.model.likelihood=gaussian", "model.likelihood='gaussian' is not allowed; choose one of"),
     ("--config.model.guide=full", "model.guide='full' is not allowed"),
     ("--config.objective.n_particles=0", "objective.n_particles=0 is out of range"),
+    ("--config.seed=-1", "seed=-1 is out of range"),
     ("--config.train.batch_size=100000", "train.batch_size=100000 is larger than the training set"),
     ("--config.objective.variable_weights=masks=2", "objective.variable_weights names 'masks', which this model "
                                                     "does not have; its variables: ['embedding', 'mask', 'z_basal']"),
