@@ -59,12 +59,9 @@ class LikelihoodHead(nn.Module):
         if self.likelihood == "library_nb":
             if sum_weights is not None:  # the negative binomial's sum has no closed form
                 return None
-            log_rho = jax.nn.log_softmax(TorchDense(self.n_genes, compute_dtype=dtype, name="logits")(hidden),
-                                         axis=-1)
-            mean = library_size[..., None] * jnp.exp(log_rho)
+            logits = TorchDense(self.n_genes, compute_dtype=dtype, name="logits")(hidden)
             log_theta = self.param("log_theta", nn.initializers.zeros, (self.n_genes,))
-            concentration = jnp.exp(log_theta)
-            return GammaPoisson(concentration, concentration / (mean + NB_MEAN_FLOOR))
+            return LibraryNB(logits, library_size, log_theta)
         raise ValueError(f"unknown likelihood {self.likelihood!r}; allowed: {LIKELIHOODS}")
 
 
@@ -148,6 +145,77 @@ class GammaPoisson(dist.GammaPoisson):
     def sample(self, key, sample_shape=()):
         shape = sample_shape + self.batch_shape
         return sample_negative_binomial(key, self.concentration, self.concentration / self.rate, shape)
+
+
+class LibraryNB(GammaPoisson):
+    """The ``library_nb`` observation: :class:`GammaPoisson` with mean ``m = l *
+    softmax(logits) + 1e-4`` (library size ``l``) and concentration ``r = exp(log_theta)``,
+    i.e. rate ``r / m``, built from the head's ``logits`` ``[..., G]``, ``library_size``
+    ``[...]`` and per-gene ``log_theta`` ``[G]``.
+
+    Its ``log_prob`` is :class:`GammaPoisson`'s, computed from the logits by
+    :func:`nb_mean_terms`, whose derivatives are written out: the same values and
+    gradients (tested against automatic differentiation of the composed form) with fewer
+    passes over the ``particles x cells x genes`` arrays in the training step. On the
+    2-core CPU the Replogle-scale training step took 91.3 instead of 98.9 ms (one process
+    alternating the two compiled steps, 10 of 10 rounds faster; ``benchmarks/RESULTS.md``);
+    the held-out IWELBO, which needs no derivatives, is unchanged.
+    """
+
+    def __init__(self, logits, library_size, log_theta, validate_args=None):
+        self.logits, self.library_size, self.log_theta = logits, library_size, log_theta
+        concentration = jnp.exp(log_theta)
+        mean = library_size[..., None] * jax.nn.softmax(logits, axis=-1)
+        super().__init__(concentration, concentration / (mean + NB_MEAN_FLOOR), validate_args=validate_args)
+
+    def log_prob(self, value):
+        return log_nb_coefficient(self.concentration, value) + nb_mean_terms(
+            self.logits, jnp.log(self.library_size), self.log_theta, value)
+
+
+@jax.custom_vjp
+def nb_mean_terms(logits, log_library_size, log_theta, value):
+    """The part of the NB log-density that depends on the mean: ``x (log m - log r - a) -
+    r a`` with ``m = exp(log_library_size) * softmax(logits) + 1e-4``, ``r =
+    exp(log_theta)`` and ``a = log1p(m / r)`` (see :class:`GammaPoisson`); ``[..., G]``
+    from logits ``[..., G]``, ``log_library_size`` ``[...]``, ``log_theta`` ``[G]`` and
+    counts ``[..., G]``.
+
+    Derivatives, with ``p = softmax(logits)``, ``mu = l p`` and ``s = ct * mu * (x / m -
+    (x + r) / (r + m))`` for the output's cotangent ``ct``: ``d/dlogits = s - p * sum(s)``,
+    ``d/dlog l = sum(s)``, ``d/dlog_theta = sum over cells of ct * r * ((m - x) / (r + m) -
+    a)``, ``d/dx = ct * (log m - log r - a)``.
+    """
+    return _nb_mean_terms_forward(logits, log_library_size, log_theta, value)[0]
+
+
+def _nb_mean_terms_forward(logits, log_library_size, log_theta, value):
+    p = jax.nn.softmax(logits, axis=-1)
+    m = jnp.exp(log_library_size)[..., None] * p + NB_MEAN_FLOOR
+    r = jnp.exp(log_theta)
+    a = jnp.log1p(m / r)
+    return value * (jnp.log(m) - log_theta - a) - r * a, (p, a)
+
+
+def _nb_mean_terms_fwd(logits, log_library_size, log_theta, value):
+    out, (p, a) = _nb_mean_terms_forward(logits, log_library_size, log_theta, value)
+    return out, (p, a, log_library_size, log_theta, value)
+
+
+def _nb_mean_terms_bwd(residuals, cotangent):
+    p, a, log_library_size, log_theta, value = residuals
+    mu = jnp.exp(log_library_size)[..., None] * p
+    m = mu + NB_MEAN_FLOOR
+    r = jnp.exp(log_theta)
+    s = cotangent * mu * (value / m - (value + r) / (r + m))
+    s_total = s.sum(-1)
+    theta_terms = cotangent * r * ((m - value) / (r + m) - a)
+    return (s - p * s_total[..., None], s_total,
+            theta_terms.reshape(-1, theta_terms.shape[-1]).sum(0).reshape(jnp.shape(log_theta)),
+            cotangent * (jnp.log(m) - log_theta - a))
+
+
+nb_mean_terms.defvjp(_nb_mean_terms_fwd, _nb_mean_terms_bwd)
 
 
 @jax.custom_jvp
