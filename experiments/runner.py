@@ -182,10 +182,11 @@ class Grid:
                 raise ValueError(f"--set {field}: the grid sets it from each cell's seed; use --seeds")
             if field == self.fraction_field:
                 raise ValueError(f"--set {field}: the grid sets it from each cell's fraction; use --fractions")
+            values = {v.name: _field(_variant_config(v), field) for v in self.variants}
             defining = [v.name for v in self.variants if field in v.overrides]
-            if defining:
-                raise ValueError(f"--set {field}: the models {defining} are defined by their own {field}; leave "
-                                 "them out with --models, or set it for the others only")
+            if defining or len({json.dumps(value, sort_keys=True, default=str) for value in values.values()}) > 1:
+                raise ValueError(f"--set {field}: the models differ in it ({values}), it defines them; leave those "
+                                 "you do not want to change out with --models")
 
     def cells(self) -> list[Cell]:
         """Every cell: seeds outermost (each seed's table is complete early, and parallel
@@ -198,7 +199,9 @@ class Grid:
                     config = load_config(variant.config)
                     set_fields(config, self.overrides)
                     set_fields(config, variant.overrides)
-                    set_fields(config, self.settings)
+                    # the user's settings, but not a field that defines this variant (a run of other models
+                    # may have set it: their tables still gather this variant's own runs)
+                    set_fields(config, {k: v for k, v in self.settings.items() if k not in variant.overrides})
                     set_fields(config, {field: seed for field in self.seed_fields})
                     if fraction is not None:
                         set_fields(config, {self.fraction_field: float(fraction)})
@@ -208,6 +211,24 @@ class Grid:
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+def _variant_config(variant: Variant):
+    """A variant's config file with its own overrides (no grid settings)."""
+    config = load_config(variant.config)
+    set_fields(config, variant.overrides)
+    return config
+
+
+def _field(config, dotted: str):
+    """A dotted field's value (``None`` for an unknown field: :func:`set_fields` names it)."""
+    node = config
+    for key in dotted.split("."):
+        try:
+            node = node[key]
+        except (KeyError, TypeError):
+            return None
+    return node.to_dict() if hasattr(node, "to_dict") else node
 
 
 def load_config(name: str):

@@ -277,9 +277,6 @@ def validate_against_data(config, data) -> None:
     if config.train.num_devices < 0 or config.train.num_devices > available:
         raise ConfigError(f"train.num_devices={config.train.num_devices} is out of range; this machine has "
                           f"{available} local device(s) (0 = all)")
-    from sams_jax.distributed import process_devices
-
-    process_devices(config.train.num_devices)  # the same number of devices in every process
     n_processes = jax.process_count()
     if n_processes > 1:
         from sams_jax.train import resolve_placement  # train imports this module

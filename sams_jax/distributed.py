@@ -73,11 +73,11 @@ def initialize(config) -> bool:
     except (ValueError, RuntimeError) as error:
         from sams_jax.config import ConfigError
 
-        raise ConfigError(
-            f"jax.distributed.initialize failed: {error}. With {ENV_FLAG}=1 JAX reads the settings from a cluster "
-            "environment (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); outside one, set "
-            "train.distributed.coordinator_address, num_processes and process_id, or unset "
-            f"{ENV_FLAG}") from None
+        hint = (f"with {ENV_FLAG}=1 JAX reads unset values from a cluster environment (SLURM, Open MPI, "
+                "JAX_COORDINATOR_ADDRESS); outside one, set train.distributed.coordinator_address, num_processes "
+                f"and process_id, or unset {ENV_FLAG}") if os.environ.get(ENV_FLAG, "") not in ("", "0") else \
+            "check train.distributed.coordinator_address (reachable from every process), num_processes and process_id"
+        raise ConfigError(f"jax.distributed.initialize failed: {error}; {hint}") from None
     return True
 
 
@@ -85,11 +85,12 @@ def initialize(config) -> bool:
 PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids")
 
 
-def check_same_config(config) -> None:
+def check_same_config(config, workdir: str = "") -> None:
     """``ConfigError`` unless every process of a multi-process run has the same config
-    (but for :data:`PER_PROCESS_FIELDS`): processes with another seed would train on other
-    data and parameters without noticing, and other step counts would wait for each other
-    forever. A no-op for one process."""
+    (but for :data:`PER_PROCESS_FIELDS`) and work directory: processes with another seed
+    would train on other data and parameters without noticing, other step counts would
+    wait for each other forever, and the checkpoints are written together. A no-op for one
+    process. Every process calls it (it gathers from all of them)."""
     if jax.process_count() == 1:
         return
     import hashlib
@@ -106,14 +107,15 @@ def check_same_config(config) -> None:
         for parent in parents:
             node = node.get(parent, {})
         node.pop(name, None)
+    settings["workdir"] = os.path.abspath(workdir) if workdir else ""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).digest()
     digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
     differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
     if differ:
         raise ConfigError(f"the processes of this run have different configs: processes {differ} differ from "
-                          "process 0 (e.g. another --config.seed or --config.train.max_steps); start every process "
-                          "with the same config and overrides (only train.distributed.process_id and "
-                          "local_device_ids may differ)")
+                          "process 0 (e.g. another --config.seed, --config.train.max_steps or --workdir); start "
+                          "every process with the same config, overrides and --workdir (only "
+                          "train.distributed.process_id and local_device_ids may differ)")
 
 
 def is_main_process() -> bool:

@@ -127,7 +127,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                 raise EvaluationError(f"--data-path (data_path=) replaces the path of a run trained on a file; this "
                                       f"run's data are data.source={data_config.source!r}, rebuilt from its config")
             data_config.path = str(data_path)
-        if data_config.source == "anndata" and not os.path.exists(data_config.path):
+        if data_config.source == "anndata" and data_config.path and not os.path.exists(data_config.path):
             raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
                             "new path with --data-path (data_path=)")
         data = load_data(data_config, predictor.config.model.likelihood)
@@ -315,7 +315,7 @@ def main(argv=None) -> None:
     except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(results, indent=2))
+    print(json.dumps(metrics_lib.json_safe(results), indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

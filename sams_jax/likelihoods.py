@@ -160,7 +160,13 @@ class LibraryNB(GammaPoisson):
     2-core CPU the Replogle-scale training step took 91.3 instead of 98.9 ms (one process
     alternating the two compiled steps, 10 of 10 rounds faster; ``benchmarks/RESULTS.md``);
     the held-out IWELBO, which needs no derivatives, is unchanged.
+
+    Shapes: ``logits`` ``[..., G]`` and ``library_size`` ``[...]`` with the same leading
+    shape (broadcast them first), ``log_theta`` ``[G]``; the derivatives with respect to
+    the library size (data, never trained) are not finite where it is 0.
     """
+
+    pytree_data_fields = ("logits", "library_size", "log_theta")  # rebuilt through jit / vmap / scan
 
     def __init__(self, logits, library_size, log_theta, validate_args=None):
         self.logits, self.library_size, self.log_theta = logits, library_size, log_theta

@@ -136,26 +136,28 @@ def mean_correlation_coefficient(true_latents: np.ndarray, learned_latents: np.n
 
 
 # --- files ------------------------------------------------------------------------------
-def write_json(path: str, scores: dict) -> None:
-    """Write ``scores`` (metric name -> number) to ``path`` as strict JSON, keys sorted.
-
-    A score that is undefined (NaN, e.g. a correlation over a split without interventions)
-    or infinite is written as ``null``: Python's ``json`` would write ``NaN``, which
-    stricter readers (``jq``, JavaScript, most other languages) reject.
-    """
-    import json
+def json_safe(value):
+    """``value`` (nested dicts / lists of numbers) for strict JSON: an undefined score (NaN,
+    e.g. a correlation over a split without interventions) or an infinite one becomes
+    ``None`` (``null``), numpy scalars become Python numbers. Python's ``json`` would write
+    ``NaN``, which stricter readers (``jq``, JavaScript, most other languages) reject."""
     import math
 
-    def strict(value):
-        if isinstance(value, dict):
-            return {key: strict(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(item) for item in value]
-        if isinstance(value, (float, np.floating)):
-            return float(value) if math.isfinite(value) else None
-        if isinstance(value, np.integer):
-            return int(value)
-        return value
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str, scores: dict) -> None:
+    """Write ``scores`` (metric name -> number) to ``path`` as strict JSON (:func:`json_safe`),
+    keys sorted."""
+    import json
 
     with open(path, "w") as handle:
-        json.dump(strict(scores), handle, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(json_safe(scores), handle, indent=2, sort_keys=True, allow_nan=False)

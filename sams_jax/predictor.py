@@ -283,9 +283,9 @@ class Predictor:
                                 backed=backed, for_training=False)
         except DataError as error:
             used = ", ".join(f"{k}={registration[k]!r}" for k in LAYOUT_KEYS if k in registration)
-            raise DataError(f"{error}. (This AnnData was read with the model's registration: {used}; where it "
-                            "stores things differently, pass those keys to predictor.register(adata, ...) and "
-                            "score its result)") from None
+            raise type(error)(f"{str(error).rstrip('.')} (this AnnData was read with the registration {used}: the "
+                              "model's, with any overrides given; where it stores things differently, pass those "
+                              "keys to predictor.register(adata, ...) and score its result)") from None
 
     def _data(self, data):
         """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes

@@ -174,6 +174,18 @@ class BatchSchedule:
                                for j, shard in enumerate(shards)], axis=1).astype(np.int32)
 
 
+def _process_cells(data: PerturbationData, n_shards: int, shards) -> dict[str, np.ndarray]:
+    """The training cells of this process's ``shards`` (``sams_jax.distributed.shard_rows``),
+    densified on the host, padding rows zero: only this process's share is read."""
+    positions = shard_rows(int((data.split == "train").sum()), n_shards, shards)
+    arrays = data.cell_arrays(data.rows("train")[np.maximum(positions, 0)])
+    padding = positions < 0
+    if padding.any():
+        for value in arrays.values():
+            value[padding] = 0
+    return arrays
+
+
 def dispatch_plan(step: int, max_steps: int, eval_every: int, steps_per_dispatch: int):
     """``(first_step, n_steps)`` of each dispatch from ``step`` to ``max_steps``: at most
     ``steps_per_dispatch`` steps, ending at every multiple of ``eval_every``."""
@@ -370,11 +382,12 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     returns the same metrics.
     """
     validate_config(config)
-    distributed.check_same_config(config)
+    distributed.check_same_config(config, workdir)
     if data is None:
         data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
     validate_against_data(config, data)
+    distributed.process_devices(config.train.num_devices)  # the same number of devices in every process
     check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only
     objective = ObjectiveConfig.from_config(config.objective)
 
@@ -438,11 +451,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                disable=not (config.train.progress and main_process), dynamic_ncols=True)
     if resolve_placement(config.train.data_placement, data) == "device":
         shards = parallel.shards_of_process(n_shards)
-        positions = shard_rows(int((data.split == "train").sum()), n_shards, shards)  # this process's cells only
-        own_cells = data.cell_arrays(data.rows("train")[np.maximum(positions, 0)])
-        train_arrays = parallel.put_process_rows(
-            {key: np.where((positions >= 0).reshape(-1, *[1] * (value.ndim - 1)), value, 0).astype(value.dtype)
-             for key, value in own_cells.items()})
+        train_arrays = parallel.put_process_rows(_process_cells(data, n_shards, shards))
         split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
         train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
         prefetcher = None
@@ -611,7 +620,7 @@ def main(argv) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if distributed.is_main_process():
-        print(json.dumps(results, indent=2, sort_keys=True))
+        print(json.dumps(metrics_lib.json_safe(results), indent=2, sort_keys=True))
 
 
 _default_format_warning = warnings.formatwarning

@@ -151,6 +151,14 @@ def test_contains_match_with_a_delimiter_drops_control_members_only():
     assert data.perturbation_names == ["A", "B"]
     np.testing.assert_array_equal(data.dosages, np.repeat([[0, 0], [0, 0], [1, 0], [1, 0], [0, 1], [1, 1]],
                                                           [20, 10, 10, 10, 10, 10], axis=0))
+    # a control label containing the delimiter stays a control: its parts are no labels of their own
+    labels = ["ctrl"] * 10 + ["ctrl_1"] * 10 + ["ctrl_2"] * 10 + ["A"] * 10 + ["B"] * 10 + ["A_B"] * 10
+    data = from_anndata(make_screen(labels=labels), control="ctrl", control_match="contains", delimiter="_")
+    assert data.perturbation_names == ["A", "B"] and (data.dosages.sum(1) == 0).sum() == 30
+    labels = ["non_targeting_1"] * 20 + ["A"] * 10 + ["B"] * 10
+    data = from_anndata(make_screen(labels=labels), control="non_targeting", control_match="contains",
+                        delimiter="_")
+    assert data.perturbation_names == ["A", "B"] and (data.dosages.sum(1) == 0).sum() == 20
 
 
 def test_combination_labels_read_wrongly_warn():
@@ -631,7 +639,7 @@ def _predict_from_another_layout(workdir, adata):
     expected = predictor.iwelbo(adata, n_particles=4)
     moved = anndata.AnnData(X=adata.layers["counts"].copy(), obs=adata.obs.rename(columns={"perturbation": "gene"}),
                             var=adata.var)
-    with pytest.raises(DataError, match=r"obs has no column 'perturbation'.*read with the model's registration: "
+    with pytest.raises(DataError, match=r"obs has no column 'perturbation'.*read with the registration "
                                         r"perturbation_key='perturbation'.*predictor.register\(adata, ...\)"):
         predictor.iwelbo(moved, n_particles=4)
     registered = predictor.register(moved, perturbation_key="gene", counts_layer=None)

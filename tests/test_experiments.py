@@ -206,7 +206,7 @@ def test_set_may_not_name_what_the_grid_sets_itself():
                        fraction_field="data.frac_combinations_train", overrides={"model.n_latent": 4})
     for field, message in [("seed", "use --seeds"), ("data.split_seed", "use --seeds"),
                            ("data.frac_combinations_train", "use --fractions"),
-                           ("model.n_latent", r"the models \['sams_vae_K200'\] are defined by their own")]:
+                           ("model.n_latent", r"the models differ in it \(\{'sams_vae': 15, 'sams_vae_K200': 200\}\)")]:
         with pytest.raises(ValueError, match=message):
             grid.check_settings({field: 1})
     grid.subset(["sams_vae"]).check_settings({"model.n_latent": 50})  # without the variant that sets it: fine
@@ -214,6 +214,14 @@ def test_set_may_not_name_what_the_grid_sets_itself():
     # a variant keeps its defining field over the grid's (smoke) overrides; --set settings reach every cell
     assert {c.variant: c.config["model"]["n_latent"] for c in cells} == {"sams_vae": 4, "sams_vae_K200": 200}
     assert {c.config["train"]["max_steps"] for c in cells} == {7}
+    # set for a run of the other model, the setting leaves the variant it defines as it is (its rows stay)
+    cells = dataclasses.replace(grid, settings={"model.n_latent": 50}).cells()
+    assert {c.variant: c.config["model"]["n_latent"] for c in cells} == {"sams_vae": 50, "sams_vae_K200": 200}
+    # a field that the config files make differ (the model's name) defines the models too
+    two_models = runner.Grid("g", (runner.Variant("sams_vae", "simulation"),
+                                   runner.Variant("cpa_vae", "cpa_vae_simulation")), seeds=(0,))
+    with pytest.raises(ValueError, match="model.name: the models differ in it"):
+        two_models.check_settings({"model.name": "svae_plus"})
 
 
 # ------------------------------------------------------------------------ end to end

@@ -275,6 +275,8 @@ def test_library_nb_written_out_derivatives_equal_automatic_differentiation():
         assert got.shape == expected.shape, name
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * float(jnp.abs(expected).max()),
                                    err_msg=name)
+    returned = jax.jit(lambda *a: LibraryNB(*a))(logits[0], jnp.exp(log_library), log_theta)  # a pytree
+    np.testing.assert_allclose(returned.log_prob(x), written_out(logits[0], log_library, log_theta, x), rtol=1e-6)
     dist_ = LibraryNB(logits[0], jnp.exp(log_library), log_theta)  # sampling and moments: the GammaPoisson's
     np.testing.assert_allclose(dist_.mean, jnp.exp(log_library)[:, None] * jax.nn.softmax(logits[0]) + NB_MEAN_FLOOR,
                                rtol=1e-5)

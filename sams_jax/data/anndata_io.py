@@ -242,12 +242,15 @@ def _control_test(control: str | None, control_match: str):
 
 
 def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key: str,
-                 whole_label: bool = True) -> tuple[str, ...]:
+                 singles: frozenset[str] | None = None) -> tuple[str, ...]:
     """Sorted members of one label (``()`` for the control); members that are the control
-    are dropped. ``whole_label``: a label that is the control as a whole is the control
-    (``False`` for ``control_match="contains"`` with a delimiter, where ``"A+ctrl"``
-    contains the control but is the single ``A``)."""
-    if whole_label and is_control(label):
+    are dropped. A label that is the control as a whole is the control, unless ``singles``
+    (given for ``control_match="contains"``: the labels that are not controls) holds one
+    of its members: then it is a combination with control members (``"A+ctrl_2"`` is the
+    single ``A`` where ``A`` occurs alone; ``"ctrl_1"`` with delimiter ``"_"`` stays a
+    control)."""
+    if is_control(label) and not (singles and delimiter and any(
+            part.strip() in singles for part in label.split(delimiter))):
         return ()
     parts = [part.strip() for part in (label.split(delimiter) if delimiter else [label])]
     if "" in parts:
@@ -278,8 +281,9 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
     column = _require_column(obs, perturbation_key, "the perturbation key", "data.perturbation_key")
     codes, uniques = pd.factorize(column.astype(str))
     is_control = _control_test(control, control_match)
-    whole_label = control_match == "exact" or not delimiter
-    parsed = [_parse_label(label, is_control, delimiter, perturbation_key, whole_label) for label in uniques]
+    singles = frozenset(label.strip() for label in uniques if not is_control(label)) \
+        if control_match == "contains" else None
+    parsed = [_parse_label(label, is_control, delimiter, perturbation_key, singles) for label in uniques]
     if require_control and control is not None and not any(len(members) == 0 for members in parsed):
         counts = column.astype(str).value_counts()
         raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
@@ -691,6 +695,8 @@ def check_layout(data_config) -> None:
                                   data_config.control_match, data_config.delimiter or None,
                                   data_config.guide_column_pattern or None)
     encode_dosages(conditions, data_config.encode_combinations)
+    if data_config.library_size_key:
+        _require_column(adata.obs, data_config.library_size_key, "each cell's library size", "data.library_size_key")
     assign_splits(adata.obs, conditions, data_config.split_key or None, data_config.task, data_config.split_seed,
                   data_config.frac_combinations_train, data_config.frac_combinations_test,
                   data_config.frac_combination_cells_train)
