@@ -381,8 +381,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     ``metrics.json`` (checkpoints are written together, by Orbax). Every process
     returns the same metrics.
     """
+    distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
-    distributed.check_same_config(config, workdir)
     if data is None:
         data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
