@@ -177,12 +177,13 @@ class Grid:
     def check_settings(self, settings: Mapping[str, Any]) -> None:
         """``ValueError`` for ``--set`` fields that the grid sets itself: the seeds, the
         fractions, or a field one of its variants is defined by."""
+        configs = {v.name: _variant_config(v) for v in self.variants} if settings else {}
         for field in settings:
             if field in self.seed_fields:
                 raise ValueError(f"--set {field}: the grid sets it from each cell's seed; use --seeds")
             if field == self.fraction_field:
                 raise ValueError(f"--set {field}: the grid sets it from each cell's fraction; use --fractions")
-            values = {v.name: _field(_variant_config(v), field) for v in self.variants}
+            values = {name: _field(config, field) for name, config in configs.items()}
             defining = [v.name for v in self.variants if field in v.overrides]
             if defining or len({json.dumps(value, sort_keys=True, default=str) for value in values.values()}) > 1:
                 raise ValueError(f"--set {field}: the models differ in it ({values}), it defines them; leave those "
@@ -688,12 +689,12 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         if args.models is not None and not args.models:
             raise ValueError("--models is empty; name models, or leave --models out for all of them")
         grid = make_grid(args)
-        running = grid.subset(args.models, args.seeds, args.fractions)
-        running.check_settings(dict(args.set))
         grid = dataclasses.replace(grid, settings=dict(args.set))
         # the cells to run; the tables aggregate every finished cell of the whole grid, extended by the
         # seeds and fractions asked for
-        cells = dataclasses.replace(running, settings=dict(args.set)).cells()
+        running = grid.subset(args.models, args.seeds, args.fractions)
+        running.check_settings(grid.settings)
+        cells = running.cells()
         grid = dataclasses.replace(grid, seeds=tuple(sorted({*grid.seeds, *(args.seeds or [])})),
                                    fractions=tuple(sorted({*grid.fractions, *(args.fractions or [])})))
         import ml_collections

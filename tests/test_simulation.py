@@ -80,7 +80,8 @@ def test_normalization_statistics():
     np.testing.assert_array_equal(none["scale"], 1.0)
     scaled = x - 3.0  # centred data: log(1 + x) is undefined below -1, in dense, CSR and row-selected form
     for matrix, rows in ((scaled, None), (sp.csr_matrix(scaled), None), (scaled, np.arange(3))):
-        with pytest.raises(DataError, match="log_standardize' feeds the encoder log\\(1 \\+ x\\).*normalization=standardize"):
+        with pytest.raises(DataError, match="log_standardize' feeds the encoder log\\(1 \\+ x\\)"
+                                            ".*normalization=standardize"):
             normalization_stats(matrix, "log_standardize", rows=rows)
         np.testing.assert_allclose(normalization_stats(matrix, "standardize", rows=rows)["mean"], [-1.0, -2.0, 4.0])
 

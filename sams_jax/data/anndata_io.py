@@ -646,8 +646,8 @@ def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> 
         per_split = {s: int((is_control & (data.split == s)).sum()) for s in SPLITS}
         raise DataError(f"no control cells ({data.control!r}) in the training split (control cells per split: "
                         f"{per_split}); ATEs are measured against the control, so the model must see it: put "
-                        "control cells in the training split, or pass control=None (--config.data.control='') for a screen "
-                        "without controls")
+                        "control cells in the training split, or pass control=None (--config.data.control='') "
+                        "for a screen without controls")
     untrained = np.asarray(data.perturbation_names)[data.cells_per_perturbation("train") == 0]
     if len(untrained):
         warnings.warn(f"{len(untrained)} perturbations have no training cells: {_show(untrained)}; their effects "
@@ -686,32 +686,30 @@ def check_layout(data_config) -> None:
     counts layer, split values, highly variable genes, duplicated names), found from its
     ``obs`` and ``var`` alone, without reading the counts: a quick check before many runs
     of an experiment start (their registration checks the values too)."""
-    if not data_config.path:
-        raise DataError("data.path is empty: set --config.data.path=/path/to/file.h5ad")
-    adata = read_anndata(data_config.path, backed=True)
+    path, settings = _registration_settings(data_config)
+    adata = read_anndata(path, backed=True)
     check_names(adata)
-    select_genes(adata, data_config.use_highly_variable, None)
-    conditions = parse_conditions(adata.obs, data_config.perturbation_key, _label(data_config.control or None),
-                                  data_config.control_match, data_config.delimiter or None,
-                                  data_config.guide_column_pattern or None)
-    encode_dosages(conditions, data_config.encode_combinations)
-    if data_config.library_size_key:
-        _require_column(adata.obs, data_config.library_size_key, "each cell's library size", "data.library_size_key")
-    assign_splits(adata.obs, conditions, data_config.split_key or None, data_config.task, data_config.split_seed,
-                  data_config.frac_combinations_train, data_config.frac_combinations_test,
-                  data_config.frac_combination_cells_train)
-    layer = data_config.counts_layer or None
+    select_genes(adata, settings["use_highly_variable"], None)
+    conditions = parse_conditions(adata.obs, settings["perturbation_key"], _label(settings["control"]),
+                                  settings["control_match"], settings["delimiter"], settings["guide_column_pattern"])
+    encode_dosages(conditions, settings["encode_combinations"])
+    if settings["library_size_key"]:
+        _require_column(adata.obs, settings["library_size_key"], "each cell's library size", "data.library_size_key")
+    assign_splits(adata.obs, conditions, settings["split_key"], settings["task"], settings["split_seed"],
+                  settings["frac_combinations_train"], settings["frac_combinations_test"],
+                  settings["frac_combination_cells_train"])
+    layer = settings["counts_layer"]
     if layer and layer not in adata.layers or not layer and not adata._has_x:
         _matrix(adata, layer)  # its error names the layers there are
 
 
-def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
-    """:func:`from_anndata` with the fields of ``config.data`` (``""`` means unset)."""
+def _registration_settings(data_config) -> tuple[str, dict]:
+    """``(path, from_anndata keyword arguments)`` from the fields of ``config.data``
+    (``""`` means unset); ``DataError`` for an empty path."""
     if not data_config.path:
         where = _WHERE_TO_GET.get(data_config.task, "point it at your .h5ad file")
         raise DataError(f"data.path is empty: set --config.data.path=/path/to/file.h5ad; {where}")
-    return from_anndata(
-        data_config.path,
+    return data_config.path, dict(
         perturbation_key=data_config.perturbation_key,
         control=data_config.control or None,
         delimiter=data_config.delimiter or None,
@@ -727,9 +725,13 @@ def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
         frac_combinations_train=data_config.frac_combinations_train,
         frac_combinations_test=data_config.frac_combinations_test,
         frac_combination_cells_train=data_config.frac_combination_cells_train,
-        likelihood=likelihood,
-        backed=bool(data_config.get("backed", False)),
     )
+
+
+def from_config(data_config, likelihood: str | None = None) -> PerturbationData:
+    """:func:`from_anndata` with the fields of ``config.data`` (``""`` means unset)."""
+    path, settings = _registration_settings(data_config)
+    return from_anndata(path, **settings, likelihood=likelihood, backed=bool(data_config.get("backed", False)))
 
 
 def write_h5ad(adata, path) -> None:
