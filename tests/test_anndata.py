@@ -159,6 +159,12 @@ def test_contains_match_with_a_delimiter_drops_control_members_only():
     data = from_anndata(make_screen(labels=labels), control="non_targeting", control_match="contains",
                         delimiter="_")
     assert data.perturbation_names == ["A", "B"] and (data.dosages.sum(1) == 0).sum() == 20
+    # a control inside a longer name ("T10" for "T1") is matched, but named in a warning
+    labels = ["T1"] * 20 + ["T10"] * 10 + ["A"] * 10 + ["B"] * 10
+    with pytest.warns(DataWarning, match=r"such as \['T10'\] \(1 in all\) contain the control 'T1' only inside a "
+                                         r"longer name.*control_match='exact'"):
+        data = from_anndata(make_screen(labels=labels), control="T1", control_match="contains")
+    assert data.perturbation_names == ["A", "B"] and (data.dosages.sum(1) == 0).sum() == 30
 
 
 def test_combination_labels_read_wrongly_warn():

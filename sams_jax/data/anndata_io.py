@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from typing import Any, Sequence
 
@@ -320,10 +321,22 @@ def check_combination_labels(obs: pd.DataFrame, conditions: Conditions, perturba
       each such combination would become a perturbation of its own;
     * with ``additive`` encoding, perturbations that never occur alone, only inside
       combinations (``"HLA+A"`` meant as one name): their separate effects are identified
-      only through the combinations.
+      only through the combinations;
+    * with ``control_match="contains"``, labels that contain the control only inside a
+      longer name (``"T10"`` for the control ``"T1"``: a letter or digit next to it), which
+      become control cells.
     """
     labels = pd.unique(obs[perturbation_key].astype(str))
     is_control = _control_test(control, control_match)
+    if control_match == "contains" and control:
+        as_token = re.compile(rf"(?<![A-Za-z0-9]){re.escape(control)}(?![A-Za-z0-9])")
+        inside = [label for label in labels if control in label and not as_token.search(label)]
+        if inside:
+            warnings.warn(f"labels of obs[{perturbation_key!r}] such as {_show(inside[:3])} ({len(inside)} in all) "
+                          f"contain the control {control!r} only inside a longer name, and control_match='contains' "
+                          "makes their cells control cells. If they are perturbations, set control_match='exact' "
+                          "(--config.data.control_match=exact) or a control string that only control labels contain",
+                          DataWarning, stacklevel=3)
     singles = {label.strip() for label in labels if not is_control(label)}
     for separator in SEPARATORS:
         if separator == delimiter:
