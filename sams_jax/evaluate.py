@@ -61,6 +61,12 @@ class EvaluationError(ValueError):
     """Settings under which the evaluation's comparisons would be meaningless."""
 
 
+class EvaluationWarning(UserWarning):
+    """Parts of the evaluation left out or to read with care (no control, so no ATEs;
+    interventions whose effects are the prior's; no sparse basis). The command line prints
+    them as ``warning: ...``."""
+
+
 def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
     """Unique non-zero dosage rows of the data other than the control: ``(names, rows [I, T],
     membership {split: [I] bool}, n_cells [I])``; ``membership["learned"]``: every member
@@ -143,8 +149,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     extra = list(dict.fromkeys(predictor.canonical_name(name) for name in interventions or []))
     if control is None:
         skipped = f" (not computed either: {extra})" if extra else ""
-        print("note: the model's data have no control label, so there are no ATEs; pass --control <label> "
-              f"(a perturbation to measure the others against) to compute them{skipped}", file=sys.stderr)
+        warnings.warn("the model's data have no control label, so there are no ATEs; pass --control <label> "
+                      f"(a perturbation to measure the others against) to compute them{skipped}",
+                      EvaluationWarning, stacklevel=2)
     else:
         control_row = predictor.dosages([control])[0]
         if not np.all(data.dosages == control_row, axis=1).any():
@@ -182,8 +189,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                                          learned_rows(predictor, predictor.dosages(all_names[1 + n_observed:]))])
         unlearned = [name for name, learned in zip(all_names[1 + n_observed:], is_learned[n_observed:]) if not learned]
         if unlearned:
-            print(f"note: --interventions {unlearned} have members without training cells; their effects are the "
-                  "prior's, not learned (learned=False in ate.h5ad)", file=sys.stderr)
+            warnings.warn(f"interventions {unlearned} have members without training cells; their effects are the "
+                          "prior's, not learned (learned=False in ate.h5ad)", EvaluationWarning, stacklevel=2)
         ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
@@ -223,13 +230,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
 def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
     """The sparse basis of the model's shifts (``sams_jax.basis``), or None when
     ``n_restarts`` is 0, for models without embeddings and for shift matrices of rank < K
-    (a note says why)."""
+    (a warning says why)."""
     if n_restarts < 1 or not hasattr(predictor.model, "embedding_means"):
         return None
     try:
         return predictor.sparse_basis(n_restarts=n_restarts, seed=seed)
     except ValueError as error:
-        print(f"note: no sparse basis: {error}", file=sys.stderr)
+        warnings.warn(f"no sparse basis: {error}", EvaluationWarning, stacklevel=3)
         return None
 
 

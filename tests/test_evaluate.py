@@ -396,7 +396,7 @@ def test_mean_scale_is_refused_for_library_size_likelihoods():
         check_ate_scale(likelihood, scale)
 
 
-def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch, capsys):
+def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch):
     """A perturbation without training cells is left out of the ATE metrics (``learned``
     in ate.h5ad); without a control label evaluate scores the IWELBO, writes no ATE
     outputs and leaves no file of an earlier evaluation behind."""
@@ -410,9 +410,10 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     trained_cells = predictor.metadata["cells_per_perturbation"]["train"]
     trained_cells[predictor.perturbation_names.index("5")] = 0  # as if "5" had had no training cells
     monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
-    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
-                                    sparse_basis_restarts=0, interventions=["4+5", "3+4"])
-    assert "note: --interventions ['4+5'] have members without training cells" in capsys.readouterr().err
+    with pytest.warns(evaluate_lib.EvaluationWarning, match=r"interventions \['4\+5'\] have members without "
+                                                             "training cells"):
+        results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
+                                        sparse_basis_restarts=0, interventions=["4+5", "3+4"])
     out = workdir / "eval"
     ate = anndata.read_h5ad(out / "ate.h5ad")
     assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712
@@ -424,8 +425,9 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     assert (out / "ate_scatter.png").exists()
 
     predictor.control = None
-    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, plots=False, data=data,
-                                    sparse_basis_restarts=0)
+    with pytest.warns(evaluate_lib.EvaluationWarning, match="no control label, so there are no ATEs"):
+        results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, plots=False, data=data,
+                                        sparse_basis_restarts=0)
     assert np.isfinite(results["IWELBO-test"]) and not any(name.startswith("ATE") for name in results)
     assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
     predictor.config.model.likelihood = "library_nb"  # evaluate refuses the mean scale for it
