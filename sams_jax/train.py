@@ -386,6 +386,12 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     if data is None:
         data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
+    if not np.any(data.split == "val"):
+        source = f"obs[{config.data.split_key!r}] has no 'val' values" if config.data.get("split_key") \
+            else "the data have no validation cells (split == 'val')"
+        raise DataError(f"{source}: training scores the validation cells every train.eval_every steps to pick the "
+                        "best checkpoint; label some cells 'val' (e.g. a random 20% of the training cells), or "
+                        "leave the split to the task or a random split (--config.data.split_key='')")
     validate_against_data(config, data)
     distributed.process_devices(config.train.num_devices)  # the same number of devices in every process
     check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only

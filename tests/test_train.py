@@ -191,6 +191,18 @@ def test_non_finite_data_is_rejected_before_anything_is_written(tiny_config, tmp
     assert not (tmp_path / "w").exists()
 
 
+def test_data_without_validation_cells_are_rejected_before_anything_is_written(tiny_config, tmp_path):
+    """The best checkpoint is chosen by the validation loss: a split without 'val' cells is
+    a DataError naming the split key and the fix, not a division by zero at step
+    ``eval_every``."""
+    data = load_data(tiny_config.data)
+    data.split[data.split == "val"] = "train"
+    tiny_config.data.split_key = "fold"
+    with pytest.raises(DataError, match=r"obs\['fold'\] has no 'val' values.*label some cells 'val'"):
+        train_and_evaluate(tiny_config, str(tmp_path / "w"), data=data)
+    assert not (tmp_path / "w").exists()
+
+
 def test_resumed_run_equals_uninterrupted_run_and_is_deterministic(tiny_config, tmp_path):
     tiny_config.train.max_steps = 40
     train_and_evaluate(tiny_config, str(tmp_path / "full"))
