@@ -129,6 +129,31 @@ def test_guide_columns_of_the_curated_norman_file_equal_the_labels():
     np.testing.assert_allclose(hvg.library_size, np.asarray(hvg.x.sum(1)).ravel())  # of the genes modelled
 
 
+def test_highly_variable_flags_are_checked_and_a_models_genes_taken_by_name():
+    adata = make_screen()
+    kept = [g for i, g in enumerate(adata.var_names) if i % 3 != 0]
+    adata.var["highly_variable"] = (np.arange(adata.n_vars) % 3 != 0).astype(int)  # 0 / 1 works
+    assert from_anndata(adata, use_highly_variable=True).feature_names == kept
+    for flags in (np.where(np.arange(adata.n_vars) % 3 != 0, "True", "False"),  # strings: all truthy
+                  np.where(np.arange(adata.n_vars) % 3 != 0, 1.0, np.nan)):  # NaN: truthy
+        adata.var["highly_variable"] = flags
+        with pytest.raises(DataError, match=r"var\['highly_variable'\] must be boolean.*dtype"):
+            from_anndata(adata, use_highly_variable=True)
+    del adata.var["highly_variable"]
+    adata.var["highly_variable_genes"] = True
+    with pytest.raises(DataError, match=r"no 'highly_variable' column \(columns like it: \['highly_variable_genes'\]"):
+        from_anndata(adata, use_highly_variable=True)
+    # a trained model's genes: taken by name, whatever this file's own flags (here another gene set)
+    adata.var["highly_variable"] = np.arange(adata.n_vars) >= 3
+    data = from_anndata(adata, use_highly_variable=True, feature_names=kept[::-1])
+    assert data.feature_names == kept[::-1]
+    np.testing.assert_array_equal(data.x.toarray() if sp.issparse(data.x) else data.x,
+                                  counts_of(adata)[:, [adata.var_names.get_loc(g) for g in kept[::-1]]])
+    with pytest.raises(DataError, match=r"1 missing \[.gene1.\], 0 extra"):
+        from_anndata(adata[:, [g for g in adata.var_names if g != "gene1"]].copy(), use_highly_variable=True,
+                     feature_names=kept)
+
+
 def test_replogle_guide_pairs_with_non_targeting_merged_into_control():
     guides = ["CTSC_-_880.23-P1P2|CTSC_-_889.23-P1P2", "CWC25_+_369.23-P1P2|CWC25_+_361.23-P1P2",
               "non-targeting_03530|non-targeting_01407", "non-targeting_00442|non-targeting_01312"]

@@ -194,14 +194,16 @@ def check_genes(expected: Sequence[str], found: Sequence[str]) -> None:
 def select_genes(adata, use_highly_variable: bool = False,
                  feature_names: Sequence[str] | None = None) -> np.ndarray:  # [G] int positions in var
     """Gene columns to use: all, or ``var["highly_variable"]`` ones; reordered to
-    ``feature_names`` (a trained model's genes) when given, after checking the sets match."""
+    ``feature_names`` (a trained model's genes) when given, after checking the sets match.
+    With both, the model's genes are taken by name from all of var (other genes are left
+    out, as the flags left them out in training; this AnnData's own flags are not read)."""
+    if use_highly_variable and feature_names is not None:
+        names = adata.var_names.astype(str)
+        check_genes(list(feature_names), [g for g in names if g in set(map(str, feature_names))])
+        return pd.Index(names).get_indexer(list(map(str, feature_names)))
     columns = np.arange(adata.n_vars)
     if use_highly_variable:
-        if "highly_variable" not in adata.var.columns:
-            raise DataError("use_highly_variable is set but var has no 'highly_variable' column; compute it "
-                            "(scanpy.pp.highly_variable_genes) or set use_highly_variable=False "
-                            "(--config.data.use_highly_variable=False)")
-        columns = np.flatnonzero(adata.var["highly_variable"].to_numpy().astype(bool))
+        columns = np.flatnonzero(_highly_variable(adata.var))
         if len(columns) == 0:
             raise DataError("var['highly_variable'] selects no gene (empty gene set); recompute it or set "
                             "use_highly_variable=False")
@@ -210,6 +212,25 @@ def select_genes(adata, use_highly_variable: bool = False,
         check_genes(list(feature_names), names.tolist())
         columns = columns[pd.Index(names).get_indexer(list(feature_names))]
     return columns
+
+
+def _highly_variable(var: pd.DataFrame) -> np.ndarray:  # [n_vars] bool
+    """``var["highly_variable"]`` as booleans: a boolean column, or 0 / 1 without gaps."""
+    if "highly_variable" not in var.columns:
+        similar = [c for c in var.columns if "variable" in str(c).lower() or "hvg" in str(c).lower()]
+        raise DataError("use_highly_variable is set but var has no 'highly_variable' column"
+                        f"{f' (columns like it: {_show(similar)}; rename one)' if similar else ''}; var columns: "
+                        f"{_show(var.columns, 20)}; compute it (scanpy.pp.highly_variable_genes) or set "
+                        "use_highly_variable=False (--config.data.use_highly_variable=False)")
+    column = var["highly_variable"]
+    values = column.to_numpy()
+    if pd.api.types.is_bool_dtype(column) and not column.isna().any():
+        return values.astype(bool)
+    if pd.api.types.is_numeric_dtype(column) and not column.isna().any() and np.isin(values, (0, 1)).all():
+        return values.astype(bool)
+    raise DataError(f"var['highly_variable'] must be boolean (or 0 / 1 without missing values); it has dtype "
+                    f"{column.dtype} and values {_show(pd.unique(column.astype(object)), 5)}; convert it, e.g. "
+                    "adata.var['highly_variable'] = adata.var['highly_variable'].astype(str) == 'True'")
 
 
 # -------------------------------------------------------------------------- conditions
