@@ -105,13 +105,21 @@ def test_split_key_path_input_and_library_size_key(tmp_path):
     adata = make_screen(sparse=False)
     adata.obs["split"] = np.array(["train", "val", "test"])[np.arange(adata.n_obs) % 3]
     adata.obs["split"] = np.where(adata.obs["perturbation"] == "control", "train", adata.obs["split"])
-    adata.obs["n_counts"] = np.arange(adata.n_obs) + 1.0
+    totals = counts_of(adata).sum(1)
+    adata.obs["n_counts"] = totals + np.arange(adata.n_obs)  # genes not in the file count too
     path = tmp_path / "screen.h5ad"
     adata.write_h5ad(path)
     data = PerturbationData.from_anndata(str(path), split_key="split", library_size_key="n_counts")
     np.testing.assert_array_equal(data.split, adata.obs["split"].to_numpy())
-    np.testing.assert_array_equal(data.library_size, np.arange(adata.n_obs) + 1.0)
+    np.testing.assert_array_equal(data.library_size, totals + np.arange(adata.n_obs))
     assert data.name == "screen"
+    # counts: a library size is a total count, never below the counts of the genes modelled
+    adata.obs["n_counts"] = np.log1p(totals)
+    from_anndata(adata, library_size_key="n_counts", likelihood="normal")  # values, not counts: not checked
+    with pytest.raises(DataError, match=rf"obs\['n_counts'\] is smaller than the cell's summed counts.*in "
+                                        rf"{adata.n_obs} cells \(e.g. cell0: {np.log1p(totals[0]):g} < {totals[0]:g}\)"
+                                        r".*log-scaled"):
+        from_anndata(adata, library_size_key="n_counts", likelihood="library_nb")
 
 
 def test_guide_columns_of_the_curated_norman_file_equal_the_labels():

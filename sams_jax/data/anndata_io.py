@@ -575,17 +575,30 @@ def check_empty(cell_nonzero: np.ndarray, gene_nonzero: np.ndarray, cell_names: 
                       "count (e.g. scanpy.pp.filter_cells(adata, min_genes=1))", DataWarning, stacklevel=3)
 
 
-def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None) -> np.ndarray:
+def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None,
+                  counts: bool = False) -> np.ndarray:
     """``[n_cells]`` float32: ``obs[library_size_key]`` when given, else ``row_sums`` (the
-    counts' row sums, from :func:`check_values`' pass)."""
+    counts' row sums, from :func:`check_values`' pass). ``counts``: the matrix holds
+    counts (count likelihoods), so a given library size below a cell's row sum (a total
+    count below the counts of some of its genes: log-scaled or normalised values) is an
+    error."""
+    row_sums = np.asarray(row_sums, dtype=np.float64).reshape(-1)
     if not library_size_key:
-        return np.asarray(row_sums, dtype=np.float64).reshape(-1).astype(np.float32)
+        return row_sums.astype(np.float32)
     column = _require_column(obs, library_size_key, "library sizes", "data.library_size_key")
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values) & (values > 0)):
         raise DataError(f"obs[{library_size_key!r}] must hold positive finite library sizes; "
                         f"{int((~(np.isfinite(values) & (values > 0))).sum())} cells do not; fix them, or drop "
                         "library_size_key to use the row sums of the counts")
+    below = np.flatnonzero(values + 0.5 < row_sums) if counts else []
+    if len(below):
+        cell = below[0]
+        raise DataError(f"obs[{library_size_key!r}] is smaller than the cell's summed counts of the modelled genes in "
+                        f"{len(below)} cells (e.g. {obs.index[cell]}: {values[cell]:g} < {row_sums[cell]:g}); a "
+                        "library size is a cell's total count over all its genes, so it cannot be smaller (is the "
+                        "column log-scaled or normalised?); fix it, or drop library_size_key to use the row sums "
+                        "of the counts")
     return values.astype(np.float32)
 
 
@@ -643,7 +656,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     gene_names = adata.var_names[columns].astype(str).tolist()
     check_empty(cell_nonzero, gene_nonzero, obs.index.astype(str), gene_names, what, likelihood, library_size_key,
                 genes=for_training)
-    library_size = library_sizes(obs, sums, library_size_key)
+    library_size = library_sizes(obs, sums, library_size_key, counts=likelihood in COUNT_LIKELIHOODS)
     if isinstance(counts, BackedMatrix):
         x = counts
     elif sp.issparse(counts):  # a copy unless read from a file here (the caller's AnnData stays untouched)
