@@ -65,9 +65,11 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
     ``generated_observation`` (``(variables, dosages [n, T], library_size [n], max_active,
     rngs=...)``) make the cells.
 
-    ``method="paper"``: one ``generate`` call per chunk draws ``I_c x S_c`` cells, each with
-    its own random numbers (or, with ``summed_observations`` where it applies, see the
-    module docstring, the chunk's latents and one summed draw of ``x`` per intervention).
+    ``method="paper"``: a chunk draws ``I_c x S_c`` cells, each with its own random
+    numbers (or, with ``summed_observations`` where it applies, see the module docstring,
+    the chunk's latents and one summed draw of ``x`` per intervention); an intervention's
+    random numbers come from its row index (``fold_in(rng, i)``), so its estimate is the
+    same whatever rows follow it (e.g. extra interventions appended to a list).
     ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
     over interventions with an unbatched key, so the draws are made once and broadcast),
     and so does the control. Jittable (everything but the arrays is static).
@@ -110,12 +112,19 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
             key = jax.random.fold_in(rng, particle_chunk_index)
             values = jax.vmap(lambda d: draw(jnp.broadcast_to(d, (chunk, n_perturbations)), key))(rows)
             return jnp.where(valid[None, :, None], values, 0.0).sum(1)
-        key = jax.random.fold_in(jax.random.fold_in(rng, row_chunk), particle_chunk_index)
-        cells = jnp.repeat(rows, chunk, axis=0)
-        total = summed(cells, key, valid) if use_sums else None  # None: the likelihood has no closed-form sum
-        if total is not None:
-            return total
-        values = draw(cells, key).reshape(per_row, chunk, -1)
+        # each intervention's own key, from its position in ``dosages``: its estimate does not depend on
+        # which other interventions are estimated with it
+        row_keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(rng, row), particle_chunk_index))(
+            row_chunk * per_row + jnp.arange(per_row))
+
+        def row_cells(d):  # d [T] -> [S_c, T]
+            return jnp.broadcast_to(d, (chunk, n_perturbations))
+
+        if use_sums:
+            total = jax.eval_shape(summed, row_cells(rows[0]), row_keys[0], valid)
+            if total is not None:  # None: the likelihood has no closed-form sum
+                return jax.vmap(lambda d, key: summed(row_cells(d), key, valid)[0])(rows, row_keys)
+        values = jax.vmap(lambda d, key: draw(row_cells(d), key))(rows, row_keys)
         return jnp.where(valid[None, :, None], values, 0.0).sum(1)
 
     def row_chunk_sums(args):  # -> [I_c, G] sums over all particles
