@@ -79,7 +79,7 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     keep = np.asarray(keep, dtype=np.int64)
     names = [predictor.intervention_name(row) for row in rows[keep]]
     membership = {split: np.isin(keep, np.unique(inverse[data.mask(split)])) for split in SPLITS}
-    membership["learned"] = learned_rows(predictor, rows[keep])
+    membership["learned"] = predictor.learned(rows[keep])
     return names, rows[keep], membership, counts[keep]
 
 
@@ -106,13 +106,6 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
             "fixed library size of 10,000 (SPEC 5) with the data's raw count means at their own library sizes; use "
             "the 'perturbseq' scale (the default), which scales every cell to 10,000 counts on both sides, or "
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
-
-
-def learned_rows(predictor: Predictor, rows: np.ndarray) -> np.ndarray:
-    """``[I]`` bool: every perturbation of a dosage row ``[I, T]`` had training cells when
-    the model was trained (the checkpoint's metadata)."""
-    trained = np.asarray(predictor.metadata["cells_per_perturbation"]["train"]) > 0
-    return np.all(trained | (np.asarray(rows) == 0), axis=1)
 
 
 def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int = 100, ate_particles: int = 2_500,
@@ -186,7 +179,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             is_learned = np.concatenate([membership["learned"],
-                                         learned_rows(predictor, predictor.dosages(all_names[1 + n_observed:]))])
+                                         predictor.learned(predictor.dosages(all_names[1 + n_observed:]))])
         unlearned = [name for name, learned in zip(all_names[1 + n_observed:], is_learned[n_observed:]) if not learned]
         if unlearned:
             warnings.warn(f"interventions {unlearned} have members without training cells; their effects are the "

@@ -168,6 +168,17 @@ class Predictor:
             warnings.simplefilter("ignore", InterventionWarning)
             return self.intervention_name(self.dosages([name])[0])
 
+    def learned(self, rows: np.ndarray) -> np.ndarray:
+        """``[I]`` bool: every perturbation of each dosage row (``[I, T]``) had training
+        cells when the model was trained (the checkpoint's metadata). The effects of the
+        others are the prior's, not learned. All rows where the metadata has no counts (a
+        predictor built by hand)."""
+        counts = self.metadata.get("cells_per_perturbation", {}).get("train")
+        if counts is None:
+            return np.ones(len(rows), bool)
+        trained = np.asarray(counts) > 0
+        return np.all(trained | (np.asarray(rows) == 0), axis=1)
+
     def intervention_name(self, row: np.ndarray) -> str:
         """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
         members = [self.perturbation_names[t] for t in np.nonzero(row)[0]]
@@ -214,9 +225,17 @@ class Predictor:
             raise InterventionError("this model's data has no control label; pass control=...")
         scale = scale or self.default_scale
         means = self.expectations([control, *interventions], n_particles, scale, method, seed, library_size)
+        with warnings.catch_warnings():  # expectations() has warned about these names already
+            warnings.simplefilter("ignore", InterventionWarning)
+            learned = self.learned(self.dosages([control, *interventions]))
+        if not learned.all():
+            unlearned = [name for name, ok in zip([control, *interventions], learned) if not ok]
+            warnings.warn(f"{unlearned[:10]}{' and others' if len(unlearned) > 10 else ''} ({len(unlearned)} in all) have "
+                          "members without training cells: their effects are the prior's, not learned "
+                          "(obs['learned'] is False)", InterventionWarning, stacklevel=2)
         result = anndata.AnnData(
             X=(means[1:] - means[0]).astype(np.float32),
-            obs=pd.DataFrame(index=pd.Index(interventions, name="intervention", dtype=object)),
+            obs=pd.DataFrame({"learned": learned[1:]}, index=pd.Index(interventions, name="intervention", dtype=object)),
             var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)),
             layers={"expectation": means[1:].astype(np.float32)},
         )

@@ -22,7 +22,7 @@ from sams_jax.ate import data_expectations, transform
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import DataError, simulate
 from sams_jax.models import SAMSVAE
-from sams_jax.predictor import InterventionError, Predictor
+from sams_jax.predictor import InterventionError, InterventionWarning, Predictor
 from sams_jax.train import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -365,7 +365,6 @@ def _unique_predictor():
 
 
 def test_intervention_names_in_any_order_each_member_once():
-    from sams_jax.predictor import InterventionWarning
 
     predictor, _ = _linear_predictor()
     np.testing.assert_array_equal(predictor.dosages("c+b"), [[0, 1, 1, 0]])  # one name, members in any order
@@ -436,6 +435,11 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
     assert (out / "ate_scatter.png").exists()
+    # the Python API says so too
+    with pytest.warns(InterventionWarning, match=r"\['5', '4\+5'\] \(2 in all\) have members without training "
+                                                 r"cells.*obs\['learned'\] is False"):
+        effects = predictor.ate(["4", "5", "4+5"], n_particles=8)
+    assert effects.obs["learned"].tolist() == [True, False, False]
 
     predictor.control = None
     with pytest.warns(evaluate_lib.EvaluationWarning, match="no control label, so there are no ATEs"):
