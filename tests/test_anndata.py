@@ -221,6 +221,26 @@ def test_combination_labels_read_wrongly_warn():
     assert "HLA" in data.perturbation_names
 
 
+
+def test_labels_that_look_misspelled_missing_or_like_controls_warn():
+    """Names differing only in case, names that are missing values written as text, and
+    names that look like controls are learned as perturbations, with a warning each."""
+    cases = [("klf1", r"1 groups of perturbation names differ only in case or white space, e.g. \['A / a'\]"),
+             ("nan", r"perturbation names \['nan'\] look like missing values"),
+             ("NegCtrl1", r"perturbation names \['NegCtrl1'\] look like control labels, but the control is "
+                          r"'control'")]
+    for extra, message in cases:
+        label = "a" if extra == "klf1" else extra
+        labels = ["control"] * 30 + [c for c in SINGLES + [label] for _ in range(10)]
+        with pytest.warns(DataWarning, match=message):
+            data = from_anndata(make_screen(labels=labels))
+        assert label in data.perturbation_names
+    for gene in ("NT5E", "NTRK1", "CONTROLLER1"):  # genes, not controls
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataWarning)
+            from_anndata(make_screen(labels=["control"] * 30 + [c for c in SINGLES + [gene] for _ in range(10)]))
+
+
 # -------------------------------------------------------------------------- validation
 
 

@@ -322,6 +322,11 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
     return Conditions(labels=unique_labels[codes], members=unique_members[codes], names=names)
 
 
+MISSING_LABELS = frozenset({"nan", "none", "na", "<na>", "null", "n/a", ""})  # casefolded
+# names that usually mean control cells: ctrl, control, NT, neg(ative) ctrl, non-targeting, safe-targeting,
+# scramble(d), each possibly numbered (non-targeting_2, NegCtrl0)
+CONTROL_LIKE = re.compile(r"^(ctrl|control|nt|neg|negative|negctrl|neg[-_ ]?ctrl|neg[-_ ]?control|negative[-_ ]?control"
+                          r"|non[-_ ]?targeting|safe[-_ ]?targeting|scrambled?)([-_ .]?\d+)?$", re.IGNORECASE)
 SEPARATORS = ("+", "|", ";", ",", "_")  # characters that commonly join the members of a combination label
 
 
@@ -331,10 +336,16 @@ def _joins_singles(parts: list[str], singles: set[str], is_control) -> bool:
     return sum(part in singles for part in parts) >= 2 and all(part in singles or is_control(part) for part in parts)
 
 
-def check_combination_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: str, control: str | None,
+def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: str, control: str | None,
                              control_match: str, delimiter: str | None, encode_combinations: str) -> None:
-    """:class:`DataWarning` for combination labels that the registration probably reads
-    wrongly (training registrations of labelled conditions):
+    """:class:`DataWarning` for labels that the registration probably reads wrongly
+    (training registrations of labelled conditions):
+
+    * perturbation names that differ only in case or white space (``"KLF1"``, ``"klf1"``):
+      separate perturbations;
+    * names that look like missing values (``"nan"``, ``"None"``, ``"NA"``: what
+      ``astype(str)`` makes of a gap) or like controls (``"NT"``, ``"non-targeting_2"``,
+      ``"NegCtrl"``) but are not the control: learned as perturbations;
 
     * labels joined by a separator other than ``delimiter`` whose parts are all labels of
       their own, two of them perturbations (``"A+B"`` with ``delimiter=None`` when ``"A"``
@@ -349,6 +360,26 @@ def check_combination_labels(obs: pd.DataFrame, conditions: Conditions, perturba
     """
     labels = pd.unique(obs[perturbation_key].astype(str))
     is_control = _control_test(control, control_match)
+    by_folded: dict[str, list[str]] = {}
+    for name in conditions.names:
+        by_folded.setdefault(re.sub(r"\s+", "", name).casefold(), []).append(name)
+    clashes = [" / ".join(names) for names in by_folded.values() if len(names) > 1]
+    if clashes:
+        warnings.warn(f"{len(clashes)} groups of perturbation names differ only in case or white space, e.g. "
+                      f"{_show(clashes[:3])}: each name is a perturbation of its own. If they are one, write them "
+                      f"alike in obs[{perturbation_key!r}]", DataWarning, stacklevel=3)
+    missing = [name for name in conditions.names if name.casefold() in MISSING_LABELS]
+    if missing:
+        warnings.warn(f"perturbation names {_show(missing)} look like missing values (what astype(str) makes of NaN "
+                      f"or None), but are learned as perturbations; label these cells in obs[{perturbation_key!r}] "
+                      "or drop them", DataWarning, stacklevel=3)
+    control_like = [name for name in conditions.names if CONTROL_LIKE.match(name)]
+    if control_like:
+        which = f"the control is {control!r}" if control is not None else "the data have no control (control=None)"
+        warnings.warn(f"perturbation names {_show(control_like)} look like control labels, but {which}: their cells "
+                      "are learned as perturbations. If they are controls, give them the control label, or use "
+                      "control_match='contains' with a string every control label contains",
+                      DataWarning, stacklevel=3)
     if control_match == "contains" and control:
         as_token = re.compile(rf"(?<![A-Za-z0-9]){re.escape(control)}(?![A-Za-z0-9])")
         inside = [label for label in labels if control in label and not as_token.search(label)]
@@ -643,7 +674,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                                   guide_column_pattern, require_control=for_training)
     dosages, perturbation_names = encode_dosages(conditions, encode_combinations, perturbations)
     if for_training and not guide_column_pattern:
-        check_combination_labels(adata.obs, conditions, perturbation_key, control, control_match, delimiter,
+        check_labels(adata.obs, conditions, perturbation_key, control, control_match, delimiter,
                                  encode_combinations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
