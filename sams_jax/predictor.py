@@ -146,7 +146,9 @@ class Predictor:
             if member in self._index:
                 members.append(member)
             elif member != self.control or not member:
-                close = difflib.get_close_matches(member, self.perturbation_names, n=5, cutoff=0.5)
+                same_letters = [n for n in self.perturbation_names if n.casefold() == member.casefold()]
+                close = list(dict.fromkeys(same_letters + difflib.get_close_matches(
+                    member, self.perturbation_names, n=5, cutoff=0.5)))[:5]
                 hint = f"closest known names: {close}" if close else \
                     f"known names include {self.perturbation_names[:10]}"
                 if self.control is not None:

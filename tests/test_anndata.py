@@ -404,6 +404,12 @@ def test_missing_layer_and_bad_split_values():
     with pytest.raises(DataError, match=r"no layer 'raw'; layers: \['counts'\].*counts_layer=None"):
         from_anndata(make_screen(), counts_layer="raw")
     adata = make_screen()
+    adata.raw = adata.copy()
+    del adata.layers["counts"]
+    with pytest.raises(DataError, match=r"no layer 'counts'; layers: \[\] \(adata.raw holds a matrix.*"
+                                        r"adata.layers\['counts'\] = adata.raw\[:, adata.var_names\].X\)"):
+        from_anndata(adata)
+    adata = make_screen()
     adata.obs["split"] = "training"
     with pytest.raises(DataError, match=r"obs\['split'\] has values \['training'\]"):
         from_anndata(adata, split_key="split")

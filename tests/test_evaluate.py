@@ -199,6 +199,8 @@ def test_unknown_intervention_lists_closest_names():
     np.testing.assert_array_equal(predictor.dosages(["b+c", "control"]), [[0, 1, 1, 0], [0, 0, 0, 0]])
     with pytest.raises(InterventionError, match=r"unknown perturbation 'cc'.*closest known names: \['c'\]"):
         predictor.dosages(["a+cc"])
+    with pytest.raises(InterventionError, match=r"unknown perturbation 'B'.*closest known names: \['b'\]"):
+        predictor.dosages(["B"])  # names differing only in case come first
 
 
 def test_data_expectations_by_hand_on_both_scales():

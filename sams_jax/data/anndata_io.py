@@ -529,8 +529,10 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
 def _matrix(adata, counts_layer: str | None):
     if counts_layer:
         if counts_layer not in adata.layers:
-            raise DataError(f"the AnnData has no layer {counts_layer!r}; layers: {list(adata.layers.keys())}; pass "
-                            "counts_layer=<layer> holding raw counts, or counts_layer=None "
+            raw = " (adata.raw holds a matrix: if it is the raw counts, copy them into a layer, e.g. " \
+                  "adata.layers['counts'] = adata.raw[:, adata.var_names].X)" if adata.raw is not None else ""
+            raise DataError(f"the AnnData has no layer {counts_layer!r}; layers: {list(adata.layers.keys())}{raw}; "
+                            "pass counts_layer=<layer> holding raw counts, or counts_layer=None "
                             "(--config.data.counts_layer='') to use X")
         return adata.layers[counts_layer]
     if adata.X is None:
