@@ -425,6 +425,10 @@ def test_check_compatible_names_missing_extra_genes_and_unknown_perturbations():
     new = make_screen(labels=["A+G"] * 5 + ["control"] * 5)
     with pytest.raises(DataError, match=r"not in the vocabulary of 6: \['G'\]"):
         check_compatible(metadata, new)
+    new = make_screen(labels=["A"] * 5 + ["control"] * 5 + ["NT"] * 5)  # its controls written otherwise
+    with pytest.raises(DataError, match=r"\['NT'\].*if \['NT'\] are this file's control cells, register it with its "
+                                        r"control label \(predictor.register\(adata, control='NT'\)\)"):
+        check_compatible(metadata, new)
 
 
 # ------------------------------------------------------------------------------ splits

@@ -466,9 +466,12 @@ def check_vocabulary(conditions: Conditions, vocabulary: Sequence[str], encode_c
         unknown = [conditions.names[i] for i in unknown_columns]
         cells = conditions.members[:, unknown_columns].any(axis=1)
     if unknown:
+        control_like = [name for name in unknown if CONTROL_LIKE.match(name)]
+        hint = f"; if {_show(control_like, 3)} are this file's control cells, register it with its control label " \
+               f"(predictor.register(adata, control={control_like[0]!r}))" if control_like else ""
         raise DataError(f"{len(unknown)} perturbations are not in the vocabulary of {len(known)}: {_show(unknown)} "
                         f"(in conditions {_show(pd.unique(conditions.labels[cells]), 5)}); a model predicts only "
-                        "perturbations it was trained on: drop these cells, or train on data that contains them")
+                        f"perturbations it was trained on: drop these cells, or train on data that contains them{hint}")
 
 
 def encode_dosages(conditions: Conditions, encode_combinations: str = "additive",
