@@ -67,9 +67,10 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
 
     ``method="paper"``: a chunk draws ``I_c x S_c`` cells, each with its own random
     numbers (or, with ``summed_observations`` where it applies, see the module docstring,
-    the chunk's latents and one summed draw of ``x`` per intervention); an intervention's
-    random numbers come from its row index (``fold_in(rng, i)``), so its estimate is the
-    same whatever rows follow it (e.g. extra interventions appended to a list).
+    the chunk's latents and one summed draw of ``x`` per intervention). Every chunk holds
+    ``intervention_chunk`` rows (the last padded), so an intervention's random numbers
+    depend on its position in ``dosages`` only, and its estimate is the same whatever rows
+    follow it (e.g. extra interventions appended to a list).
     ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
     over interventions with an unbatched key, so the draws are made once and broadcast),
     and so does the control. Jittable (everything but the arrays is static).
@@ -86,7 +87,9 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
         particle_chunk = particle_chunk_size(n_genes, intervention_chunk)
     chunk = min(particle_chunk, n_particles)
     n_particle_chunks = -(-n_particles // chunk)
-    per_row = min(intervention_chunk, n_interventions)
+    # every chunk holds intervention_chunk rows (the last one padded), so a row's random numbers depend on its
+    # position only, not on how many rows there are
+    per_row = intervention_chunk if method == "paper" else min(intervention_chunk, n_interventions)
     n_row_chunks = -(-n_interventions // per_row)
     padded = jnp.pad(dosages, ((0, n_row_chunks * per_row - n_interventions), (0, 0)))
     library = jnp.full((chunk,), library_size, dosages.dtype)
@@ -112,19 +115,12 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
             key = jax.random.fold_in(rng, particle_chunk_index)
             values = jax.vmap(lambda d: draw(jnp.broadcast_to(d, (chunk, n_perturbations)), key))(rows)
             return jnp.where(valid[None, :, None], values, 0.0).sum(1)
-        # each intervention's own key, from its position in ``dosages``: its estimate does not depend on
-        # which other interventions are estimated with it
-        row_keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(rng, row), particle_chunk_index))(
-            row_chunk * per_row + jnp.arange(per_row))
-
-        def row_cells(d):  # d [T] -> [S_c, T]
-            return jnp.broadcast_to(d, (chunk, n_perturbations))
-
-        if use_sums:
-            total = jax.eval_shape(summed, row_cells(rows[0]), row_keys[0], valid)
-            if total is not None:  # None: the likelihood has no closed-form sum
-                return jax.vmap(lambda d, key: summed(row_cells(d), key, valid)[0])(rows, row_keys)
-        values = jax.vmap(lambda d, key: draw(row_cells(d), key))(rows, row_keys)
+        key = jax.random.fold_in(jax.random.fold_in(rng, row_chunk), particle_chunk_index)
+        cells = jnp.repeat(rows, chunk, axis=0)
+        total = summed(cells, key, valid) if use_sums else None  # None: the likelihood has no closed-form sum
+        if total is not None:
+            return total
+        values = draw(cells, key).reshape(per_row, chunk, -1)
         return jnp.where(valid[None, :, None], values, 0.0).sum(1)
 
     def row_chunk_sums(args):  # -> [I_c, G] sums over all particles
