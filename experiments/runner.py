@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import runpy
 import signal
 import subprocess
@@ -304,6 +305,14 @@ def default_workers(memory_gb: float) -> int:
 
 def cell_dir(out: pathlib.Path, cell: Cell) -> pathlib.Path:
     return out / "runs" / cell.id
+
+
+def _runner_message(error: Exception) -> str:
+    """An error's message for this command line: a ``KeyError``'s without the quotes
+    ``str`` adds, and the training command's ``--config.FIELD=VALUE`` hints as the runner's
+    ``--set FIELD=VALUE``."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return re.sub(r"--config\.([\w.]+)=", r"--set \1=", str(message))
 
 
 def is_done(out: pathlib.Path, cell: Cell) -> bool:
@@ -707,7 +716,7 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
 
             check_layout(ml_collections.ConfigDict(cells[0].config).data)
     except (KeyError, ValueError, FileNotFoundError) as error:
-        parser.error(str(error).strip("\"'"))
+        parser.error(_runner_message(error))
     out = args.out.resolve()
     if args.list:
         for cell in cells:
