@@ -120,6 +120,10 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     data must be those the run was trained on (:func:`check_trained_data`)."""
     predictor = load(workdir, checkpoint)
     if data is None:
+        if predictor.metadata.get("data_source") == "python":
+            raise EvaluationError(f"{workdir} was trained on data passed from Python (train_and_evaluate(config, "
+                                  "workdir, data=data)), which its saved config.data does not describe; evaluate it "
+                                  "from Python with the same data: sams_jax.evaluate.evaluate(workdir, data=data)")
         data_config = ml_collections.ConfigDict(predictor.config.data.to_dict())
         if data_path is not None:
             if data_config.source != "anndata":

@@ -383,6 +383,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     """
     distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
+    data_source = "config" if data is None else "python"  # python: config.data does not describe the data
     if data is None:
         data = load_data(config.data, config.model.likelihood)
     data.validate(config.model.likelihood)
@@ -401,7 +402,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     model = create_model(config.model, data.n_genes, data.n_perturbations)
     optimizer = create_optimizer(config.train)
     stats = data.normalization_stats(config.model.normalization)
-    metadata = data.metadata(config.model.normalization, stats)
+    metadata = {**data.metadata(config.model.normalization, stats), "data_source": data_source}
     config_dict = json.loads(config.to_json_best_effort())
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(model, optimizer, stats, init_key)

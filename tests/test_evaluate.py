@@ -466,6 +466,14 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     with pytest.raises(DataError, match=r"not the data it was trained on: median_library_size; normalization_stats.*"
                                         r"evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
+    # a run whose checkpoint records data passed from Python: said first, before any data is rebuilt
+    predictor = sams_jax.load(str(workdir))
+    assert predictor.metadata["data_source"] == "config"
+    predictor.metadata["data_source"] = "python"
+    monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
+    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*"
+                                                           r"sams_jax.evaluate.evaluate\(workdir, data=data\)"):
+        evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
 
 
 def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):
