@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ate_throughput import evaluation_config, synthetic_cells  # noqa: E402
-from common import machine, write_json  # noqa: E402
+from common import HelpFormatter, machine, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +142,7 @@ def output_difference(first: list, other: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=["iwelbo", "ate", "train"], default="iwelbo")
     parser.add_argument("--scale", choices=["simulation", "replogle"], default="simulation")
     parser.add_argument("--old", default=None, help="git revision to compare the working tree with")

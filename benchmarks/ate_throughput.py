@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
+from common import HelpFormatter, flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
 from sams_jax.ate import model_expectations, particle_chunk_size  # noqa: E402
 from sams_jax.config import base_config  # noqa: E402
@@ -107,7 +107,7 @@ def estimator_spread(predictor: Predictor, interventions, seeds: int = 5) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=["simulation", "replogle"], default="simulation")
     parser.add_argument("--workdir", default=None, help="trained run to load (simulation task)")
     parser.add_argument("--ate-particles", type=int, default=2_500)

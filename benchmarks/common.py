@@ -3,6 +3,7 @@ config loading (a configs/*.py path or a named benchmark scale) and FLOP counts.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -13,6 +14,15 @@ import jax
 import jax.numpy as jnp
 
 SCALES = ("replogle_scale", "norman_scale")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``, unless its help already says what it is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -93,8 +93,11 @@ def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
 
 
 def main() -> None:
+    sys.path.insert(0, HERE)
+    from common import HelpFormatter
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", default="benchmarks/out/compare", help="output prefix (.json and .md)")
     parser.add_argument("--quick", action="store_true", help="few dispatches and particles (smoke run)")
     parser.add_argument("--backends", nargs="*", default=None,

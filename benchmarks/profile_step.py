@@ -38,7 +38,7 @@ import tempfile
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config, machine, matmul_rate, memory_bandwidth, write_json  # noqa: E402
+from common import HelpFormatter, load_config, machine, matmul_rate, memory_bandwidth, write_json  # noqa: E402
 from train_throughput import TrainingRun  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def process_cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", default="replogle_scale", help="a configs/*.py file or a named scale")
     parser.add_argument("--dispatches", type=int, default=10, help="timed dispatches (untraced)")
     parser.add_argument("--steps-per-dispatch", type=int, default=None)

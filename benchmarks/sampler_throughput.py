@@ -23,7 +23,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import HelpFormatter, machine, write_json  # noqa: E402
 
 from sams_jax.samplers import sample_negative_binomial  # noqa: E402
 
@@ -44,7 +44,7 @@ def _median_seconds(fn, *args, repeats: int = 5) -> tuple[float, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", default="benchmarks/out/sampler.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -66,6 +66,7 @@ def main():
             print(f"{setting:13s} {name:10s} {seconds * 1e3:8.1f} ms  {CELLS * GENES / seconds / 1e6:6.1f} M counts/s"
                   f"  (first call {first:.1f} s)")
     write_json(args.out, {"rows": rows, **machine()})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import HelpFormatter, machine, write_json  # noqa: E402
 
 MODES = ("stream", "paired", "memory", "sparse")
 
@@ -279,7 +279,7 @@ def run_mode(path: str, mode: str, n_dispatches: int, steps_per_dispatch: int, m
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--path", default="/tmp/sams_jax_screen.h5ad", help="where the .h5ad is written")
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--genes", type=int, default=2_000)

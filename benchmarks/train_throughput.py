@@ -37,7 +37,7 @@ from sams_jax.distributed import DataParallel
 from sams_jax.train import BatchSchedule, create_optimizer, create_train_state, make_train_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cost_analysis, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
+from common import HelpFormatter, cost_analysis, load_config, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
 
 class TrainingRun:
@@ -118,7 +118,7 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", default="configs/simulation.py")
     parser.add_argument("--batch-size", type=int, nargs="*", default=None,
                         help="batch sizes to measure (default: the config's)")

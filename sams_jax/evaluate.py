@@ -285,16 +285,18 @@ def main(argv=None) -> None:
     parser.add_argument("--data-path", default=None,
                         help="the training data file's path, where it has moved since training (default: the path "
                              "saved with the checkpoint); it must hold the same data")
-    parser.add_argument("--iwelbo-particles", type=int, default=100)
-    parser.add_argument("--ate-particles", type=int, default=2_500)
+    parser.add_argument("--iwelbo-particles", type=int, default=100, help="particles per cell of the held-out "
+                        "IWELBO (default: %(default)s)")
+    parser.add_argument("--ate-particles", type=int, default=2_500, help="particles per intervention of the model "
+                        "ATEs (default: %(default)s)")
     parser.add_argument("--ate-scale", choices=["mean", "perturbseq"], default=None,
                         help="default: perturbseq for count likelihoods, mean otherwise")
     parser.add_argument("--ate-method", choices=["paper", "crn"], default="paper",
-                        help="paper: independent draws per intervention; crn: common random numbers")
+                        help="paper (default): independent draws per intervention; crn: common random numbers")
     parser.add_argument("--control", default=None, help="control label (default: the data's)")
     parser.add_argument("--interventions", default="",
                         help="extra interventions to predict, comma-separated, e.g. 'A,B+C'")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the IWELBO and ATE draws (default: %(default)s)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--sparse-basis-restarts", type=int, default=8,
                         help="starts of the sparse-basis fit (sams_jax.basis); 0 skips it (about 1 s at K = 15, "

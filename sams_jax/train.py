@@ -713,7 +713,9 @@ def cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py); override any of its fields with "
+                                    "--config.<field>=<value>, e.g. --config.train.max_steps=5000 (every field and "
+                                    "its default: sams_jax.config.base_config).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, history.csv and metrics.json.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=_parse_flags)
