@@ -4,6 +4,8 @@ heatmaps of mask probabilities and embeddings (perturbations ordered by similari
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -50,10 +52,10 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
     ax.scatter(data_ate[keep & top], model_ate[keep & top], s=5, alpha=0.6, color="C3", label="top-20 DE genes")
     lo = float(np.nanmin([data_ate[keep].min(), model_ate[keep].min()])) if keep.any() else -1.0
     hi = float(np.nanmax([data_ate[keep].max(), model_ate[keep].max()])) if keep.any() else 1.0
-    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, label="model = data")
     ax.set_xlabel("data ATE")
     ax.set_ylabel("model ATE")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=50), fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -62,12 +64,12 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
 
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
                  max_rows: int = 200, value_range: tuple[float, float] | None = None,
-                 xlabel: str = "latent dimension", marked: pd.DataFrame | None = None) -> None:
+                 xlabel: str = "latent dimension", marked: pd.DataFrame | None = None,
+                 value_label: str = "") -> None:
     """Perturbations (rows, ordered by similarity; at most ``max_rows``, those of largest
     summed absolute value, as the title then says) x latent dims; entries where ``marked``
-    (same shape, booleans) is true get a dot. The title wraps to the figure's width."""
-    import textwrap
-
+    (same shape, booleans) is true get a dot. The title wraps to the figure's width;
+    ``value_label`` names the colour bar."""
     plt = _pyplot()
     values = frame.to_numpy()
     dots = np.zeros(values.shape, bool) if marked is None else marked.to_numpy(bool)
@@ -94,7 +96,7 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     ax.set_ylabel("perturbation")
     ax.set_yticks(range(values.shape[0]), index, fontsize=6 if values.shape[0] <= 100 else 5)
     ax.set_title(textwrap.fill(title, width=int(width * 8)), fontsize=10)
-    fig.colorbar(image, ax=ax, shrink=0.6)
+    fig.colorbar(image, ax=ax, shrink=0.6, label=value_label or None)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -437,6 +437,9 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
     assert (out / "ate_scatter.png").exists()
+    # the sparse basis was skipped (sparse_basis_restarts=0): its scores are null, not left out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert all(saved[f"sparse_basis_{name}"] is None for name in ("precision", "recall", "f1"))
     # the Python API says so too
     with pytest.warns(InterventionWarning, match=r"\['5', '4\+5'\] \(2 in all\) have members without training "
                                                  r"cells.*obs\['learned'\] is False"):
