@@ -129,6 +129,36 @@ def test_summed_observations_have_the_paper_estimators_distribution():
     np.testing.assert_allclose(per_cell.std(0), np.sqrt(np.e / 5), rtol=0.12)  # sigma / sqrt(S)
 
 
+def test_model_expectations_fix_the_library_size_at_ten_thousand():
+    """SPEC 5: model expectations generate cells with library size 10,000. For a
+    ``library_nb`` SAMS-VAE (NB mean ``l * softmax + 1e-4``, concentration ``e^5`` so
+    that the draws are nearly Poisson), every intervention's expected counts on the mean
+    scale sum over genes to about 10,000, by default both in :func:`model_expectations` and
+    in :meth:`Predictor.expectations`."""
+    from ml_collections import ConfigDict
+
+    t, k, g = 3, 2, 20
+    model = SAMSVAE(n_genes=g, n_perturbations=t, n_latent=k, likelihood="library_nb", normalization="none",
+                    guide="mean_field", decoder_n_hidden=8, basal_encoder_n_hidden=4)
+    dummy = (jnp.zeros((2, g)), jnp.zeros((2, t)), jnp.ones(2))
+    variables = jax.jit(model.init)({"params": jax.random.key(0), "globals": jax.random.key(1),
+                                     "local": jax.random.key(2)}, *dummy)
+    params = {**variables["params"], "embedding_loc": jnp.ones((t, k))}
+    params["likelihood_head"] = {**params["likelihood_head"], "log_theta": jnp.full((g,), 5.0)}
+    config = ConfigDict({"model": {"likelihood": "library_nb", "name": "sams_vae"}})
+    metadata = {"feature_names": [f"g{i}" for i in range(g)], "perturbation_names": ["a", "b", "c"],
+                "control": "control"}
+    predictor = Predictor(model, {**variables, "params": params}, config, metadata, 0, "")
+    interventions = ["control", "a", "b+c", "c"]
+    means = predictor.expectations(interventions, n_particles=64, scale="mean", seed=1)
+    assert means.shape == (4, g)
+    np.testing.assert_allclose(means.sum(1), 10_000.0, rtol=0.02)
+    # sams_jax.ate.model_expectations (jitted by the predictor) without a library size
+    default = np.asarray(predictor._expectations(predictor.variables, jnp.asarray(predictor.dosages(interventions)),
+                                                 jax.random.key(3), n_particles=64, scale="mean"))
+    np.testing.assert_allclose(default.sum(1), 10_000.0, rtol=0.02)
+
+
 def test_summed_observation_closed_forms():
     from sams_jax.likelihoods import GammaPoisson, Normal, summed_observation
 

@@ -366,3 +366,131 @@ def test_generation_draws_equal_numpyro(small):
     q_embedding = model.apply(variables, mask, rows, method=lambda m, k, r: m.q_embedding(k, r))
     embedding = q_embedding.loc + jnp.moveaxis(jax.random.normal(second, (3, 4, 1)), 0, -1) * q_embedding.scale
     np.testing.assert_array_equal(offsets, (embedding * mask)[:, 0])
+
+
+# --- reductions and whole-split scoring, rebuilt by hand ------------------------------------
+
+def _jit_init(model, batch):
+    """``_init`` compiled as one program (op-by-op initialisation is slow on the CPU)."""
+    keys = {"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)}
+    return jax.jit(model.init)(keys, batch["x"], batch["dosages"], batch["library_size"])
+
+
+@pytest.fixture(scope="module")
+def small_model(small):
+    """A SAMS-VAE (correlated guide) on the ``small`` data, initialised once."""
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, normalization="none", mask_prior_prob=0.2)
+    return model, _jit_init(model, small[1])
+
+
+def test_iwelbo_subtracts_log_particles():
+    """IWELBO = logsumexp_s elbo[s, i] - log S: a constant ``c`` over S = 5 particles gives
+    exactly ``c``, and random values match scipy's logsumexp minus log S."""
+    from scipy.special import logsumexp
+
+    constant = jnp.full((5, 4), -3.25)
+    np.testing.assert_allclose(reduce_objective(constant, "iwelbo"), np.full(4, -3.25), rtol=1e-6)
+    elbo = np.random.default_rng(2).normal(size=(5, 9)) * 4
+    np.testing.assert_allclose(reduce_objective(jnp.asarray(elbo), "iwelbo"), logsumexp(elbo, 0) - np.log(5),
+                               rtol=1e-5)
+    np.testing.assert_allclose(reduce_objective(jnp.asarray(elbo), "elbo"), elbo.mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["elbo", "iwelbo"])
+def test_loss_is_minus_the_mean_over_cells_of_the_particle_reduction(small, small_model, kind):
+    """``loss_fn`` = ``-mean_i reduce_s elbo[s, i]``, rebuilt from ``sample_particles`` with
+    the same keys (``particle_keys(rng, S)``): a mean over cells, not a sum (the scale of the
+    loss must not grow with the batch size)."""
+    data, batch = small
+    model, variables = small_model
+    scale = jnp.asarray(plate_scale(data.cells_per_perturbation("train")))
+    config = ObjectiveConfig(kind=kind, n_particles=3)
+    rng = jax.random.key(11)
+    loss, terms = jax.jit(lambda v: (loss_fn(model.apply, config, v, rng, batch, scale),
+                                     sample_particles(model.apply, v, batch, *particle_keys(rng, 3))))(variables)
+    per_cell = np.asarray(reduce_objective(elbo_per_cell(terms, batch["dosages"], scale, config), kind))
+    assert per_cell.shape == (batch["x"].shape[0],) and batch["x"].shape[0] > 1
+    np.testing.assert_allclose(loss, -per_cell.mean(), rtol=1e-5)
+
+
+def test_score_split_shares_global_draws_across_chunks(small, small_model):
+    """Every chunk of a split scores the same ``n_particles`` global draws (the globals key
+    of ``particle_keys(rng, S)``): a score depending only on the global draws is the same
+    for all 23 cells in chunks of 5, and equals its value from ``sample_particles`` with
+    those keys."""
+    from sams_jax.objective import score_split
+
+    arrays = {k: v[:23] for k, v in small[1].items()}
+    model, variables = small_model
+    rng = jax.random.key(4)
+
+    def global_score(terms, batch):  # [chunk]: the particles' global log q, the same for every cell
+        total = sum(v.sum() for v in terms.global_log_q.values())
+        return jnp.broadcast_to(total, batch["x"].shape[:1])
+
+    scores, terms = jax.jit(lambda v: (score_split(model.apply, v, rng, arrays, 3, global_score, chunk_size=5),
+                                       sample_particles(model.apply, v, arrays, *particle_keys(rng, 3))))(variables)
+    scores = np.asarray(scores)
+    assert scores.shape == (23,)
+    expected = float(sum(v.sum() for v in terms.global_log_q.values()))
+    np.testing.assert_allclose(scores, np.full(23, expected), rtol=1e-6)
+
+
+def test_predictive_iwelbo_by_hand_leaves_out_the_global_terms(small, small_model):
+    """Predictive IWELBO (SPEC 5) per cell = logsumexp_s (log p(x | z) + log p(z_basal) -
+    log q(z_basal)) - log S, rebuilt from ``sample_particles`` with the keys
+    ``score_split`` uses for one chunk (globals: ``particle_keys(rng, S)``; locals:
+    ``split(fold_in(fold_in(rng, 1), 0), S)``); the global variables' log p - log q are
+    not part of it."""
+    from scipy.special import logsumexp
+
+    _, batch = small
+    model, variables = small_model
+    rng, n_particles = jax.random.key(9), 6
+    global_keys, _ = particle_keys(rng, n_particles)
+    local_keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, 1), 0), n_particles)
+    scores, terms = jax.jit(lambda v: (predictive_iwelbo(model.apply, v, rng, batch, n_particles, chunk_size=1000),
+                                       sample_particles(model.apply, v, batch, global_keys, local_keys)))(variables)
+    log_w = np.asarray(terms.log_likelihood + terms.local_log_p["z_basal"] - terms.local_log_q["z_basal"],
+                       np.float64)
+    np.testing.assert_allclose(scores, logsumexp(log_w, 0) - np.log(n_particles), rtol=1e-5, atol=1e-5)
+    global_ratio = sum(np.asarray(terms.global_log_p[v] - terms.global_log_q[v]).sum(-1) for v in terms.global_log_p)
+    assert np.abs(global_ratio).min() > 1e-2  # the global terms would have changed the score
+
+
+def test_decoder_sees_the_perturbation_offset(small):
+    """The likelihood decodes ``z_basal + D @ (embedding * mask)`` (SPEC 1). With the encoder
+    blind to the offset (``mean_field_encoder``), the same keys give the same ``z_basal``
+    for all-zero and one-hot dosages; with every mask on the log-likelihoods differ and
+    equal a hand decode of ``z_basal + offset``; with every mask off they are equal."""
+    _, batch = small
+    model = SAMSVAE(n_genes=6, n_perturbations=4, n_latent=3, guide="mean_field", mean_field_encoder=True,
+                    normalization="none", embedding_loc_init_scale=1.0)
+    variables = _jit_init(model, batch)
+    rngs = {"globals": jax.random.key(5), "local": jax.random.key(6)}
+    x, library = batch["x"], batch["library_size"]
+    one_hot = jax.nn.one_hot(jnp.arange(x.shape[0]) % 4, 4)
+
+    def draws(module, dosages):  # the particle's shift and z_basal, in __call__'s order of draws
+        shift, *_ = module.sample_globals()
+        z_basal = module.q_z_basal(x, dosages @ shift).rsample(module.make_rng("local"))
+        return shift, z_basal
+
+    def log_likelihood(module, z):
+        return module.p_x(z, library).log_prob(x).sum(-1)
+
+    @jax.jit
+    def run(v):  # the particle's log-likelihoods, its draws and the hand decodes, with the same keys
+        on = model.apply(v, x, one_hot, library, rngs=rngs).log_likelihood
+        off = model.apply(v, x, jnp.zeros_like(one_hot), library, rngs=rngs).log_likelihood
+        shift, z_basal = model.apply(v, one_hot, method=draws, rngs=rngs)
+        by_hand_on = model.apply(v, z_basal + one_hot @ shift, method=log_likelihood)
+        return on, off, shift, by_hand_on, model.apply(v, z_basal, method=log_likelihood)
+
+    for logit, differ in ((30.0, True), (-30.0, False)):
+        params = {**variables["params"], "mask_logits": jnp.full((4, 3), logit)}
+        on, off, shift, by_hand_on, by_hand_off = run({**variables, "params": params})
+        np.testing.assert_array_equal(np.asarray(shift) != 0, differ)  # masks all on / all off
+        np.testing.assert_allclose(on, by_hand_on, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(off, by_hand_off, rtol=1e-5, atol=1e-4)
+        assert (np.abs(np.asarray(on - off)).min() > 1e-3) == differ

@@ -93,3 +93,47 @@ def test_metadata_records_vocabulary_and_counts():
     assert meta["cells_per_perturbation"] == {"train": [5, 5, 5], "val": [2, 2, 2], "test": [1, 1, 1]}
     assert len(meta["normalization_stats"]["scale"]) == 4
     np.testing.assert_allclose(plate_scale(meta["cells_per_perturbation"]["val"]), 0.5)
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse", "backed"])
+def test_normalization_statistics_come_from_the_training_cells_only(tmp_path, monkeypatch, storage):
+    """SPEC 2: the encoder-input statistics are the training split's. With the val and
+    test cells shifted by +100, ``PerturbationData.normalization_stats`` equals the mean
+    and standard deviation of ``x[train]`` (of ``log(1 + x[train])`` for
+    ``log_standardize``) for dense, CSR and backed (on-disk) ``x``, read in blocks of 7
+    cells."""
+    import anndata
+
+    from sams_jax.data import PerturbationData
+    from sams_jax.data import matrix as matrix_lib
+    from sams_jax.data.matrix import BackedMatrix
+
+    monkeypatch.setattr(matrix_lib, "BLOCK_BYTES", 4 * 5 * 7)  # 7 cells of 5 genes per block
+
+    rng = np.random.default_rng(0)
+    n, g = 40, 5
+    split = np.array(["train", "val", "train", "test", "train"] * (n // 5))
+    x = rng.poisson(2.0, (n, g)).astype(np.float32)
+    x[:, 1] = 0.0  # sparse entries in every storage
+    x[split != "train"] += 100.0
+    train = x[split == "train"].astype(np.float64)
+    if storage == "sparse":
+        matrix = sp.csr_matrix(x)
+    elif storage == "backed":
+        path = tmp_path / "x.h5ad"
+        anndata.AnnData(X=sp.csr_matrix(x)).write_h5ad(path)
+        matrix = BackedMatrix(path, "X")
+    else:
+        matrix = x
+    data = PerturbationData(x=matrix, dosages=np.eye(2, dtype=np.float32)[np.arange(n) % 2], split=split,
+                            feature_names=[f"g{i}" for i in range(g)], perturbation_names=["a", "b"],
+                            library_size=x.sum(1))
+    assert data.storage == storage
+    stats = data.normalization_stats("standardize")
+    np.testing.assert_allclose(stats["mean"], train.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["scale"], np.where(train.std(0) > 0, train.std(0), 1.0), rtol=1e-5)
+    log_stats = data.normalization_stats("log_standardize")
+    np.testing.assert_allclose(log_stats["mean"], np.log1p(train).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(log_stats["scale"], np.where(train.std(0) > 0, np.log1p(train).std(0), 1.0),
+                               rtol=1e-5)
+    assert data.metadata("standardize")["normalization_stats"]["mean"] == pytest.approx(train.mean(0), rel=1e-5)
