@@ -262,6 +262,14 @@ def test_no_control_cells_in_training_is_an_error():
     norman = make_norman_like(make_screen(labels=["A", "A+B"] * 10))
     with pytest.raises(DataError, match="no control cells"):
         from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+    norman = make_norman_like(make_screen())
+    norman.obs["guide_NegCtrl0"] = (norman.obs["guide_identity"].str.startswith("NegCtrl")).astype(int)
+    with pytest.raises(DataError, match=r"no control cells.*The columns \['guide_NegCtrl0'\] look like control "
+                                        r"guides, whose cells count as perturbed"):
+        from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+    norman.obs.loc[norman.obs_names[:5], "guide_NegCtrl0"] = 0  # some controls left: a warning
+    with pytest.warns(DataWarning, match=r"\['guide_NegCtrl0'\] look like control guides"):
+        from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
 
 
 @pytest.mark.parametrize("value, kind", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),

@@ -446,10 +446,16 @@ def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", 
     control = _label(control)
     if guide_column_pattern:
         conditions = _guide_column_conditions(obs, perturbation_key, control, guide_column_pattern)
+        control_like = [name for name in conditions.names if CONTROL_LIKE.match(name)]
+        columns = f" The columns {_show([guide_column_pattern + n for n in control_like])} look like control " \
+                  "guides, whose cells count as perturbed: drop them from obs, or rename them so that " \
+                  "guide_column_pattern does not match them." if control_like else ""
         if require_control and control is not None and not conditions.is_control.any():
             raise DataError(f"no control cells: every cell has a guide column set ({guide_column_pattern!r} "
                             "columns); ATEs are measured against cells without a targeting guide. Add control "
-                            "cells, or pass control=None (--config.data.control=''; no ATEs then)")
+                            f"cells, or pass control=None (--config.data.control=''; no ATEs then).{columns}")
+        if control_like:
+            warnings.warn(columns.strip(), DataWarning, stacklevel=3)
         return conditions
     return _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control)
 
