@@ -67,10 +67,9 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
 
     ``method="paper"``: a chunk draws ``I_c x S_c`` cells, each with its own random
     numbers (or, with ``summed_observations`` where it applies, see the module docstring,
-    the chunk's latents and one summed draw of ``x`` per intervention). Every chunk holds
-    ``intervention_chunk`` rows (the last padded), so an intervention's random numbers
-    depend on its position in ``dosages`` only, and its estimate is the same whatever rows
-    follow it (e.g. extra interventions appended to a list).
+    the chunk's latents and one summed draw of ``x`` per intervention). The random numbers
+    depend on the chunking and on the other rows (their number, ``max_active``): an
+    intervention's estimate changes, within its Monte-Carlo error, when others are added.
     ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
     over interventions with an unbatched key, so the draws are made once and broadcast),
     and so does the control. Jittable (everything but the arrays is static).
@@ -87,9 +86,7 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
         particle_chunk = particle_chunk_size(n_genes, intervention_chunk)
     chunk = min(particle_chunk, n_particles)
     n_particle_chunks = -(-n_particles // chunk)
-    # every chunk holds intervention_chunk rows (the last one padded), so a row's random numbers depend on its
-    # position only, not on how many rows there are
-    per_row = intervention_chunk if method == "paper" else min(intervention_chunk, n_interventions)
+    per_row = min(intervention_chunk, n_interventions)
     n_row_chunks = -(-n_interventions // per_row)
     padded = jnp.pad(dosages, ((0, n_row_chunks * per_row - n_interventions), (0, 0)))
     library = jnp.full((chunk,), library_size, dosages.dtype)

@@ -165,9 +165,15 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     ate = None
     if control is not None:
         names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
-        all_names = [control, *names, *[e for e in extra if e not in names]]
-        model_means = predictor.expectations(all_names, ate_particles, scale, ate_method, seed)
+        extra = [e for e in extra if e not in names]
+        all_names = [control, *names, *extra]
+        model_means = predictor.expectations([control, *names], ate_particles, scale, ate_method, seed)
         model_ate = model_means[1:] - model_means[0]
+        if extra:  # a call of their own, each with its own control estimate: the observed scores stay the same
+            # (crn: the same random numbers as the observed interventions; paper: independent ones)
+            extra_means = predictor.expectations([control, *extra], ate_particles, scale, ate_method, seed,
+                                                 stream=0 if ate_method == "crn" else 1)
+            model_ate = np.concatenate([model_ate, extra_means[1:] - extra_means[0]])
         data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
         data_ate = data_means[1:] - data_means[0]
         n_observed = len(names)

@@ -188,8 +188,11 @@ class Predictor:
 
     # --- predictions ----------------------------------------------------------------
     def expectations(self, interventions: str | Sequence[str], n_particles: int = 2_500, scale: str | None = None,
-                     method: str = "paper", seed: int = 0, library_size: float = LIBRARY_SIZE) -> np.ndarray:
-        """``E[f(x) | do(d)]`` per intervention (``[I, G]``); see :mod:`sams_jax.ate`."""
+                     method: str = "paper", seed: int = 0, library_size: float = LIBRARY_SIZE,
+                     stream: int = 0) -> np.ndarray:
+        """``E[f(x) | do(d)]`` per intervention (``[I, G]``); see :mod:`sams_jax.ate`.
+        ``stream``: another stream of random numbers under the same seed (``fold_in``),
+        independent of stream 0's."""
         scale = scale or self.default_scale
         if scale not in SCALES:
             raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
@@ -199,7 +202,8 @@ class Predictor:
             raise ValueError(f"n_particles must be >= 1, got {n_particles}")
         dosages = self.dosages(interventions)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
-        out = self._expectations(self.variables, jnp.asarray(dosages), jax.random.key(seed), n_particles=n_particles,
+        key = jax.random.key(seed) if not stream else jax.random.fold_in(jax.random.key(seed), stream)
+        out = self._expectations(self.variables, jnp.asarray(dosages), key, n_particles=n_particles,
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
         return np.asarray(out)
 
