@@ -23,6 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

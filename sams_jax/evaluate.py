@@ -108,6 +108,24 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
 
 
+def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationData:
+    """The run's data from its saved ``config.data`` (``data_path`` replacing the file's
+    path), checked against the checkpoint's metadata."""
+    data_config = ml_collections.ConfigDict(predictor.config.data.to_dict())
+    if data_path is not None:
+        if data_config.source != "anndata":
+            raise EvaluationError(f"--data-path (data_path=) replaces the path of a run trained on a file; this "
+                                  f"run's data are data.source={data_config.source!r}, rebuilt from its config")
+        data_config.path = str(data_path)
+    if data_config.source == "anndata" and data_config.path and not os.path.exists(data_config.path):
+        raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
+                        "new path with --data-path (data_path=)")
+    data = load_data(data_config, predictor.config.model.likelihood)
+    data.validate(predictor.config.model.likelihood)
+    check_trained_data(predictor, data)
+    return data
+
+
 def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int = 100, ate_particles: int = 2_500,
              ate_scale: str | None = None, ate_method: str = "paper", control: str | None = None,
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
@@ -120,22 +138,15 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     data must be those the run was trained on (:func:`check_trained_data`)."""
     predictor = load(workdir, checkpoint)
     if data is None:
-        if predictor.metadata.get("data_source") == "python":
+        try:
+            data = _rebuild_data(predictor, data_path)
+        except DataError as error:
+            if predictor.metadata.get("data_source") != "python":
+                raise
             raise EvaluationError(f"{workdir} was trained on data passed from Python (train_and_evaluate(config, "
-                                  "workdir, data=data)), which its saved config.data does not describe; evaluate it "
-                                  "from Python with the same data: sams_jax.evaluate.evaluate(workdir, data=data)")
-        data_config = ml_collections.ConfigDict(predictor.config.data.to_dict())
-        if data_path is not None:
-            if data_config.source != "anndata":
-                raise EvaluationError(f"--data-path (data_path=) replaces the path of a run trained on a file; this "
-                                      f"run's data are data.source={data_config.source!r}, rebuilt from its config")
-            data_config.path = str(data_path)
-        if data_config.source == "anndata" and data_config.path and not os.path.exists(data_config.path):
-            raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
-                            "new path with --data-path (data_path=)")
-        data = load_data(data_config, predictor.config.model.likelihood)
-        data.validate(predictor.config.model.likelihood)
-        check_trained_data(predictor, data)
+                                  "workdir, data=data)), and its saved config.data does not rebuild them ("
+                                  f"{error}); evaluate it from Python with the same data: "
+                                  "sams_jax.evaluate.evaluate(workdir, data=data)") from None
     elif data_path is not None:
         raise EvaluationError("pass data= or data_path=, not both")
     check_features(predictor.feature_names, data.feature_names)

@@ -142,6 +142,9 @@ def test_highly_variable_flags_are_checked_and_a_models_genes_taken_by_name():
     kept = [g for i, g in enumerate(adata.var_names) if i % 3 != 0]
     adata.var["highly_variable"] = (np.arange(adata.n_vars) % 3 != 0).astype(int)  # 0 / 1 works
     assert from_anndata(adata, use_highly_variable=True).feature_names == kept
+    adata.var["highly_variable"] = pd.Series([i % 3 != 0 for i in range(adata.n_vars)], dtype=object,
+                                             index=adata.var_names)  # Python booleans in an object column
+    assert from_anndata(adata, use_highly_variable=True).feature_names == kept
     for flags in (np.where(np.arange(adata.n_vars) % 3 != 0, "True", "False"),  # strings: all truthy
                   np.where(np.arange(adata.n_vars) % 3 != 0, 1.0, np.nan)):  # NaN: truthy
         adata.var["highly_variable"] = flags
@@ -192,6 +195,12 @@ def test_contains_match_with_a_delimiter_drops_control_members_only():
     data = from_anndata(make_screen(labels=labels), control="non_targeting", control_match="contains",
                         delimiter="_")
     assert data.perturbation_names == ["A", "B"] and (data.dosages.sum(1) == 0).sum() == 20
+    # numbered controls are controls, without a warning
+    labels = ["ctrl"] * 10 + ["ctrl1"] * 10 + ["NegCtrl10_ctrl0"] * 10 + ["A"] * 10 + ["B"] * 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        data = from_anndata(make_screen(labels=labels), control="ctrl", control_match="contains", delimiter=None)
+    assert data.perturbation_names == ["A", "B"]
     # a control inside a longer name ("T10" for "T1") is matched, but named in a warning
     labels = ["T1"] * 20 + ["T10"] * 10 + ["A"] * 10 + ["B"] * 10
     with pytest.warns(DataWarning, match=r"such as \['T10'\] \(1 in all\) contain the control 'T1' only inside a "
@@ -225,7 +234,7 @@ def test_combination_labels_read_wrongly_warn():
 def test_labels_that_look_misspelled_missing_or_like_controls_warn():
     """Names differing only in case, names that are missing values written as text, and
     names that look like controls are learned as perturbations, with a warning each."""
-    cases = [("klf1", r"1 groups of perturbation names differ only in case or white space, e.g. \['A / a'\]"),
+    cases = [("klf1", r"perturbation names that differ only in case or white space \(1 sets\), e.g. \['A / a'\]"),
              ("nan", r"perturbation names \['nan'\] look like missing values"),
              ("NegCtrl1", r"perturbation names \['NegCtrl1'\] look like control labels, but the control is "
                           r"'control'")]

@@ -491,14 +491,20 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     with pytest.raises(DataError, match=r"not the data it was trained on: median_library_size; normalization_stats.*"
                                         r"evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
-    # a run whose checkpoint records data passed from Python: said first, before any data is rebuilt
+    # a run whose checkpoint records data passed from Python: said, where config.data does not rebuild them
     predictor = sams_jax.load(str(workdir))
     assert predictor.metadata["data_source"] == "config"
     predictor.metadata["data_source"] = "python"
     monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
-    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*"
+    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*does not rebuild "
+                                                           r"them \(the data rebuilt.*"
                                                            r"sams_jax.evaluate.evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
+    monkeypatch.undo()  # Python data that config.data does describe: evaluated as any run
+    monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
+    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False,
+                                    sparse_basis_restarts=0)
+    assert np.isfinite(results["IWELBO-test"])
 
 
 def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):

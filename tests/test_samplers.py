@@ -91,7 +91,7 @@ def test_large_gamma_shapes_never_give_nan():
         draws = np.asarray(jax.jit(lambda key, a: samplers.sample_gamma(key, a, (200_000,)))(jax.random.key(1),
                                                                                           jnp.float32(alpha)))
         assert np.isfinite(draws).all(), alpha
-        np.testing.assert_allclose(draws.mean(), alpha, rtol=1e-4)
+        np.testing.assert_allclose(draws.mean(), alpha, rtol=4 / np.sqrt(alpha * draws.size))  # 4 standard errors
         np.testing.assert_allclose(draws.std(), np.sqrt(alpha), rtol=0.02)
         assert stats.kstest(draws[:50_000], stats.gamma(alpha).cdf).pvalue > 1e-3
     counts = np.asarray(jax.jit(lambda key: samplers.sample_negative_binomial(key, 1097.0, 500.0, (200_000,)))(

@@ -199,7 +199,8 @@ def select_genes(adata, use_highly_variable: bool = False,
     out, as the flags left them out in training; this AnnData's own flags are not read)."""
     if use_highly_variable and feature_names is not None:
         names = adata.var_names.astype(str)
-        check_genes(list(feature_names), [g for g in names if g in set(map(str, feature_names))])
+        model_genes = set(map(str, feature_names))
+        check_genes(list(feature_names), [g for g in names if g in model_genes])
         return pd.Index(names).get_indexer(list(map(str, feature_names)))
     columns = np.arange(adata.n_vars)
     if use_highly_variable:
@@ -224,12 +225,14 @@ def _highly_variable(var: pd.DataFrame) -> np.ndarray:  # [n_vars] bool
                         "use_highly_variable=False (--config.data.use_highly_variable=False)")
     column = var["highly_variable"]
     values = column.to_numpy()
-    if pd.api.types.is_bool_dtype(column) and not column.isna().any():
+    if (pd.api.types.is_bool_dtype(column) or pd.api.types.infer_dtype(column, skipna=False) == "boolean") \
+            and not column.isna().any():  # booleans, also in an object column
         return values.astype(bool)
     if pd.api.types.is_numeric_dtype(column) and not column.isna().any() and np.isin(values, (0, 1)).all():
         return values.astype(bool)
     raise DataError(f"var['highly_variable'] must be boolean (or 0 / 1 without missing values); it has dtype "
-                    f"{column.dtype} and values {_show(pd.unique(column.astype(object)), 5)}; convert it, e.g. "
+                    f"{column.dtype} and values {_show([repr(v) for v in pd.unique(column.astype(object))], 5)}; "
+                    "convert it, e.g. "
                     "adata.var['highly_variable'] = adata.var['highly_variable'].astype(str) == 'True'")
 
 
@@ -365,7 +368,7 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
         by_folded.setdefault(re.sub(r"\s+", "", name).casefold(), []).append(name)
     clashes = [" / ".join(names) for names in by_folded.values() if len(names) > 1]
     if clashes:
-        warnings.warn(f"{len(clashes)} groups of perturbation names differ only in case or white space, e.g. "
+        warnings.warn(f"perturbation names that differ only in case or white space ({len(clashes)} sets), e.g. "
                       f"{_show(clashes[:3])}: each name is a perturbation of its own. If they are one, write them "
                       f"alike in obs[{perturbation_key!r}]", DataWarning, stacklevel=3)
     missing = [name for name in conditions.names if name.casefold() in MISSING_LABELS]
@@ -381,7 +384,10 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
                       "control_match='contains' with a string every control label contains",
                       DataWarning, stacklevel=3)
     if control_match == "contains" and control:
-        as_token = re.compile(rf"(?<![A-Za-z0-9]){re.escape(control)}(?![A-Za-z0-9])")
+        # inside a longer name: a letter or digit before it, a letter after it, or a digit after a control that
+        # ends in one ("T10" for "T1"; "ctrl1" and "NegCtrl10" are numbered controls)
+        after = "A-Za-z0-9" if control[-1].isdigit() else "A-Za-z"
+        as_token = re.compile(rf"(?<![A-Za-z0-9]){re.escape(control)}(?![{after}])")
         inside = [label for label in labels if control in label and not as_token.search(label)]
         if inside:
             warnings.warn(f"labels of obs[{perturbation_key!r}] such as {_show(inside[:3])} ({len(inside)} in all) "
