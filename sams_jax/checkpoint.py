@@ -95,7 +95,11 @@ class Checkpointer:
             return self.best_step()
         if which == "latest":
             return self.latest_step()
-        step = int(which)
+        try:
+            step = int(which)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"checkpoint={which!r} is not 'best', 'latest' or a step number; available steps: "
+                                  f"{sorted(steps)}") from None
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {sorted(steps)}")
         return step

@@ -200,10 +200,14 @@ class Predictor:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
         if n_particles < 1:
             raise ValueError(f"n_particles must be >= 1, got {n_particles}")
+        if n_particles != int(n_particles):
+            raise ValueError(f"n_particles must be a whole number, got {n_particles!r}")
         dosages = self.dosages(interventions)
+        if not len(dosages):
+            return np.zeros((0, len(self.feature_names)), np.float32)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         key = jax.random.key(seed) if not stream else jax.random.fold_in(jax.random.key(seed), stream)
-        out = self._expectations(self.variables, jnp.asarray(dosages), key, n_particles=n_particles,
+        out = self._expectations(self.variables, jnp.asarray(dosages), key, n_particles=int(n_particles),
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
         return np.asarray(out)
 
@@ -308,9 +312,11 @@ class Predictor:
                                 backed=backed, for_training=False)
         except DataError as error:
             used = ", ".join(f"{k}={registration[k]!r}" for k in LAYOUT_KEYS if k in registration)
-            raise type(error)(f"{str(error).rstrip('.')} (this AnnData was read with the registration {used}: the "
-                              "model's, with any overrides given; where it stores things differently, pass those "
-                              "keys to predictor.register(adata, ...) and score its result)") from None
+            how = f"the registration {used}: the model's, with any overrides given" if used else \
+                "from_anndata's default registration (the model was not trained on an AnnData)"
+            raise type(error)(f"{str(error).rstrip('.')} (this AnnData was read with {how}; where it stores things "
+                              "differently, pass those keys to predictor.register(adata, ...) and score its "
+                              "result)") from None
 
     def _data(self, data):
         """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes

@@ -301,6 +301,21 @@ def test_predictor_api_on_trained_run(trained):
     bad.feature_names = [f"other_{i}" for i in range(12)]
     with pytest.raises(DataError, match="12 missing.*12 extra"):
         predictor.iwelbo(bad)
+    assert predictor.expectations([], n_particles=4).shape == (0, 12)
+    with pytest.raises(ValueError, match="n_particles must be a whole number, got 2.5"):
+        predictor.expectations(["1"], n_particles=2.5)
+    with pytest.raises(CheckpointError, match=r"checkpoint='first' is not 'best', 'latest' or a step number"):
+        sams_jax.load(str(workdir), checkpoint="first")
+    # an AnnData of the simulation: its reference perturbation "0" is no control label to register with
+    labels = [predictor.intervention_name(row) for row in data.dosages]
+    adata = anndata.AnnData(X=np.asarray(data.x), obs=pd.DataFrame({"perturbation": labels},
+                                                                   index=[f"c{i}" for i in range(len(labels))]),
+                            var=pd.DataFrame(index=data.feature_names))
+    with pytest.raises(DataError, match=r"the control label '0' is a perturbation of the vocabulary.*control=None"):
+        predictor.register(adata, counts_layer=None, control="0")
+    with pytest.raises(DataError, match=r"no layer 'counts'.*read with from_anndata's default registration"):
+        predictor.register(adata)
+    np.testing.assert_array_equal(predictor.register(adata, counts_layer=None, control=None).dosages, data.dosages)
 
 
 def test_iwelbo_chunk_size_bounds_the_intermediates():
