@@ -382,7 +382,11 @@ class Predictor:
 
     def _per_perturbation(self, method: str) -> pd.DataFrame:
         if not hasattr(self.model, method):
-            raise AttributeError(f"model {self.config.model.name!r} has no {method.replace('_', ' ')}")
+            from sams_jax.models import MODELS
+
+            having = sorted(name for name, cls in MODELS.items() if hasattr(cls, method))
+            raise NotImplementedError(f"model {self.config.model.name!r} has no {method.replace('_', ' ')} (models "
+                                      f"that have: {having}); its perturbations' effects are in ate() and sample()")
         values = np.asarray(self.model.apply(self.variables, method=method))
         return pd.DataFrame(values, index=pd.Index(self.perturbation_names, name="perturbation"),
                             columns=[f"latent_{k}" for k in range(values.shape[1])])
