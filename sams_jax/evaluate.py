@@ -178,12 +178,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
         extra = [e for e in extra if e not in names]
         all_names = [control, *names, *extra]
-        model_means = predictor.expectations([control, *names], ate_particles, scale, ate_method, seed)
+        model_means = predictor.expectations([control, *names], n_particles=ate_particles, scale=scale,
+                                             method=ate_method, seed=seed)
         model_ate = model_means[1:] - model_means[0]
         if extra:  # a call of their own, each with its own control estimate: the observed scores stay the same
             # (crn: the same random numbers as the observed interventions; paper: independent ones)
-            extra_means = predictor.expectations([control, *extra], ate_particles, scale, ate_method, seed,
-                                                 stream=0 if ate_method == "crn" else 1)
+            extra_means = predictor.expectations([control, *extra], n_particles=ate_particles, scale=scale,
+                                                 method=ate_method, seed=seed, stream=0 if ate_method == "crn" else 1)
             model_ate = np.concatenate([model_ate, extra_means[1:] - extra_means[0]])
         data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
         data_ate = data_means[1:] - data_means[0]

@@ -10,6 +10,7 @@ unless it is itself a perturbation (as in the simulation, whose reference is ``"
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from functools import partial
 from typing import Iterable, Sequence
@@ -187,12 +188,18 @@ class Predictor:
         return self.delimiter.join(members) if members else (self.control or "control")
 
     # --- predictions ----------------------------------------------------------------
-    def expectations(self, interventions: str | Sequence[str], n_particles: int = 2_500, scale: str | None = None,
+    def expectations(self, interventions: str | Sequence[str], *, n_particles: int = 2_500, scale: str | None = None,
                      method: str = "paper", seed: int = 0, library_size: float = LIBRARY_SIZE,
                      stream: int = 0) -> np.ndarray:
-        """``E[f(x) | do(d)]`` per intervention (``[I, G]``); see :mod:`sams_jax.ate`.
-        ``stream``: another stream of random numbers under the same seed (``fold_in``),
-        independent of stream 0's."""
+        """``E[f(x) | do(d)]`` per intervention: ``[I, G]`` float32, rows in the order of
+        ``interventions`` (names as for :meth:`dosages`; the control is a row like any
+        other, nothing is subtracted: :meth:`ate` does that). ``scale``: ``"perturbseq"``
+        (default for count likelihoods) or ``"mean"`` (default otherwise); ``method``:
+        ``"paper"`` or ``"crn"`` (see :meth:`ate`); ``n_particles`` draws per intervention;
+        ``library_size``: total counts of the generated cells under ``library_nb`` (SPEC 5:
+        10,000). An intervention's random numbers depend on the other rows of the call
+        (:func:`sams_jax.ate.model_expectations`). ``stream``: another stream of random
+        numbers under the same seed (``fold_in``), independent of stream 0's."""
         scale = scale or self.default_scale
         if scale not in SCALES:
             raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
@@ -211,7 +218,7 @@ class Predictor:
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
         return np.asarray(out)
 
-    def ate(self, interventions: str | Iterable[str] | None = None, control: str | None = None, method: str = "paper",
+    def ate(self, interventions: str | Iterable[str] | None = None, *, control: str | None = None, method: str = "paper",
             n_particles: int = 2_500, scale: str | None = None, seed: int = 0,
             library_size: float = LIBRARY_SIZE):
         """Model average treatment effects relative to ``control`` (default: the data's
@@ -234,7 +241,8 @@ class Predictor:
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
         scale = scale or self.default_scale
-        means = self.expectations([control, *interventions], n_particles, scale, method, seed, library_size)
+        means = self.expectations([control, *interventions], n_particles=n_particles, scale=scale, method=method,
+                                  seed=seed, library_size=library_size)
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             learned = self.learned(self.dosages([control, *interventions]))
@@ -250,10 +258,10 @@ class Predictor:
             layers={"expectation": means[1:].astype(np.float32)},
         )
         result.uns.update(control=control, control_expectation=means[0].astype(np.float32), scale=scale,
-                          method=method, n_particles=n_particles, seed=seed)
+                          method=method, n_particles=n_particles, seed=seed, checkpoint_step=self.step)
         return result
 
-    def sample(self, interventions: str | Sequence[str], n: int = 100, seed: int = 0,
+    def sample(self, interventions: str | Sequence[str], *, n: int = 100, seed: int = 0,
                library_size: float | None = None):
         """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``).
 
@@ -273,11 +281,30 @@ class Predictor:
         x, _ = self._generate(self.variables, jnp.asarray(dosages), jnp.full((dosages.shape[0],), library_size),
                               max_active, {"globals": global_key, "local": local_key})
         obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(interventions, n))},
-                           index=pd.Index([str(i) for i in range(len(dosages))], dtype=object))
+                           index=pd.Index([f"cell{i}" for i in range(len(dosages))], name="cell", dtype=object))
         result = anndata.AnnData(X=np.asarray(x), obs=obs,
-                                 var=pd.DataFrame(index=pd.Index(self.feature_names, dtype=object)))
-        result.uns.update(library_size=library_size, seed=seed)
+                                 var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)))
+        result.uns.update(library_size=library_size, seed=seed, checkpoint_step=self.step)
         return result
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """The run's ``history.csv`` (one row every ``train.eval_every`` steps; empty for a
+        predictor without a work directory)."""
+        path = os.path.join(self.workdir, "history.csv")
+        return pd.read_csv(path) if self.workdir and os.path.exists(path) else pd.DataFrame()
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """The steps of the run's checkpoints (what ``sams_jax.load(workdir, checkpoint=step)``
+        takes); this predictor's is ``step``."""
+        if not self.workdir:
+            return []
+        checkpointer = Checkpointer(self.workdir, read_only=True)
+        try:
+            return sorted(checkpointer.steps())
+        finally:
+            checkpointer.close()
 
     @property
     def training_library_size(self) -> float:

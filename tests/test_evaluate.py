@@ -293,6 +293,11 @@ def test_predictor_api_on_trained_run(trained):
     np.testing.assert_allclose(basis.effects.to_numpy(), predictor.shifts().to_numpy() @ basis.weights, rtol=1e-6)
     sampled = predictor.sample(["1", "2+3"], n=7)
     assert sampled.shape == (14, 12) and sampled.obs["intervention"].tolist() == ["1"] * 7 + ["2+3"] * 7
+    assert sampled.obs_names[0] == "cell0" and sampled.uns["checkpoint_step"] == predictor.step
+    pd.testing.assert_frame_equal(predictor.history, pd.read_csv(workdir / "history.csv"))
+    assert predictor.step in predictor.checkpoints and predictor.checkpoints == sorted(predictor.checkpoints)
+    with pytest.raises(TypeError):  # settings after the interventions are keywords: ate and expectations differ
+        predictor.ate(["1"], None, "crn", 16)
     ate = predictor.ate(n_particles=16)
     assert ate.shape == (5, 12) and ate.uns["control"] == "0"  # every perturbation but the reference
     np.testing.assert_array_equal(predictor.ate(["1"], n_particles=16, seed=3).X,
