@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 from typing import Any
 
@@ -95,7 +96,11 @@ class Checkpointer:
             return self.best_step()
         if which == "latest":
             return self.latest_step()
-        try:
+        try:  # a whole number or its digits; not a float or a bool, which int() would truncate
+            if isinstance(which, bool):
+                raise TypeError(which)
+            if not (isinstance(which, str) and which.strip().isdigit()):
+                which = operator.index(which)
             step = int(which)
         except (TypeError, ValueError):
             raise CheckpointError(f"checkpoint={which!r} is not 'best', 'latest' or a step number; available steps: "

@@ -205,16 +205,13 @@ class Predictor:
             raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
         if method not in METHODS:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
-        if n_particles < 1:
-            raise ValueError(f"n_particles must be >= 1, got {n_particles}")
-        if n_particles != int(n_particles):
-            raise ValueError(f"n_particles must be a whole number, got {n_particles!r}")
+        n_particles = _whole_number(n_particles, "n_particles")
         dosages = self.dosages(interventions)
         if not len(dosages):
             return np.zeros((0, len(self.feature_names)), np.float32)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         key = jax.random.key(seed) if not stream else jax.random.fold_in(jax.random.key(seed), stream)
-        out = self._expectations(self.variables, jnp.asarray(dosages), key, n_particles=int(n_particles),
+        out = self._expectations(self.variables, jnp.asarray(dosages), key, n_particles=n_particles,
                                  scale=scale, method=method, max_active=max_active, library_size=library_size)
         return np.asarray(out)
 
@@ -241,6 +238,7 @@ class Predictor:
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
         scale = scale or self.default_scale
+        n_particles = _whole_number(n_particles, "n_particles")
         means = self.expectations([control, *interventions], n_particles=n_particles, scale=scale, method=method,
                                   seed=seed, library_size=library_size)
         with warnings.catch_warnings():  # expectations() has warned about these names already
@@ -339,8 +337,9 @@ class Predictor:
                                 backed=backed, for_training=False)
         except DataError as error:
             used = ", ".join(f"{k}={registration[k]!r}" for k in LAYOUT_KEYS if k in registration)
-            how = f"the registration {used}: the model's, with any overrides given" if used else \
-                "from_anndata's default registration (the model was not trained on an AnnData)"
+            how = f"the registration {used}: the model's, with any overrides given" if saved else \
+                "from_anndata's default registration (the model was not trained on an AnnData)" + \
+                (f" with {used}" if used else "")
             raise type(error)(f"{str(error).rstrip('.')} (this AnnData was read with {how}; where it stores things "
                               "differently, pass those keys to predictor.register(adata, ...) and score its "
                               "result)") from None
@@ -441,6 +440,18 @@ class Predictor:
         interpretation of the trained model; predictions do not change. Map latent states
         into it with ``basis.transform(predictor.latent(adata))``."""
         return fit_sparse_basis(self.shifts(), n_restarts=n_restarts, seed=seed, threshold=threshold)
+
+
+def _whole_number(value, name: str) -> int:
+    """``value`` as an ``int`` >= 1; ``ValueError`` naming ``name`` otherwise (fractions,
+    NaN, infinities)."""
+    try:
+        whole = int(value)
+    except (TypeError, ValueError, OverflowError):
+        whole = None
+    if whole is None or whole != value or whole < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return whole
 
 
 def check_features(expected: Sequence[str], given: Sequence[str]) -> None:

@@ -278,7 +278,15 @@ def test_no_control_cells_in_training_is_an_error():
         from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
     norman.obs.loc[norman.obs_names[:5], "guide_NegCtrl0"] = 0  # some controls left: a warning
     with pytest.warns(DataWarning, match=r"\['guide_NegCtrl0'\] look like control guides"):
-        from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+        data = from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+    # a vocabulary holding a control-like name is no error here: the guide columns, not the label, decide
+    norman.obs = norman.obs.rename(columns={"guide_NegCtrl0": "guide_control"})
+    with pytest.warns(DataWarning):
+        data = from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_")
+    assert "control" in data.perturbation_names
+    with pytest.warns(DataWarning, match="look like control guides"):
+        from_anndata(norman, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                     perturbations=data.perturbation_names, for_training=False)
 
 
 @pytest.mark.parametrize("value, kind", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),

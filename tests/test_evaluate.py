@@ -302,8 +302,10 @@ def test_predictor_api_on_trained_run(trained):
     assert sampled.obs_names[0] == "cell0" and sampled.uns["checkpoint_step"] == predictor.step
     pd.testing.assert_frame_equal(predictor.history, pd.read_csv(workdir / "history.csv"))
     assert predictor.step in predictor.checkpoints and predictor.checkpoints == sorted(predictor.checkpoints)
-    with pytest.raises(TypeError):  # settings after the interventions are keywords: ate and expectations differ
-        predictor.ate(["1"], None, "crn", 16)
+    for call in (lambda: predictor.ate(["1"], None, "crn", 16), lambda: predictor.expectations(["1"], 16),
+                 lambda: predictor.sample(["1"], 3)):  # settings after the interventions are keywords
+        with pytest.raises(TypeError):
+            call()
     ate = predictor.ate(n_particles=16)
     assert ate.shape == (5, 12) and ate.uns["control"] == "0"  # every perturbation but the reference
     np.testing.assert_array_equal(predictor.ate(["1"], n_particles=16, seed=3).X,
@@ -313,10 +315,13 @@ def test_predictor_api_on_trained_run(trained):
     with pytest.raises(DataError, match="12 missing.*12 extra"):
         predictor.iwelbo(bad)
     assert predictor.expectations([], n_particles=4).shape == (0, 12)
-    with pytest.raises(ValueError, match="n_particles must be a whole number, got 2.5"):
-        predictor.expectations(["1"], n_particles=2.5)
-    with pytest.raises(CheckpointError, match=r"checkpoint='first' is not 'best', 'latest' or a step number"):
-        sams_jax.load(str(workdir), checkpoint="first")
+    for bad_count in (2.5, float("nan"), float("inf"), 0):
+        with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
+            predictor.expectations(["1"], n_particles=bad_count)
+    assert predictor.ate(["1"], n_particles=16.0).uns["n_particles"] == 16  # an int, as computed
+    for bad_step in ("first", 3.7, True):
+        with pytest.raises(CheckpointError, match=r"checkpoint=.* is not 'best', 'latest' or a step number"):
+            sams_jax.load(str(workdir), checkpoint=bad_step)
     # an AnnData of the simulation: its reference perturbation "0" is no control label to register with
     labels = [predictor.intervention_name(row) for row in data.dosages]
     adata = anndata.AnnData(X=np.asarray(data.x), obs=pd.DataFrame({"perturbation": labels},
@@ -481,6 +486,8 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
     assert (out / "ate_scatter.png").exists()
     # the extra interventions are predicted apart: the observed interventions' scores are the same without them
+    extra = predictor.expectations(["0", "4+5", "3+4"], n_particles=32, seed=0, stream=1)  # their own control
+    np.testing.assert_allclose(ate[["4+5", "3+4"]].layers["model"], extra[1:] - extra[0], rtol=1e-5, atol=1e-6)
     alone = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data, plots=False,
                                   sparse_basis_restarts=0)
     assert {k: v for k, v in alone.items() if k.startswith("ATE")} == \

@@ -684,7 +684,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     ``data.registration`` and saved with checkpoints.
     """
     control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
-    if control is not None and perturbations is not None and control in perturbations:
+    if control is not None and perturbations is not None and control in perturbations and not guide_column_pattern:
         raise DataError(f"the control label {control!r} is a perturbation of the vocabulary (a model measured against "
                         "one of its perturbations, as the simulations are against '0'), so its cells would be read as "
                         f"unperturbed; register with control=None to give them {control!r}'s row")
