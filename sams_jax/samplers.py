@@ -238,10 +238,11 @@ def _until_accepted(propose, value, done):
     already ``done`` keep ``value``, the others get their first accepted proposal.
 
     The loop's state is the values alone (NaN while pending): an element counts as done
-    exactly when it holds a value. (With a separate done flag, XLA could evaluate the
-    acceptance test once for the flag and once for the value with different rounding, and
-    end the loop with an element flagged done but still NaN: seen for Gamma shapes above
-    1,000, about 1 in 10,000 draws.)"""
+    exactly when it holds a value. (With a separate done flag, the compiled loop ended with
+    elements flagged done but still NaN, for Gamma shapes above 1,000 about 1 in 10,000
+    draws, all near the acceptance boundary; computing the test once behind an
+    optimisation barrier did not help, and the cause inside XLA was not pinned down. This
+    layout cannot end that way.)"""
     pending = ~done  # fixed: the elements to sample
 
     def round_(state):
