@@ -366,6 +366,22 @@ def test_integer_control_label_matches_its_string(control):
     json.dumps(data.registration)  # saved with checkpoints: a numpy integer would not serialise
 
 
+def test_csr_counts_with_duplicate_entries_are_read_as_their_sums():
+    """A CSR matrix may store one entry in parts (0.5 + 0.5): scipy reads the sum, and so
+    does the registration (no non-integer error); the caller's matrix is left as it was."""
+    adata = make_screen()
+    counts = counts_of(adata)
+    rows, columns = np.nonzero(counts)
+    halves = np.repeat(counts[rows, columns] / 2, 2).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(2 * np.bincount(rows, minlength=counts.shape[0]))])
+    split = sp.csr_matrix((halves, np.repeat(columns, 2), indptr), shape=counts.shape)
+    assert not split.has_canonical_format and np.array_equal(split.toarray(), counts)
+    adata.layers["counts"] = split
+    data = from_anndata(adata, likelihood="library_nb")
+    np.testing.assert_array_equal(data.x.toarray(), counts)
+    assert not adata.layers["counts"].has_canonical_format
+
+
 @pytest.mark.parametrize("storage", ["dense", "sparse", "backed"])
 def test_all_zero_genes_and_empty_cells_warn(storage, tmp_path):
     adata = make_screen(sparse=False)

@@ -567,6 +567,9 @@ def _subset(matrix, rows: np.ndarray, columns: np.ndarray):
         return matrix.subset(None if _all(rows, n_rows) else rows, None if _all(columns, n_columns) else columns)
     if sp.issparse(matrix):
         matrix = sp.csr_matrix(matrix)
+        if not matrix.has_canonical_format:  # duplicate entries (0.5 + 0.5) count as their sum, as scipy reads them
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
         if not _all(rows, n_rows):
             matrix = matrix[rows]
         return matrix if _all(columns, n_columns) else matrix[:, columns]
