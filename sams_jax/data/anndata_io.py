@@ -358,8 +358,8 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
       combinations (``"HLA+A"`` meant as one name): their separate effects are identified
       only through the combinations;
     * with ``control_match="contains"``, labels that contain the control only inside a
-      longer name (``"T10"`` for the control ``"T1"``: a letter or digit next to it), which
-      become control cells.
+      longer name (``"T10"`` for the control ``"T1"``, ``"NTRK1"`` for ``"NT"``; numbered
+      controls such as ``"ctrl1"`` are controls), which become control cells.
     """
     labels = pd.unique(obs[perturbation_key].astype(str))
     is_control = _control_test(control, control_match)
