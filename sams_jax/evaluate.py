@@ -130,8 +130,10 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              ate_scale: str | None = None, ate_method: str = "paper", control: str | None = None,
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
              sparse_basis_restarts: int = 8,
-             data: PerturbationData | None = None, data_path: str | None = None) -> dict[str, float]:
-    """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring).
+             data: PerturbationData | None = None, data_path: str | None = None,
+             write: bool = True) -> dict[str, float]:
+    """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring);
+    ``write=False`` returns the metrics and writes nothing (comparing runs from Python).
 
     The data are ``data``, or rebuilt from the run's saved ``config.data``; ``data_path``
     replaces its file's path there (a run trained on a file that has moved since). Rebuilt
@@ -221,6 +223,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             dict.fromkeys(("mask_precision", "mask_recall", "mask_f1"), float("nan"))  # skipped: null, not left out
         results.update({f"sparse_basis_{name.removeprefix('mask_')}": value for name, value in scores.items()})
 
+    results = {k: results[k] for k in sorted(results)}
+    if not write:
+        return results
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     for name in OUTPUTS:  # no file of an earlier evaluation stays to contradict this one
@@ -230,7 +235,6 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         basis.effects.to_csv(os.path.join(out_dir, "sparse_effects.csv"))
         pd.DataFrame(basis.weights, index=pd.Index(predictor.embeddings().columns, name="latent"),
                      columns=basis.effects.columns).to_csv(os.path.join(out_dir, "sparse_basis.csv"))
-    results = {k: results[k] for k in sorted(results)}
     metrics_lib.write_json(os.path.join(out_dir, "metrics.json"), results)
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:

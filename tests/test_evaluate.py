@@ -488,10 +488,12 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     # the extra interventions are predicted apart: the observed interventions' scores are the same without them
     extra = predictor.expectations(["0", "4+5", "3+4"], n_particles=32, seed=0, stream=1)  # their own control
     np.testing.assert_allclose(ate[["4+5", "3+4"]].layers["model"], extra[1:] - extra[0], rtol=1e-5, atol=1e-6)
+    written = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
     alone = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data, plots=False,
-                                  sparse_basis_restarts=0)
+                                  sparse_basis_restarts=0, write=False)
     assert {k: v for k, v in alone.items() if k.startswith("ATE")} == \
         {k: v for k, v in results.items() if k.startswith("ATE")}
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == written  # write=False: nothing touched
     # the sparse basis was skipped (sparse_basis_restarts=0): its scores are null, not left out
     saved = json.loads((out / "metrics.json").read_text())
     assert all(saved[f"sparse_basis_{name}"] is None for name in ("precision", "recall", "f1"))
