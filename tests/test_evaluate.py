@@ -542,33 +542,29 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     assert np.isfinite(results["IWELBO-test"])
 
 
-def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):
+def _untrained_predictor(config, model_name: str) -> Predictor:
+    """A freshly initialised ``model_name`` of ``config`` (5 genes; perturbations a, b, c)."""
     from sams_jax.models import create_model
 
-    tiny_config.model.name = "svae_plus"
-    model = create_model(tiny_config.model, 5, 3)
+    config.model.name = model_name
+    model = create_model(config.model, 5, 3)
     dummy = (jnp.zeros((2, 5)), jnp.zeros((2, 3)), jnp.ones(2))
     variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
                            *dummy)
     metadata = {"feature_names": [f"g{i}" for i in range(5)], "perturbation_names": ["a", "b", "c"],
                 "control": "control"}
-    predictor = Predictor(model, variables, tiny_config, metadata, 0, "")
+    return Predictor(model, variables, config, metadata, 0, "")
+
+
+def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):
+    predictor = _untrained_predictor(tiny_config, "svae_plus")
     np.testing.assert_array_equal(predictor.dosages(["b", "control"]), [[0, 1, 0], [0, 0, 0]])
     with pytest.raises(InterventionError, match="'a\\+b' combines perturbations, which model 'svae_plus' cannot"):
         predictor.ate(["a+b"], n_particles=4)
 
 
 def test_per_perturbation_tables_of_a_model_without_them_name_the_models_with_them(tiny_config):
-    from sams_jax.models import create_model
-
-    tiny_config.model.name = "conditional_vae"
-    model = create_model(tiny_config.model, 5, 3)
-    dummy = (jnp.zeros((2, 5)), jnp.zeros((2, 3)), jnp.ones(2))
-    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
-                           *dummy)
-    metadata = {"feature_names": [f"g{i}" for i in range(5)], "perturbation_names": ["a", "b", "c"],
-                "control": "control"}
-    predictor = Predictor(model, variables, tiny_config, metadata, 0, "")
+    predictor = _untrained_predictor(tiny_config, "conditional_vae")
     for method, what in [("mask_probs", "mask probs"), ("embeddings", "embedding means"),
                          ("shifts", "embedding means")]:
         with pytest.raises(NotImplementedError, match=rf"model 'conditional_vae' has no {what} \(models that have: "
