@@ -7,6 +7,7 @@
 #
 # PARTs, run in the order given (default: compare profile main). Times on one H100
 # (16-core Xeon host; simulating the Replogle-scale screen takes about 50 s of each):
+#   tests     the test modules that run on one GPU (pytest-xdist, 6 workers)               about 120 s
 #   full_run  the whole 150,000-step Replogle-scale schedule, configs/replogle_scale.py   220 s
 #   compare   compare_accelerators.py on cuda at batch 512 (training and evaluation)    about 250 s
 #   profile   profile_step.py: the Replogle-scale step's kernels and its floor         about 80 s
@@ -17,6 +18,8 @@ set -u
 OUTDIR=${1:-benchmarks/out/device}
 shift || true
 PARTS=${*:-compare profile main}
+# COMPARE_ARGS: extra compare_accelerators.py options, e.g. "--configs configs/simulation.py replogle_scale"
+COMPARE_ARGS=${COMPARE_ARGS:-}
 mkdir -p "$OUTDIR"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -46,8 +49,17 @@ for part in $PARTS; do
         --config.train.progress=False
       cp /tmp/replogle_scale/metrics.json "$OUTDIR/full_run_metrics.json" 2>/dev/null
       cp /tmp/replogle_scale/history.csv "$OUTDIR/full_run_history.csv" 2>/dev/null ;;
+    tests)  # modules needing CPU devices (multidevice, distributed) or minutes (experiments, large_data) left out
+      XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda timed tests 130 python3 -m pytest -q -n 6 \
+        -p no:cacheprovider -rfE --durations=10 tests/test_samplers.py tests/test_likelihoods.py \
+        tests/test_objective.py tests/test_compute_dtype.py tests/test_baselines.py tests/test_basis.py \
+        tests/test_metrics.py tests/test_prng.py tests/test_splits.py tests/test_train.py \
+        tests/test_evaluate.py tests/test_anndata.py tests/test_simulation.py
+      tail -25 "$OUTDIR/tests.log" ;;
     compare)
-      timed compare 330 python3 benchmarks/compare_accelerators.py --backends cuda --timeout 150 --out "$OUTDIR/compare"
+      # shellcheck disable=SC2086
+      timed compare 330 python3 benchmarks/compare_accelerators.py --backends cuda --timeout 150 \
+        --out "$OUTDIR/compare" $COMPARE_ARGS
       tail -12 "$OUTDIR/compare.log" ;;
     profile)
       timed profile 150 python3 benchmarks/profile_step.py --config replogle_scale --trace-dir /tmp/profile \
@@ -57,7 +69,7 @@ for part in $PARTS; do
       timed main 90 python3 -m sams_jax.train --config configs/simulation.py --workdir /tmp/run_sim \
         --config.train.progress=False
       cp /tmp/run_sim/metrics.json "$OUTDIR/main_metrics.json" 2>/dev/null ;;
-    *) echo "unknown part $part (full_run, compare, profile, main)" ;;
+    *) echo "unknown part $part (tests, full_run, compare, profile, main)" ;;
   esac
   pack
 done
