@@ -93,8 +93,8 @@ def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, de
     categories = ["control", *names]
     obs = pd.DataFrame({"perturbation": pd.Categorical.from_codes(labels + 1, categories),
                         "split": pd.Categorical(split, categories=["train", "val", "test"])},
-                       index=pd.Index([f"cell{i:07d}" for i in range(n_cells)]))
-    var = pd.DataFrame(index=pd.Index([f"gene{g:04d}" for g in range(n_genes)]))
+                       index=pd.Index([f"cell{i:07d}" for i in range(n_cells)], dtype=object))
+    var = pd.DataFrame(index=pd.Index([f"gene{g:04d}" for g in range(n_genes)], dtype=object))  # object: writable under pandas >= 3
     rate = rng.lognormal(0.0, 1.0, n_genes).astype(np.float32)
     fold = np.ones((n_perturbations + 1, n_genes), np.float32)  # row 0: control
     for t in range(n_perturbations):

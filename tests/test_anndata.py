@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from sams_jax.config import ConfigError, validate_config
 from sams_jax.data import DataError, PerturbationData, load_data
 from sams_jax.data import splits as splits_lib
-from sams_jax.data.anndata_io import DataWarning, check_compatible, from_anndata
+from sams_jax.data.anndata_io import DataWarning, check_compatible, from_anndata, write_h5ad
 from sams_jax.data.prepare_replogle import load_filter, prepare_replogle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_split_key_path_input_and_library_size_key(tmp_path):
     totals = counts_of(adata).sum(1)
     adata.obs["n_counts"] = totals + np.arange(adata.n_obs)  # genes not in the file count too
     path = tmp_path / "screen.h5ad"
-    adata.write_h5ad(path)
+    write_h5ad(adata, path)
     data = PerturbationData.from_anndata(str(path), split_key="split", library_size_key="n_counts")
     np.testing.assert_array_equal(data.split, adata.obs["split"].to_numpy())
     np.testing.assert_array_equal(data.library_size, totals + np.arange(adata.n_obs))
@@ -396,7 +396,7 @@ def test_all_zero_genes_and_empty_cells_warn(storage, tmp_path):
     source = adata
     if storage == "backed":
         source = tmp_path / "screen.h5ad"
-        adata.write_h5ad(source)
+        write_h5ad(adata, source)
     with pytest.warns(DataWarning) as record:
         data = from_anndata(source, backed=storage == "backed", likelihood="library_nb")
     messages = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
@@ -494,7 +494,7 @@ def _pairs_in(data, split):
 @pytest.fixture(scope="module")
 def norman_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("norman") / "norman_like.h5ad"
-    make_norman_like(make_screen()).write_h5ad(path)
+    write_h5ad(make_norman_like(make_screen()), path)
     return path
 
 
@@ -572,7 +572,7 @@ def _raw_replogle(path, spec):
     names = spec["measured_genes"][:6] + [spec["measured_genes"][0], "NOTMEASURED1", "NOTMEASURED2"]
     var = pd.DataFrame({"gene_name": names}, index=[f"ENSG{i:05d}" for i in range(len(names))])
     x = rng.poisson(2.0, (60, len(names))).astype(np.float32)
-    anndata.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    write_h5ad(anndata.AnnData(X=x, obs=obs, var=var), path)
     return obs, x
 
 
@@ -620,7 +620,7 @@ def test_prepare_replogle_missing_raw_file_is_a_clean_error(tmp_path):
         prepare_replogle(str(tmp_path / "raw.h5ad"), str(out), spec, chunk_size=0)
     raw = anndata.read_h5ad(tmp_path / "raw.h5ad")
     del raw.obs["sgID_AB"]
-    raw.write_h5ad(tmp_path / "no_guides.h5ad")
+    write_h5ad(raw, tmp_path / "no_guides.h5ad")
     with pytest.raises(DataError, match="no obs column 'sgID_AB' \\(the guide pair of each cell"):
         prepare_replogle(str(tmp_path / "no_guides.h5ad"), str(out), spec)
     assert not out.exists()
@@ -681,7 +681,7 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     path = tmp_path / "screen.h5ad"
     adata = make_screen()
     adata.obs["split"] = np.array(["train", "train", "val", "test"])[np.arange(adata.n_obs) % 4]
-    adata.write_h5ad(path)
+    write_h5ad(adata, path)
     config = _config("anndata")
     config.data.update(path=str(path), split_key="split")  # equal val / test sizes: one IWELBO compile
     config.model.update(n_latent=3, decoder_n_hidden=8, basal_encoder_n_hidden=8, embedding_encoder_n_hidden=8)
@@ -717,7 +717,7 @@ def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
     results = evaluate(str(workdir), data_path=str(moved), **options)
     assert np.isfinite(results["IWELBO-test"]) and "ATE_pearsonr-all" in results
     reversed_genes = anndata.read_h5ad(moved)[:, ::-1].copy()
-    reversed_genes.write_h5ad(path)
+    write_h5ad(reversed_genes, path)
     with pytest.raises(DataError, match=r"feature_names \(the same 12 names in another order\); "
                                         r"normalization_stats.*--data-path NEW"):
         evaluate(str(workdir), data_path=str(path), **options)

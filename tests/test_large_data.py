@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from sams_jax.config import ConfigError, validate_against_data, validate_config
 from sams_jax.data import DataError, load_data
 from sams_jax.data import matrix as matrix_lib
-from sams_jax.data.anndata_io import from_anndata
+from sams_jax.data.anndata_io import from_anndata, write_h5ad
 from sams_jax.data.matrix import BackedMatrix
 from sams_jax.streaming import THREAD_NAME, Prefetcher
 from sams_jax import train as train_lib
@@ -52,7 +52,7 @@ def write(adata, path, sparse=True):
     if sparse:
         adata.layers["counts"] = sp.csr_matrix(adata.layers["counts"])
         adata.X = sp.csr_matrix(adata.X)
-    adata.write_h5ad(path)
+    write_h5ad(adata, path)
     return str(path)
 
 
@@ -143,7 +143,7 @@ def test_backed_rows_in_any_order_subsets_and_pickling(tmp_path):
 def test_backed_csc_is_a_clear_error(tmp_path):
     adata = screen()
     adata.layers["counts"] = sp.csc_matrix(adata.layers["counts"])
-    adata.write_h5ad(tmp_path / "csc.h5ad")
+    write_h5ad(adata, tmp_path / "csc.h5ad")
     with pytest.raises(DataError, match="stored as csc_matrix; backed reading needs cells as rows of a CSR"):
         from_anndata(tmp_path / "csc.h5ad", split_key="split", backed=True)
 

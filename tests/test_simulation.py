@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from sams_jax.data import DataError, normalization_stats, plate_scale, simulate
+from sams_jax.data.anndata_io import write_h5ad
 
 
 def test_simulation_structure_and_ground_truth():
@@ -121,7 +122,7 @@ def test_normalization_statistics_come_from_the_training_cells_only(tmp_path, mo
         matrix = sp.csr_matrix(x)
     elif storage == "backed":
         path = tmp_path / "x.h5ad"
-        anndata.AnnData(X=sp.csr_matrix(x)).write_h5ad(path)
+        write_h5ad(anndata.AnnData(X=sp.csr_matrix(x)), path)
         matrix = BackedMatrix(path, "X")
     else:
         matrix = x
