@@ -287,7 +287,8 @@ def split_objective(apply_fn: Callable, config: ObjectiveConfig, variables, rng,
     return score_split(apply_fn, variables, rng, arrays, config.n_particles, score, chunk_size, first_chunk)
 
 
-IWELBO_CHUNK_ELEMENTS = 8 * 2**20  # particles x cells x genes per chunk: 32 MB per float32 intermediate
+IWELBO_CHUNK_ELEMENTS = {"cpu": 8 * 2**20}  # particles x cells x genes per chunk, per backend (CPU: 32 MB per
+IWELBO_DEFAULT_CHUNK_ELEMENTS = 2**27        # float32 intermediate, cache-sized); others: 512 MB
 IWELBO_MAX_CHUNK_CELLS = {"cpu": 256}  # per backend; others: IWELBO_DEFAULT_MAX_CHUNK_CELLS
 IWELBO_DEFAULT_MAX_CHUNK_CELLS = 4096
 
@@ -295,17 +296,24 @@ IWELBO_DEFAULT_MAX_CHUNK_CELLS = 4096
 def iwelbo_chunk_size(n_particles: int, n_genes: int, backend: str | None = None) -> int:
     """Cells per IWELBO chunk: the largest power of two (8 to the backend's entry of
     ``IWELBO_MAX_CHUNK_CELLS``, else ``IWELBO_DEFAULT_MAX_CHUNK_CELLS``) whose
-    ``particles x cells x genes`` intermediates stay within ``IWELBO_CHUNK_ELEMENTS``
-    (``backend``: default ``jax.default_backend()``). Chunks of that size stay in
-    cache-friendly sizes. On the 2-core CPU (one process alternating the compiled
-    programs, ``benchmarks/RESULTS.md``): Replogle scale (1,187 genes, 100 particles) runs
-    1.2x faster with 64 cells per chunk than with 1,024, and 1.06x faster than with 32;
-    the default simulation (100 genes) 1.08x faster with 256 than with 512 (128 is as fast
-    as 256; 1,024 is 1.26x slower). The GPU figures in RESULTS were measured with the
-    element bound and the 4,096-cell cap."""
+    ``particles x cells x genes`` intermediates stay within the backend's entry of
+    ``IWELBO_CHUNK_ELEMENTS`` (else ``IWELBO_DEFAULT_CHUNK_ELEMENTS``); ``backend``:
+    default ``jax.default_backend()``.
+
+    The CPU's bound keeps chunks cache-sized. On the 2-core CPU (one process alternating
+    the compiled programs, ``benchmarks/RESULTS.md``): Replogle scale (1,187 genes, 100
+    particles) runs 1.2x faster with 64 cells per chunk than with 1,024, and 1.06x faster
+    than with 32; the default simulation (100 genes) 1.08x faster with 256 than with 512
+    (128 is as fast as 256; 1,024 is 1.26x slower). A GPU wants few, large chunks: with the
+    CPU's bound (64 cells, 371 chunks) the Replogle-scale IWELBO took 0.226 s on an H200
+    (2026-11-27), against 0.064 s with 1,024-cell chunks on an H200 a day earlier (older
+    code). The larger bound gives those 1,024-cell chunks again; not yet timed on a GPU.
+
+    The local draws depend on the chunking, so one seed gives different (equally valid)
+    IWELBO estimates on backends whose chunk sizes differ."""
     backend = backend or jax.default_backend()
     largest = IWELBO_MAX_CHUNK_CELLS.get(backend, IWELBO_DEFAULT_MAX_CHUNK_CELLS)
-    cells = IWELBO_CHUNK_ELEMENTS // max(1, n_particles * n_genes)
+    cells = IWELBO_CHUNK_ELEMENTS.get(backend, IWELBO_DEFAULT_CHUNK_ELEMENTS) // max(1, n_particles * n_genes)
     return int(min(largest, max(8, 2 ** int(np.floor(np.log2(max(cells, 1)))))))
 
 
