@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU benchmark run behind the GPU figures in benchmarks/RESULTS.md, as one prepared
-# script for a machine with JAX's CUDA build preinstalled. ml_collections (pure Python),
-# if missing there, travels as a wheel in .whl/ (pip download ml_collections==1.1.0 -d .whl).
+# script for a machine with JAX's CUDA build preinstalled. Packages missing there travel as
+# wheels in .whl/ (pip download --no-deps, see the device notes): ml_collections for the
+# benchmarks; numpyro 0.22 (the image had 0.21, below pyproject's minimum); for the tests
+# part, anndata and its needs (array-api-compat legacy-api-wrap natsort scverse-misc
+# session-info2 zarr numcodecs donfig google-crc32c).
 #
 #   bash benchmarks/device_run.sh OUTDIR [PART ...]
 #
-# PARTs, run in the order given (default: compare profile main). Times on one H100
+# PARTs, run in the order given (default: compare profile main). Times on one H100 or H200
 # (16-core Xeon host; simulating the Replogle-scale screen takes about 50 s of each):
-#   tests     the test modules that run on one GPU (pytest-xdist, 6 workers)               about 120 s
+#   tests     the test modules that run on one GPU (pytest-xdist, 14 workers)              about 125 s
 #   full_run  the whole 150,000-step Replogle-scale schedule, configs/replogle_scale.py   220 s
 #   compare   compare_accelerators.py on cuda at batch 512 (training and evaluation)    about 250 s
 #   profile   profile_step.py: the Replogle-scale step's kernels and its floor         about 80 s
@@ -50,12 +53,13 @@ for part in $PARTS; do
       cp /tmp/replogle_scale/metrics.json "$OUTDIR/full_run_metrics.json" 2>/dev/null
       cp /tmp/replogle_scale/history.csv "$OUTDIR/full_run_history.csv" 2>/dev/null ;;
     tests)  # modules needing CPU devices (multidevice, distributed) or minutes (experiments, large_data) left out
-      XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda timed tests 130 python3 -m pytest -q -n 6 \
-        -p no:cacheprovider -rfE --durations=10 tests/test_samplers.py tests/test_likelihoods.py \
+      # -v names each failure as it happens (the summary is lost if the part hits its limit)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda timed tests 200 python3 -m pytest -v -n 14 \
+        -p no:cacheprovider -p no:benchmark --timeout 150 --tb=short -rfE tests/test_samplers.py tests/test_likelihoods.py \
         tests/test_objective.py tests/test_compute_dtype.py tests/test_baselines.py tests/test_basis.py \
         tests/test_metrics.py tests/test_prng.py tests/test_splits.py tests/test_train.py \
         tests/test_evaluate.py tests/test_anndata.py tests/test_simulation.py
-      tail -25 "$OUTDIR/tests.log" ;;
+      grep -E "FAILED|ERROR|passed|failed" "$OUTDIR/tests.log" | tail -25 ;;
     compare)
       # shellcheck disable=SC2086
       timed compare 330 python3 benchmarks/compare_accelerators.py --backends cuda --timeout 150 \
