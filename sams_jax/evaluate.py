@@ -17,7 +17,8 @@ where the file has moved). Writes
   ``sparse_basis_f1``;
 * ``sparse_effects.csv`` (perturbations x basis dimensions: the shifts in the sparse basis)
   and ``sparse_basis.csv`` (latent x basis dimensions: ``W``), for models with embeddings;
-* ``ate.h5ad``: obs = interventions (split membership, cell counts), var = genes, layers
+* ``ate.h5ad``: obs = interventions (split membership, cell counts, ``learned``,
+  ``seen_in_training``: see :meth:`Predictor.seen_in_training`), var = genes, layers
   ``model`` and ``data`` (NaN where not observed), ``uns["control"]``;
 * PNG plots: ``history.png``, ``ate_scatter.png``, ``mask_probs.png``, ``embeddings.png``,
   ``sparse_effects.png``.
@@ -266,10 +267,14 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learn
     import anndata
 
     n = len(names)
+    with warnings.catch_warnings():  # the names were resolved (and warned about) before
+        warnings.simplefilter("ignore", InterventionWarning)
+        seen = predictor.seen_in_training(predictor.dosages(names))
     pad = lambda values, fill: np.concatenate([values, np.full(n - n_observed, fill, values.dtype)])
     obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
                         **{f"in_{split}": pad(membership[split], False) for split in SPLITS},
-                        "learned": learned},
+                        "learned": learned,
+                        **({} if seen is None else {"seen_in_training": seen})},
                        index=pd.Index(names, name="intervention", dtype=object))
     data_layer = np.full(model_ate.shape, np.nan, np.float32)
     data_layer[:n_observed] = data_ate

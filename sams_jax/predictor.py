@@ -182,6 +182,21 @@ class Predictor:
         trained = np.asarray(counts) > 0
         return np.all(trained | (np.asarray(rows) == 0), axis=1)
 
+    def seen_in_training(self, rows: np.ndarray) -> np.ndarray | None:
+        """``[I]`` bool: training cells received exactly the perturbations of each dosage
+        row (``[I, T]``): a single perturbation with training cells, a combination whose
+        members were given together to training cells, or the control (no perturbation).
+        Combinations without such cells are the ones a model predicts by composing its
+        members' effects (SAMS-VAE's additive shifts; the conditional VAE's multi-hot input).
+        ``None`` for checkpoints saved before the combinations were recorded."""
+        combinations = self.metadata.get("training_combinations")
+        if combinations is None:
+            return None
+        seen = {tuple(members) for members in combinations}
+        active = [tuple(np.flatnonzero(row).tolist()) for row in np.asarray(rows)]
+        return np.asarray([members in seen if len(members) > 1 else learned
+                           for members, learned in zip(active, self.learned(rows))], bool)
+
     def intervention_name(self, row: np.ndarray) -> str:
         """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
         members = [self.perturbation_names[t] for t in np.nonzero(row)[0]]
@@ -221,6 +236,9 @@ class Predictor:
         """Model average treatment effects relative to ``control`` (default: the data's
         control) as AnnData: obs = interventions, var = genes, ``X`` = ATE,
         ``layers["expectation"]`` = ``E[f(x) | do(d)]``; ``uns`` records the settings.
+        ``obs["learned"]``: every member had training cells (:meth:`learned`);
+        ``obs["seen_in_training"]``: training cells received exactly this intervention
+        (:meth:`seen_in_training`; False for the unseen combinations a model composes).
 
         ``interventions`` default to every single perturbation of the vocabulary.
         ``method="paper"`` draws independently per intervention (the paper's estimator);
@@ -243,15 +261,17 @@ class Predictor:
                                   seed=seed, library_size=library_size)
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
-            learned = self.learned(self.dosages([control, *interventions]))
+            rows = self.dosages([control, *interventions])
+        learned, seen = self.learned(rows), self.seen_in_training(rows[1:])
         if not learned.all():
             unlearned = [name for name, ok in zip([control, *interventions], learned) if not ok]
             warnings.warn(f"{unlearned[:10]}{' and others' if len(unlearned) > 10 else ''} ({len(unlearned)} in all) have "
                           "members without training cells: their effects are the prior's, not learned "
                           "(obs['learned'] is False)", InterventionWarning, stacklevel=2)
+        columns = {"learned": learned[1:], **({} if seen is None else {"seen_in_training": seen})}
         result = anndata.AnnData(
             X=(means[1:] - means[0]).astype(np.float32),
-            obs=pd.DataFrame({"learned": learned[1:]}, index=pd.Index(interventions, name="intervention", dtype=object)),
+            obs=pd.DataFrame(columns, index=pd.Index(interventions, name="intervention", dtype=object)),
             var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)),
             layers={"expectation": means[1:].astype(np.float32)},
         )

@@ -486,6 +486,8 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712
     assert ate.obs.loc["4+5", "learned"] == False and ate.obs.loc["3+4", "learned"] == True  # noqa: E712
     assert ate.obs.loc["3+4", "observed"] == False  # noqa: E712
+    # the simulation's training cells got single perturbations: only those with training cells were seen
+    np.testing.assert_array_equal(ate.obs["seen_in_training"], ate.obs["learned"] & ate.obs["observed"])
     kept = ate.obs["learned"].to_numpy()
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
@@ -507,6 +509,7 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
                                                  r"cells.*obs\['learned'\] is False"):
         effects = predictor.ate(["4", "5", "4+5"], n_particles=8)
     assert effects.obs["learned"].tolist() == [True, False, False]
+    assert effects.obs["seen_in_training"].tolist() == [True, False, False]
 
     predictor.control = None
     with pytest.warns(evaluate_lib.EvaluationWarning, match="no control label, so there are no ATEs"):
@@ -559,6 +562,25 @@ def _untrained_predictor(config, model_name: str) -> Predictor:
     metadata = {"feature_names": [f"g{i}" for i in range(5)], "perturbation_names": ["a", "b", "c"],
                 "control": "control"}
     return Predictor(model, variables, config, metadata, 0, "")
+
+
+def test_seen_in_training_tells_measured_combinations_from_composed_ones(tiny_config):
+    """``seen_in_training``: the control, singles with training cells and combinations
+    whose members training cells received together; not untrained singles, combinations
+    never given together (whatever their members' order) or a subset of a seen triple.
+    Checkpoints without the record give ``None`` and no obs column."""
+    predictor = _untrained_predictor(tiny_config, "sams_vae")
+    predictor.metadata.update(cells_per_perturbation={"train": [10, 5, 0]}, training_combinations=[[0, 1]])
+    names = ["control", "a", "c", "a+b", "b+a", "a+c", "a+b+c"]
+    np.testing.assert_array_equal(predictor.seen_in_training(predictor.dosages(names)),
+                                  [True, True, False, True, True, False, False])
+    with pytest.warns(InterventionWarning):  # c has no training cells
+        effects = predictor.ate(["a+b", "a+c", "b"], n_particles=4)
+    assert effects.obs["seen_in_training"].tolist() == [True, False, True]
+    del predictor.metadata["training_combinations"]
+    assert predictor.seen_in_training(predictor.dosages(names)) is None
+    with pytest.warns(InterventionWarning):
+        assert "seen_in_training" not in predictor.ate(["a+c"], n_particles=4).obs
 
 
 def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):

@@ -138,3 +138,23 @@ def test_normalization_statistics_come_from_the_training_cells_only(tmp_path, mo
     np.testing.assert_allclose(log_stats["scale"], np.where(train.std(0) > 0, np.log1p(train).std(0), 1.0),
                                rtol=1e-5)
     assert data.metadata("standardize")["normalization_stats"]["mean"] == pytest.approx(train.mean(0), rel=1e-5)
+
+
+@pytest.mark.parametrize("block", [2, 1_000])
+def test_combinations_are_the_distinct_sets_given_together_per_split(monkeypatch, block):
+    """``PerturbationData.combinations``: the distinct sets of two or more perturbations
+    per split (dosage values and cell order do not matter), read in blocks; the training
+    split's are in the metadata."""
+    from sams_jax.data import PerturbationData
+    from sams_jax.data import matrix as matrix_lib
+
+    monkeypatch.setattr(matrix_lib, "block_rows", lambda n_columns: block)
+    dosages = np.asarray([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [2, 0.5, 0, 0], [0, 1, 1, 1],
+                          [1, 0, 0, 1], [1, 1, 0, 0]], np.float32)
+    split = np.asarray(["train", "train", "train", "train", "train", "val", "train"])
+    data = PerturbationData(x=np.ones((7, 3), np.float32), dosages=dosages, split=split,
+                            feature_names=["g0", "g1", "g2"], perturbation_names=["a", "b", "c", "d"],
+                            library_size=np.full(7, 3.0, np.float32))
+    assert data.combinations("train") == [[0, 1], [1, 2, 3]]
+    assert data.combinations("val") == [[0, 3]] and data.combinations("test") == []
+    assert data.metadata("none")["training_combinations"] == [[0, 1], [1, 2, 3]]

@@ -165,6 +165,20 @@ class PerturbationData:
             counts += np.count_nonzero(self.dosages[rows[start:start + step]], axis=0)
         return counts
 
+    def combinations(self, split: str) -> list[list[int]]:
+        """The distinct sets of two or more perturbations that cells of ``split`` received
+        together, each as increasing vocabulary indices, sorted (read in blocks of cells,
+        so the dosage matrix is not copied)."""
+        rows = self.rows(split)
+        found: set[tuple[int, ...]] = set()
+        step = matrix_lib.block_rows(self.n_perturbations)
+        for start in range(0, len(rows), step):
+            active = self.dosages[rows[start:start + step]] != 0
+            active = active[active.sum(axis=1) >= 2]
+            if len(active):
+                found.update(tuple(np.flatnonzero(row).tolist()) for row in np.unique(active, axis=0))
+        return [list(members) for members in sorted(found)]
+
     def normalization_stats(self, method: str) -> dict[str, np.ndarray]:
         """Per-gene encoder-input statistics from the training split (SPEC 2)."""
         if matrix_lib.is_dense(self.x):
@@ -183,6 +197,8 @@ class PerturbationData:
             "normalization": normalization,
             "normalization_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
             "cells_per_perturbation": {s: self.cells_per_perturbation(s).tolist() for s in SPLITS},
+            # the combinations with training cells (Predictor.seen_in_training)
+            "training_combinations": self.combinations("train"),
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
             # the library size of generated cells (Predictor.sample) unless one is given
             "median_library_size": float(np.median(self.library_size[self.mask("train")])),
