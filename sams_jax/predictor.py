@@ -290,8 +290,7 @@ class Predictor:
         import anndata
 
         interventions = intervention_list(interventions)
-        if n < 1:
-            raise ValueError(f"n (cells per intervention) must be >= 1, got {n}")
+        n = _whole_number(n, "n (cells per intervention)")
         library_size = self.training_library_size if library_size is None else float(library_size)
         dosages = np.repeat(self.dosages(interventions), n, axis=0)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))

@@ -450,8 +450,10 @@ def test_sample_library_size_and_cell_count(trained):
     sampled = predictor.sample("1", n=3)
     assert sampled.uns["library_size"] == predictor.training_library_size and sampled.shape == (3, 12)
     assert predictor.sample("1", n=3, library_size=500).uns["library_size"] == 500
-    with pytest.raises(ValueError, match="n .* must be >= 1"):
-        predictor.sample(["1"], n=0)
+    for bad in (0, 2.5, float("nan")):
+        with pytest.raises(ValueError, match=r"n \(cells per intervention\) must be a whole number >= 1"):
+            predictor.sample(["1"], n=bad)
+    assert predictor.sample("1", n=2.0).shape == (2, 12)
 
 
 def test_mean_scale_is_refused_for_library_size_likelihoods():
