@@ -72,7 +72,9 @@ for part in $PARTS; do
     main)
       timed main 90 python3 -m sams_jax.train --config configs/simulation.py --workdir /tmp/run_sim \
         --config.train.progress=False
-      cp /tmp/run_sim/metrics.json "$OUTDIR/main_metrics.json" 2>/dev/null ;;
+      cp /tmp/run_sim/metrics.json "$OUTDIR/main_metrics.json" 2>/dev/null
+      # elapsed_s per validation: how the command's time splits into steps and the rest
+      cp /tmp/run_sim/history.csv "$OUTDIR/main_history.csv" 2>/dev/null ;;
     *) echo "unknown part $part (tests, full_run, compare, profile, main)" ;;
   esac
   pack
