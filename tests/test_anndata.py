@@ -352,6 +352,17 @@ def test_perturbation_without_training_cells_warns():
     assert data.cells_per_perturbation("train")[SINGLES.index("F")] == 0
 
 
+def test_perturbation_with_few_training_cells_warns():
+    """1-4 training cells: a warning naming each such perturbation with its count; 5 or
+    more (every other perturbation of the screen) are not named."""
+    labels = ["control"] * 30 + [c for c in SINGLES + PAIRS for _ in range(10)] + ["G"] * 2 + ["A+G"] * 2
+    with pytest.warns(DataWarning, match=r"1 perturbations have fewer than 5 training cells: \['G \(4\)'\]; "
+                                         "their learned effects rest on very few cells"):
+        adata = make_screen(labels)
+        adata.obs["split"] = ["val"] * 5 + ["test"] * 5 + ["train"] * (len(labels) - 10)  # held out: controls
+        from_anndata(adata, split_key="split")
+
+
 @pytest.mark.parametrize("control", [0, np.int64(0), "0"])
 def test_integer_control_label_matches_its_string(control):
     adata = make_screen()

@@ -682,7 +682,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     ``for_training=False`` registers data to be scored by a trained model rather than
     trained on (``Predictor.register``): the checks that concern training only are
     skipped, namely control cells present and in the training split, perturbations
-    without training cells, and all-zero genes (the splits are still assigned by
+    without or with few training cells, and all-zero genes (the splits are still assigned by
     ``split_key`` / ``task``, whose own requirements still apply). The registration is kept in
     ``data.registration`` and saved with checkpoints.
     """
@@ -741,19 +741,30 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     return data
 
 
+FEW_TRAINING_CELLS = 5  # _check_training_coverage: fewer training cells than this are warned about
+
+
 def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> None:
-    """Control cells in the training split (ATEs need them); a warning for perturbations
-    without training cells (their embeddings stay at the prior; excluded from ATE metrics)."""
+    """Control cells in the training split (ATEs need them); warnings for perturbations
+    without training cells (their embeddings stay at the prior; excluded from ATE metrics)
+    and for those with fewer than ``FEW_TRAINING_CELLS``."""
     if data.control is not None and not (is_control & (data.split == "train")).any():
         per_split = {s: int((is_control & (data.split == s)).sum()) for s in SPLITS}
         raise DataError(f"no control cells ({data.control!r}) in the training split (control cells per split: "
                         f"{per_split}); ATEs are measured against the control, so the model must see it: put "
                         "control cells in the training split, or pass control=None (--config.data.control='') "
                         "for a screen without controls")
-    untrained = np.asarray(data.perturbation_names)[data.cells_per_perturbation("train") == 0]
+    names, trained_cells = np.asarray(data.perturbation_names), data.cells_per_perturbation("train")
+    untrained = names[trained_cells == 0]
     if len(untrained):
         warnings.warn(f"{len(untrained)} perturbations have no training cells: {_show(untrained)}; their effects "
                       "are not learned (they stay at the prior) and they are excluded from ATE metrics",
+                      DataWarning, stacklevel=3)
+    few = (trained_cells > 0) & (trained_cells < FEW_TRAINING_CELLS)
+    if few.any():
+        shown = [f"{name} ({count})" for name, count in zip(names[few], trained_cells[few])]
+        warnings.warn(f"{int(few.sum())} perturbations have fewer than {FEW_TRAINING_CELLS} training cells: "
+                      f"{_show(shown)}; their learned effects rest on very few cells, so read their ATEs with care",
                       DataWarning, stacklevel=3)
 
 
