@@ -352,6 +352,24 @@ def test_perturbation_without_training_cells_warns():
     assert data.cells_per_perturbation("train")[SINGLES.index("F")] == 0
 
 
+def test_counts_normalised_to_a_fixed_total_warn():
+    """Rounded CP10k values pass the integer check but warn (totals all near 10,000);
+    raw counts, and a library_size_key, do not."""
+    adata = make_screen()
+    counts = adata.layers["counts"].toarray()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        from_anndata(adata)  # raw counts: totals vary
+    adata.layers["counts"] = sp.csr_matrix(np.round(counts / counts.sum(1, keepdims=True) * 1e4))
+    with pytest.warns(DataWarning, match=r"every cell's total count in layers\['counts'\] lies between 99\d\d and "
+                                         r"100\d\d \(within 5% of 1000\d\): these look normalised"):
+        from_anndata(adata)
+    adata.obs["total"] = 2e4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        from_anndata(adata, library_size_key="total")
+
+
 def test_perturbation_with_few_training_cells_warns():
     """1-4 training cells: a warning naming each such perturbation with its count; 5 or
     more (every other perturbation of the screen) are not named."""

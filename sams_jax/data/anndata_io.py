@@ -626,6 +626,27 @@ def check_empty(cell_nonzero: np.ndarray, gene_nonzero: np.ndarray, cell_names: 
                       "count (e.g. scanpy.pp.filter_cells(adata, min_genes=1))", DataWarning, stacklevel=3)
 
 
+NORMALISED_SPREAD = 0.05  # check_not_normalised: total counts all within this fraction of their median
+
+
+def check_not_normalised(row_sums: np.ndarray, what: str, likelihood: str) -> None:
+    """:class:`DataWarning` when every cell's total count (``row_sums`` ``[cells]``, 20 or
+    more cells) lies within ``NORMALISED_SPREAD`` of the median: values normalised to a
+    fixed total (CP10k, then rounded) pass the integer check, but raw UMI counts vary
+    several-fold between cells."""
+    row_sums = np.asarray(row_sums, dtype=np.float64).reshape(-1)
+    median = float(np.median(row_sums)) if len(row_sums) else 0.0
+    if len(row_sums) < 20 or median <= 0:
+        return
+    low, high = float(row_sums.min()), float(row_sums.max())
+    if high - low <= NORMALISED_SPREAD * median:
+        warnings.warn(f"every cell's total count in {what} lies between {low:g} and {high:g} (within "
+                      f"{NORMALISED_SPREAD:.0%} of {median:g}): these look normalised to a fixed total (e.g. CP10k, "
+                      f"then rounded), not raw UMI counts, whose totals vary several-fold between cells; the "
+                      f"{likelihood!r} likelihood needs raw counts: point counts_layer at them "
+                      "(--config.data.counts_layer=<layer>; often 'counts')", DataWarning, stacklevel=3)
+
+
 def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None,
                   counts: bool = False) -> np.ndarray:
     """``[n_cells]`` float32: ``obs[library_size_key]`` when given, else ``row_sums`` (the
@@ -712,6 +733,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     check_empty(cell_nonzero, gene_nonzero, obs.index.astype(str), gene_names, what, likelihood, library_size_key,
                 genes=for_training)
     library_size = library_sizes(obs, sums, library_size_key, counts=likelihood in COUNT_LIKELIHOODS)
+    if likelihood in COUNT_LIKELIHOODS and not library_size_key:
+        check_not_normalised(sums, what, likelihood)
     if isinstance(counts, BackedMatrix):
         x = counts
     elif sp.issparse(counts):  # a copy unless read from a file here (the caller's AnnData stays untouched)
