@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--iwelbo-particles", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median reported)")
     parser.add_argument("--spread", action="store_true", help="also measure estimator Monte-Carlo error")
+    parser.add_argument("--iwelbo-chunk-sizes", type=int, nargs="*", default=[],
+                        help="also time the IWELBO at these cells per chunk (iwelbo_s_by_chunk; default: only "
+                             "objective.iwelbo_chunk_size's choice)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -136,6 +139,10 @@ def main() -> None:
     row["iwelbo_chunk_size"] = iwelbo_kwargs["chunk_size"]
     _, row["iwelbo_compile_s"], row["iwelbo_s"] = _timed(predictor._iwelbo, predictor.variables, key, arrays,
                                                           repeats=args.repeats, **iwelbo_kwargs)
+    row["iwelbo_s_by_chunk"] = {}
+    for size in args.iwelbo_chunk_sizes:  # the chunk rule's alternatives, in the same process
+        _, _, row["iwelbo_s_by_chunk"][size] = _timed(predictor._iwelbo, predictor.variables, key, arrays,
+                                                      repeats=args.repeats, **{**iwelbo_kwargs, "chunk_size": size})
     # XLA's cost analysis counts a loop body once, so count single-chunk calls of c and 2c
     # cells: their difference is the per-cell cost, the rest the once-per-call global draws.
     chunk = min(iwelbo_kwargs["chunk_size"], n_cells // 2)
