@@ -203,13 +203,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             results.update({f"{name}-{split}": value for name, value in agreement.items()})
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
-            is_learned = np.concatenate([membership["learned"],
-                                         predictor.learned(predictor.dosages(all_names[1 + n_observed:]))])
+            all_rows = np.concatenate([rows, predictor.dosages(extra)]) if extra else rows  # [I, T]
+        is_learned, seen = predictor.learned(all_rows), predictor.seen_in_training(all_rows)
         unlearned = [name for name, learned in zip(all_names[1 + n_observed:], is_learned[n_observed:]) if not learned]
         if unlearned:
             warnings.warn(f"interventions {unlearned} have members without training cells; their effects are the "
                           "prior's, not learned (learned=False in ate.h5ad)", EvaluationWarning, stacklevel=2)
-        ate = (all_names[1:], n_observed, membership, n_cells, is_learned, model_ate, data_ate)
+        ate = (all_names[1:], n_observed, membership, n_cells, is_learned, seen, model_ate, data_ate)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
         results.update(metrics_lib.mask_scores(data.truth["mask"], predictor.mask_probs().to_numpy() > 0.5))
@@ -241,7 +241,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     if ate is not None:
         _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles)
     if plots:
-        _, n_observed, _, _, is_learned, model_ate, data_ate = ate or ([], 0, {}, [], np.zeros(0, bool), [], [])
+        no_ate = ([], 0, {}, [], np.zeros(0, bool), None, [], [])
+        _, n_observed, _, _, is_learned, _, model_ate, data_ate = ate or no_ate
         scored = is_learned[:n_observed]  # the interventions of the ATE metrics
         _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
                      np.asarray(model_ate)[:n_observed][scored], basis,
@@ -262,14 +263,11 @@ def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
         return None
 
 
-def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learned, model_ate, data_ate, control,
-               scale, method, n_particles) -> None:
+def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learned, seen, model_ate, data_ate,
+               control, scale, method, n_particles) -> None:
     import anndata
 
     n = len(names)
-    with warnings.catch_warnings():  # the names were resolved (and warned about) before
-        warnings.simplefilter("ignore", InterventionWarning)
-        seen = predictor.seen_in_training(predictor.dosages(names))
     pad = lambda values, fill: np.concatenate([values, np.full(n - n_observed, fill, values.dtype)])
     obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
                         **{f"in_{split}": pad(membership[split], False) for split in SPLITS},

@@ -183,19 +183,16 @@ class Predictor:
         return np.all(trained | (np.asarray(rows) == 0), axis=1)
 
     def seen_in_training(self, rows: np.ndarray) -> np.ndarray | None:
-        """``[I]`` bool: training cells received exactly the perturbations of each dosage
-        row (``[I, T]``): a single perturbation with training cells, a combination whose
-        members were given together to training cells, or the control (no perturbation).
-        Combinations without such cells are the ones a model predicts by composing its
-        members' effects (SAMS-VAE's additive shifts; the conditional VAE's multi-hot input).
-        ``None`` for checkpoints saved before the combinations were recorded."""
-        combinations = self.metadata.get("training_combinations")
-        if combinations is None:
+        """``[I]`` bool: some training cells received exactly the perturbations of each
+        dosage row (``[I, T]``; the control: no perturbation). False for what a model
+        predicts by composing effects: a combination never given together, and (additive
+        encoding) a perturbation given only inside combinations. ``None`` for checkpoints
+        saved before these sets were recorded (``metadata["training_conditions"]``)."""
+        conditions = self.metadata.get("training_conditions")
+        if conditions is None:
             return None
-        seen = {tuple(members) for members in combinations}
-        active = [tuple(np.flatnonzero(row).tolist()) for row in np.asarray(rows)]
-        return np.asarray([members in seen if len(members) > 1 else learned
-                           for members, learned in zip(active, self.learned(rows))], bool)
+        seen = {tuple(members) for members in conditions}
+        return np.asarray([tuple(np.flatnonzero(row).tolist()) in seen for row in np.asarray(rows)], bool)
 
     def intervention_name(self, row: np.ndarray) -> str:
         """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
@@ -238,7 +235,8 @@ class Predictor:
         ``layers["expectation"]`` = ``E[f(x) | do(d)]``; ``uns`` records the settings.
         ``obs["learned"]``: every member had training cells (:meth:`learned`);
         ``obs["seen_in_training"]``: training cells received exactly this intervention
-        (:meth:`seen_in_training`; False for the unseen combinations a model composes).
+        (:meth:`seen_in_training`; False for the unseen combinations a model composes; only
+        for checkpoints that record the training cells' perturbations).
 
         ``interventions`` default to every single perturbation of the vocabulary.
         ``method="paper"`` draws independently per intervention (the paper's estimator);
@@ -262,7 +260,7 @@ class Predictor:
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             rows = self.dosages([control, *interventions])
-        learned, seen = self.learned(rows), self.seen_in_training(rows[1:])
+        learned, seen = self.learned(rows), self.seen_in_training(rows[1:])  # [1 + I]; [I] or None
         if not learned.all():
             unlearned = [name for name, ok in zip([control, *interventions], learned) if not ok]
             warnings.warn(f"{unlearned[:10]}{' and others' if len(unlearned) > 10 else ''} ({len(unlearned)} in all) have "

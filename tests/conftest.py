@@ -7,7 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Full float32 matrix products on every backend (inherited by the tests' subprocesses). On
 # GPUs, JAX's default precision admits TF32 (10-bit mantissas), under which the comparisons
 # of two float32 computations of one quantity (closed forms, a reported loss recomputed
-# from its checkpoint) miss their tolerances by up to 5e-4: seen on an H200. The CPU
+# from its checkpoint) missed their tolerances by up to 8e-4 on an H200. The CPU
 # computes float32 products in full either way.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 

@@ -488,8 +488,8 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712
     assert ate.obs.loc["4+5", "learned"] == False and ate.obs.loc["3+4", "learned"] == True  # noqa: E712
     assert ate.obs.loc["3+4", "observed"] == False  # noqa: E712
-    # the simulation's training cells got single perturbations: only those with training cells were seen
-    np.testing.assert_array_equal(ate.obs["seen_in_training"], ate.obs["learned"] & ate.obs["observed"])
+    # training cells got each single perturbation alone (the patch above changed only the counts), no pair
+    np.testing.assert_array_equal(ate.obs["seen_in_training"], ate.obs["observed"])
     kept = ate.obs["learned"].to_numpy()
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
     assert results["ATE_pearsonr-all"] == pytest.approx(expected)
@@ -511,7 +511,7 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
                                                  r"cells.*obs\['learned'\] is False"):
         effects = predictor.ate(["4", "5", "4+5"], n_particles=8)
     assert effects.obs["learned"].tolist() == [True, False, False]
-    assert effects.obs["seen_in_training"].tolist() == [True, False, False]
+    assert effects.obs["seen_in_training"].tolist() == [True, True, False]
 
     predictor.control = None
     with pytest.warns(evaluate_lib.EvaluationWarning, match="no control label, so there are no ATEs"):
@@ -566,23 +566,24 @@ def _untrained_predictor(config, model_name: str) -> Predictor:
     return Predictor(model, variables, config, metadata, 0, "")
 
 
-def test_seen_in_training_tells_measured_combinations_from_composed_ones(tiny_config):
-    """``seen_in_training``: the control, singles with training cells and combinations
-    whose members training cells received together; not untrained singles, combinations
-    never given together (whatever their members' order) or a subset of a seen triple.
-    Checkpoints without the record give ``None`` and no obs column."""
+def test_seen_in_training_tells_measured_conditions_from_composed_ones(tiny_config):
+    """``seen_in_training``: the sets of perturbations training cells received (whatever
+    the members' order); not a single given only inside a combination, a pair never
+    given together, a subset or a superset of a seen triple. Checkpoints without the
+    record give ``None`` and no obs column."""
     predictor = _untrained_predictor(tiny_config, "sams_vae")
-    predictor.metadata.update(cells_per_perturbation={"train": [10, 5, 0]}, training_combinations=[[0, 1]])
-    names = ["control", "a", "c", "a+b", "b+a", "a+c", "a+b+c"]
+    predictor.metadata.update(cells_per_perturbation={"train": [10, 5, 2]},
+                              training_conditions=[[], [0], [0, 1], [0, 1, 2]])
+    names = ["control", "a", "b", "c", "a+b", "b+a", "a+c", "a+b+c"]
     np.testing.assert_array_equal(predictor.seen_in_training(predictor.dosages(names)),
-                                  [True, True, False, True, True, False, False])
-    with pytest.warns(InterventionWarning):  # c has no training cells
-        effects = predictor.ate(["a+b", "a+c", "b"], n_particles=4)
-    assert effects.obs["seen_in_training"].tolist() == [True, False, True]
-    del predictor.metadata["training_combinations"]
+                                  [True, True, False, False, True, True, False, True])
+    predictor.metadata["training_conditions"] = [[0], [0, 1, 2]]  # no control cells, a triple alone
+    np.testing.assert_array_equal(predictor.seen_in_training(predictor.dosages(["control", "a+b", "a+b+c"])),
+                                  [False, False, True])
+    assert predictor.ate(["a+b+c", "a+c", "a"], n_particles=4).obs["seen_in_training"].tolist() == [True, False, True]
+    del predictor.metadata["training_conditions"]
     assert predictor.seen_in_training(predictor.dosages(names)) is None
-    with pytest.warns(InterventionWarning):
-        assert "seen_in_training" not in predictor.ate(["a+c"], n_particles=4).obs
+    assert "seen_in_training" not in predictor.ate(["a+c"], n_particles=4).obs
 
 
 def test_a_model_that_cannot_compose_refuses_combinations(tiny_config):

@@ -141,20 +141,30 @@ def test_normalization_statistics_come_from_the_training_cells_only(tmp_path, mo
 
 
 @pytest.mark.parametrize("block", [2, 1_000])
-def test_combinations_are_the_distinct_sets_given_together_per_split(monkeypatch, block):
-    """``PerturbationData.combinations``: the distinct sets of two or more perturbations
-    per split (dosage values and cell order do not matter), read in blocks; the training
-    split's are in the metadata."""
-    from sams_jax.data import PerturbationData
+def test_conditions_are_the_distinct_sets_of_perturbations_per_split(monkeypatch, block):
+    """``PerturbationData.conditions``: the distinct sets of perturbations per split (the
+    control as ``[]``; dosage values, cell order and blocks do not matter; more than 8
+    perturbations span several packed bytes); the training split's are in the metadata,
+    and data whose training cells got other sets differ from it."""
+    from sams_jax.data import PerturbationData, metadata_differences
     from sams_jax.data import matrix as matrix_lib
 
     monkeypatch.setattr(matrix_lib, "block_rows", lambda n_columns: block)
-    dosages = np.asarray([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [2, 0.5, 0, 0], [0, 1, 1, 1],
-                          [1, 0, 0, 1], [1, 1, 0, 0]], np.float32)
-    split = np.asarray(["train", "train", "train", "train", "train", "val", "train"])
-    data = PerturbationData(x=np.ones((7, 3), np.float32), dosages=dosages, split=split,
-                            feature_names=["g0", "g1", "g2"], perturbation_names=["a", "b", "c", "d"],
-                            library_size=np.full(7, 3.0, np.float32))
-    assert data.combinations("train") == [[0, 1], [1, 2, 3]]
-    assert data.combinations("val") == [[0, 3]] and data.combinations("test") == []
-    assert data.metadata("none")["training_combinations"] == [[0, 1], [1, 2, 3]]
+    dosages = np.zeros((8, 10), np.float32)
+    for cell, members in enumerate([[], [0, 1], [2], [0, 1], [1, 2, 9], [0, 9], [0, 1], [2]]):
+        dosages[cell, members] = [2.0, 0.5, 1.0][:len(members)] if len(members) <= 3 else 1.0
+    split = np.asarray(["train", "train", "train", "train", "train", "val", "train", "train"])
+
+    def make(dosages):
+        return PerturbationData(x=np.ones((8, 3), np.float32), dosages=dosages, split=split,
+                                feature_names=["g0", "g1", "g2"], perturbation_names=list("abcdefghij"),
+                                library_size=np.full(8, 3.0, np.float32))
+
+    data = make(dosages)
+    assert data.conditions("train") == [[], [0, 1], [1, 2, 9], [2]]
+    assert data.conditions("val") == [[0, 9]] and data.conditions("test") == []
+    saved = data.metadata("none")
+    assert saved["training_conditions"] == [[], [0, 1], [1, 2, 9], [2]]
+    regrouped = dosages.copy()  # cell 1 gets a+c instead of a+b, cell 2 b instead of c: the same counts
+    regrouped[1], regrouped[2] = np.eye(10)[0] + np.eye(10)[2], np.eye(10)[1]
+    assert metadata_differences(saved, make(regrouped).metadata("none")) == ["training_conditions"]

@@ -155,29 +155,34 @@ class PerturbationData:
         return {"x": matrix_lib.dense_rows(self.x, cells), "dosages": self.dosages[cells],
                 "library_size": self.library_size[cells]}
 
-    def cells_per_perturbation(self, split: str) -> np.ndarray:  # [n_perturbations] int
-        """``N_t``: number of cells of ``split`` that received perturbation ``t`` (counted
-        in blocks of cells, so the dosage matrix is not copied)."""
+    def _dosage_blocks(self, split: str):
+        """The dosage rows ``[block, T]`` of ``split``'s cells, one block of cells at a time
+        (the dosage matrix is not copied)."""
         rows = self.rows(split)
-        counts = np.zeros(self.n_perturbations, np.int64)
         step = matrix_lib.block_rows(self.n_perturbations)
         for start in range(0, len(rows), step):
-            counts += np.count_nonzero(self.dosages[rows[start:start + step]], axis=0)
+            yield self.dosages[rows[start:start + step]]
+
+    def cells_per_perturbation(self, split: str) -> np.ndarray:  # [n_perturbations] int
+        """``N_t``: number of cells of ``split`` that received perturbation ``t``."""
+        counts = np.zeros(self.n_perturbations, np.int64)
+        for block in self._dosage_blocks(split):
+            counts += np.count_nonzero(block, axis=0)
         return counts
 
-    def combinations(self, split: str) -> list[list[int]]:
-        """The distinct sets of two or more perturbations that cells of ``split`` received
-        together, each as increasing vocabulary indices, sorted (read in blocks of cells,
-        so the dosage matrix is not copied)."""
-        rows = self.rows(split)
-        found: set[tuple[int, ...]] = set()
-        step = matrix_lib.block_rows(self.n_perturbations)
-        for start in range(0, len(rows), step):
-            active = self.dosages[rows[start:start + step]] != 0
-            active = active[active.sum(axis=1) >= 2]
-            if len(active):
-                found.update(tuple(np.flatnonzero(row).tolist()) for row in np.unique(active, axis=0))
-        return [list(members) for members in sorted(found)]
+    def conditions(self, split: str) -> list[list[int]]:
+        """The distinct sets of perturbations that cells of ``split`` received, each as
+        increasing vocabulary indices (``[]``: no perturbation, the control), sorted. Each
+        cell's set is packed into bits, so the sets are compared as byte strings."""
+        width = self.n_perturbations
+        packed = [np.packbits(block != 0, axis=1) for block in self._dosage_blocks(split)]
+        if not packed or width == 0:
+            return [[]] if len(self.rows(split)) else []
+        row_bytes = packed[0].shape[1]
+        keys = np.unique(np.concatenate([np.unique(np.ascontiguousarray(block).view(f"V{row_bytes}").ravel())
+                                         for block in packed]))
+        sets = np.unpackbits(keys.view(np.uint8).reshape(len(keys), row_bytes), axis=1, count=width).astype(bool)
+        return sorted(np.flatnonzero(row).tolist() for row in sets)
 
     def normalization_stats(self, method: str) -> dict[str, np.ndarray]:
         """Per-gene encoder-input statistics from the training split (SPEC 2)."""
@@ -197,8 +202,8 @@ class PerturbationData:
             "normalization": normalization,
             "normalization_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
             "cells_per_perturbation": {s: self.cells_per_perturbation(s).tolist() for s in SPLITS},
-            # the combinations with training cells (Predictor.seen_in_training)
-            "training_combinations": self.combinations("train"),
+            # the sets of perturbations given to training cells (Predictor.seen_in_training)
+            "training_conditions": self.conditions("train"),
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
             # the library size of generated cells (Predictor.sample) unless one is given
             "median_library_size": float(np.median(self.library_size[self.mask("train")])),
@@ -218,15 +223,17 @@ def _name_difference(key: str, saved: list[str], current: list[str]) -> str:
 
 def metadata_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields of a run's saved data ``metadata`` (:meth:`PerturbationData.metadata`)
-    that ``current`` data's do not match: names, cells per split and per perturbation,
-    the training cells' normalisation statistics and median library size (to float
-    tolerance); differing gene or perturbation names come with how they differ (order only,
-    or the names missing and extra). Fields a run saved before they existed are skipped. Empty for the data the
-    run was trained on, wherever they are stored; these summaries do not see every change
-    (e.g. cells reordered, or changed outside the training split with the same counts)."""
+    that ``current`` data's do not match: names, cells per split and per perturbation, the
+    sets of perturbations given to training cells, the training cells' normalisation
+    statistics and median library size (to float tolerance); differing gene or perturbation
+    names come with how they differ (order only, or the names missing and extra). Fields a
+    run saved before they existed are skipped. Empty for the data the run was trained on,
+    wherever they are stored; these summaries do not see every change (e.g. cells
+    reordered, or changed outside the training split with the same counts)."""
     differ = [_name_difference(key, saved[key], current[key]) for key in ("feature_names", "perturbation_names")
               if key in saved and current[key] != saved[key]]
-    differ += [key for key in ("n_cells", "cells_per_perturbation") if key in saved and current[key] != saved[key]]
+    differ += [key for key in ("n_cells", "cells_per_perturbation", "training_conditions")
+               if key in saved and current[key] != saved[key]]
     if "median_library_size" in saved and not np.isclose(current["median_library_size"],
                                                           saved["median_library_size"], rtol=1e-5):
         differ.append("median_library_size")
