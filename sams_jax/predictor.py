@@ -171,20 +171,39 @@ class Predictor:
             warnings.simplefilter("ignore", InterventionWarning)
             return self.intervention_name(self.dosages([name])[0])
 
-    def learned(self, rows: np.ndarray) -> np.ndarray:
-        """``[I]`` bool: every perturbation of each dosage row (``[I, T]``) had training
-        cells when the model was trained (the checkpoint's metadata). The effects of the
-        others are the prior's, not learned. All rows where the metadata has no counts (a
-        predictor built by hand)."""
+    def _dosage_rows(self, interventions) -> np.ndarray:
+        """``[I, T]`` dosage rows of intervention names (one or a list, as for
+        :meth:`dosages`) or of given rows (``[I, T]`` or one ``[T]`` row)."""
+        if not isinstance(interventions, str) and not len(interventions):
+            return np.zeros((0, len(self.perturbation_names)), np.float32)
+        if isinstance(interventions, str) or all(isinstance(i, str) for i in interventions):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InterventionWarning)
+                return self.dosages(interventions)
+        rows = np.asarray(interventions, np.float32)
+        rows = rows[None] if rows.ndim == 1 and len(rows) == len(self.perturbation_names) else rows
+        if rows.ndim != 2 or rows.shape[1] != len(self.perturbation_names):
+            raise InterventionError(f"expected intervention names (e.g. ['A', 'A+B']) or dosage rows "
+                                    f"[I, {len(self.perturbation_names)}] (predictor.dosages(names)); got an array "
+                                    f"of shape {rows.shape}")
+        return rows
+
+    def learned(self, interventions) -> np.ndarray:
+        """``[I]`` bool: every perturbation of each intervention (names, or dosage rows
+        ``[I, T]``) had training cells when the model was trained (the checkpoint's
+        metadata). The effects of the others are the prior's, not learned. All True where
+        the metadata has no counts (a predictor built by hand)."""
+        rows = self._dosage_rows(interventions)
         counts = self.metadata.get("cells_per_perturbation", {}).get("train")
         if counts is None:
             return np.ones(len(rows), bool)
         trained = np.asarray(counts) > 0
-        return np.all(trained | (np.asarray(rows) == 0), axis=1)
+        return np.all(trained | (rows == 0), axis=1)
 
-    def seen_in_training(self, rows: np.ndarray) -> np.ndarray | None:
+    def seen_in_training(self, interventions) -> np.ndarray | None:
         """``[I]`` bool: some training cells received exactly the perturbations of each
-        dosage row (``[I, T]``; the control: no perturbation). False for what a model
+        intervention (names, or dosage rows ``[I, T]``; the control: no perturbation).
+        False for what a model
         predicts by composing effects: a combination never given together, and (additive
         encoding) a perturbation given only inside combinations. ``None`` for checkpoints
         saved before these sets were recorded (``metadata["training_conditions"]``)."""
@@ -192,7 +211,8 @@ class Predictor:
         if conditions is None:
             return None
         seen = {tuple(members) for members in conditions}
-        return np.asarray([tuple(np.flatnonzero(row).tolist()) in seen for row in np.asarray(rows)], bool)
+        return np.asarray([tuple(np.flatnonzero(row).tolist()) in seen for row in self._dosage_rows(interventions)],
+                          bool)
 
     def intervention_name(self, row: np.ndarray) -> str:
         """Inverse of :meth:`dosages` for one row (members in vocabulary order)."""
