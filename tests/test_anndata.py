@@ -94,6 +94,14 @@ def test_registration_dosages_vocabulary_library_sizes_and_split():
 def test_unique_encoding_makes_each_pair_a_perturbation():
     data = from_anndata(make_screen(), encode_combinations="unique")
     assert data.perturbation_names == sorted(SINGLES + PAIRS)
+    # guide columns (the Norman layout) name each condition by its members, as labels do, not by its
+    # guide_identity: the same names and dosages
+    norman = make_norman_like(make_screen())
+    norman.obs.loc[norman.obs["guide_identity"] == "A_B__A_B", "guide_identity"] = "B_A__B_A"  # order of guides
+    from_guides = from_anndata(norman, guide_column_pattern="guide_", perturbation_key="guide_identity",
+                               encode_combinations="unique", counts_layer="counts")
+    assert from_guides.perturbation_names == data.perturbation_names
+    np.testing.assert_array_equal(from_guides.dosages, data.dosages)
     labels = make_screen().obs["perturbation"].to_numpy()
     column = {name: i for i, name in enumerate(data.perturbation_names)}
     assert np.all(data.dosages.sum(1) == (labels != "control"))  # one non-zero, none for control
@@ -212,9 +220,9 @@ def test_contains_match_with_a_delimiter_drops_control_members_only():
 def test_combination_labels_read_wrongly_warn():
     """Pairs of labels that occur alone, joined by another separator than the delimiter,
     and (additive encoding) perturbations that never occur alone are named."""
-    adata = make_screen()  # every pair member also occurs alone: no warning
+    adata = make_screen()  # every pair member also occurs alone: no such warning
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DataWarning)
+        warnings.filterwarnings("error", ".*(join labels|only inside combinations)", DataWarning)
         from_anndata(adata)
         from_anndata(adata, encode_combinations="unique")
     for delimiter in (None, "|"):

@@ -21,7 +21,9 @@ Conditions are read in one of two ways:
 
 Dosages: ``encode_combinations="additive"`` (default) has one column per single
 perturbation, sorted by name, and a pair is the sum of its two one-hot rows;
-``"unique"`` has one column per distinct condition (a pair is a perturbation of its own).
+``"unique"`` has one column per distinct condition (a pair is a perturbation of its own),
+named by its members joined with the delimiter (``"A+B"``; with guide columns too, whatever
+the ``guide_identity``).
 Control cells have all-zero rows in both. All checks below raise :class:`DataError` with
 the problem and the fix, before anything is compiled or written.
 
@@ -246,6 +248,13 @@ class Conditions:
     labels: np.ndarray  # [n_cells] str: condition ("A", "A+B", guide_identity; the control label for controls)
     members: np.ndarray  # [n_cells, n_names] bool: the single perturbations each cell received
     names: list[str]  # [n_names] single-perturbation names, sorted
+    # [n_cells] str: each condition's name as a perturbation of its own (encode_combinations="unique")
+    # where it is not its label: guide columns give the members joined by the delimiter ("A+B")
+    member_labels: np.ndarray | None = None
+
+    @property
+    def unique_labels(self) -> np.ndarray:  # [n_cells] str
+        return self.labels if self.member_labels is None else self.member_labels
 
     @property
     def n_members(self) -> np.ndarray:  # [n_cells] int
@@ -422,7 +431,7 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
                       DataWarning, stacklevel=3)
 
 
-def _guide_column_conditions(obs, perturbation_key, control, pattern) -> Conditions:
+def _guide_column_conditions(obs, perturbation_key, control, pattern, delimiter: str | None = "+") -> Conditions:
     column = _require_column(obs, perturbation_key, "the condition names", "data.perturbation_key")
     excluded = set(NON_INDICATOR_COLUMNS) | {perturbation_key}
     columns = [c for c in obs.columns if pattern in str(c) and c not in excluded]
@@ -439,8 +448,13 @@ def _guide_column_conditions(obs, perturbation_key, control, pattern) -> Conditi
     order = np.argsort(names, kind="stable")
     members = values[:, order].astype(bool)
     labels = column.astype(str).to_numpy(dtype=object)
-    labels[members.sum(axis=1) == 0] = "control" if control is None else control
-    return Conditions(labels=labels, members=members, names=[names[i] for i in order])
+    control_label = "control" if control is None else control
+    labels[members.sum(axis=1) == 0] = control_label
+    names = [names[i] for i in order]
+    patterns, inverse = np.unique(members, axis=0, return_inverse=True)
+    pattern_labels = np.asarray([(delimiter or "+").join(np.asarray(names, dtype=object)[row]) or control_label
+                                 for row in patterns], dtype=object)
+    return Conditions(labels=labels, members=members, names=names, member_labels=pattern_labels[inverse.reshape(-1)])
 
 
 def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", control: str | None = "control",
@@ -451,7 +465,7 @@ def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", 
     A non-string ``control`` (``0``) matches its string form (``"0"``)."""
     control = _label(control)
     if guide_column_pattern:
-        conditions = _guide_column_conditions(obs, perturbation_key, control, guide_column_pattern)
+        conditions = _guide_column_conditions(obs, perturbation_key, control, guide_column_pattern, delimiter)
         control_like = [name for name in conditions.names if CONTROL_LIKE.match(name)]
         columns = f" The columns {_show([guide_column_pattern + n for n in control_like])} look like control " \
                   "guides, whose cells count as perturbed: drop them from obs, or rename them so that " \
@@ -471,8 +485,9 @@ def check_vocabulary(conditions: Conditions, vocabulary: Sequence[str], encode_c
     e.g. a trained model's ``metadata["perturbation_names"]``."""
     known = set(vocabulary)
     if encode_combinations == "unique":
-        unknown = [label for label in pd.unique(conditions.labels[~conditions.is_control]) if label not in known]
-        cells = np.isin(conditions.labels, unknown)
+        labels = conditions.unique_labels
+        unknown = [label for label in pd.unique(labels[~conditions.is_control]) if label not in known]
+        cells = np.isin(labels, unknown)
     else:
         unknown_columns = [i for i, name in enumerate(conditions.names) if name not in known]
         unknown = [conditions.names[i] for i in unknown_columns]
@@ -498,8 +513,9 @@ def encode_dosages(conditions: Conditions, encode_combinations: str = "additive"
         dosages = np.zeros((len(conditions.labels), len(names)), dtype=np.float32)
         dosages[:, pd.Index(names).get_indexer(conditions.names)] = conditions.members
         return dosages, names
-    names = list(vocabulary) if vocabulary is not None else sorted(pd.unique(conditions.labels[~conditions.is_control]))
-    codes = pd.Index(names).get_indexer(conditions.labels)
+    labels = conditions.unique_labels
+    names = list(vocabulary) if vocabulary is not None else sorted(pd.unique(labels[~conditions.is_control]))
+    codes = pd.Index(names).get_indexer(labels)
     codes[conditions.is_control] = -1
     dosages = np.zeros((len(codes), len(names)), dtype=np.float32)
     rows = np.flatnonzero(codes >= 0)
