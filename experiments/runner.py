@@ -452,7 +452,7 @@ def run_cell(directory: str) -> None:
     from sams_jax.config import ConfigError
     from sams_jax.data import load_data
     from sams_jax.evaluate import evaluate
-    from sams_jax.train import train_and_evaluate
+    from sams_jax.train import ResumeError, train_and_evaluate
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
     directory = pathlib.Path(directory)
@@ -463,9 +463,11 @@ def run_cell(directory: str) -> None:
     data = load_data(config.data, config.model.likelihood)
     try:
         train_metrics = train_and_evaluate(config, str(directory), data=data)
-    except ConfigError as error:  # e.g. the folder holds this cell's run with other --set values
+    except ResumeError as error:  # the folder holds this cell's run with other --set values
         sys.exit(f"error: {error}\n(the experiment runner's --workdir of this cell is {directory}: for other --set "
                  "values use a new --out, or repeat the earlier ones)")
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     print("train:", json.dumps(train_metrics, sort_keys=True), flush=True)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],

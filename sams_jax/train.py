@@ -68,6 +68,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the step and the last good checkpoint."""
 
 
+class ResumeError(ConfigError):
+    """The work directory holds a run that this configuration or these data cannot resume
+    (other settings, other data, more steps than ``train.max_steps``)."""
+
+
 class ResumeWarning(UserWarning):
     """A run resumes with other optimisation settings (``train.learning_rate``, ...) than it
     was trained with so far; the message names the fields, old and new values."""
@@ -333,11 +338,11 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params,
             changes.append(("train.data_shards (shards in effect)", shards[0], shards[1]))
     refused = [change for change in changes if _refused(change[0])]
     if refused:
-        raise ConfigError(f"{workdir} holds a run with a different configuration ({_describe(refused)}); use a new "
+        raise ResumeError(f"{workdir} holds a run with a different configuration ({_describe(refused)}); use a new "
                           "--workdir or the original values")
     max_steps = config.train.max_steps
     if latest > max_steps:
-        raise ConfigError(f"{workdir} already holds {latest} training steps, more than train.max_steps={max_steps}; "
+        raise ResumeError(f"{workdir} already holds {latest} training steps, more than train.max_steps={max_steps}; "
                           f"a run cannot be shortened: use a new --workdir for a {max_steps}-step run, or "
                           f"train.max_steps >= {latest} to keep this one (python -m sams_jax.evaluate --workdir "
                           f"{workdir} scores it)")
@@ -349,7 +354,7 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params,
     before = jax.eval_shape(create_optimizer(ml_collections.ConfigDict(saved_train)).init, params)
     now = jax.eval_shape(create_optimizer(config.train).init, params)
     if jax.tree.structure(before) != jax.tree.structure(now):
-        raise ConfigError(f"{workdir} cannot resume with other optimizer settings ({_describe(optimisation)}): "
+        raise ResumeError(f"{workdir} cannot resume with other optimizer settings ({_describe(optimisation)}): "
                           "switching weight decay, gradient clipping or the mask learning rate on or off changes "
                           "the optimizer's state; use a new --workdir or the original values")
     if latest < max_steps:  # else nothing is left to train with them
@@ -436,7 +441,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                           shards=(saved_metadata.get("data_shards"), n_shards))
             differ = metadata_differences(saved_metadata, metadata)
             if differ:
-                raise ConfigError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
+                raise ResumeError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
                                   "the checkpoint's metadata); use a new --workdir or the original data")
         except ConfigError:
             checkpointer.close()

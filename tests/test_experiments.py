@@ -131,8 +131,14 @@ def test_data_in_another_layout_is_refused_before_any_cell_starts(capsys, tmp_pa
     (tmp_path / "notes.h5ad").write_text("not an AnnData")
     synthetic.replogle_like(tmp_path / "replogle.h5ad")
     synthetic.norman_like(tmp_path / "norman.h5ad")
+    replogle_problems = (f"{tmp_path / 'replogle.h5ad'} is not in the layout that config.data registers (3 problems"
+                         "; a file made for another experiment?):\n- use_highly_variable is set but var has no "
+                         "'highly_variable' column")
     for path, message in [(tmp_path / "notes.h5ad", f"'{tmp_path / 'notes.h5ad'}' is not a readable .h5ad file"),
-                          (tmp_path / "replogle.h5ad", "(--set data.use_highly_variable=False)")]:
+                          (tmp_path / "replogle.h5ad", replogle_problems),
+                          (tmp_path / "replogle.h5ad", "(--set data.use_highly_variable=False)"),
+                          (tmp_path / "replogle.h5ad", "- obs has no column 'guide_identity'"),
+                          (tmp_path / "replogle.h5ad", "- the AnnData has no layer 'counts'")]:
         with pytest.raises(SystemExit) as exit_info:
             norman_ood.main(["--data", str(path), "--out", str(tmp_path / "out"), "--workers", "1"])
         error = capsys.readouterr().err
@@ -317,3 +323,24 @@ def test_mask_recovery_grid_is_valid():
         assert cell.config["data"] == paper["data"] and cell.config["train"] == paper["train"]
     counts = mask_recovery.make_grid(_args(data=None, counts=True)).cells()[0].config
     assert counts["data"]["observation"] == "library_nb" and counts["model"]["likelihood"] == "library_nb"
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_cell_suggests_a_new_out_only_when_its_folder_holds_another_run(tmp_path, monkeypatch, tiny_config, resume):
+    """The runner's hint about --out follows errors about resuming the cell's folder, not
+    other configuration errors (a batch larger than the training set, say)."""
+    from sams_jax import train as train_lib
+    from sams_jax.config import ConfigError
+
+    error = train_lib.ResumeError("holds a run with a different configuration") if resume else \
+        ConfigError("train.batch_size=100000 is larger than the training set")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    (tmp_path / "cell.json").write_text(json.dumps({"config": tiny_config.to_dict(), "evaluation": {}}))
+    monkeypatch.setattr(train_lib, "train_and_evaluate", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run_cell(str(tmp_path))
+    assert str(exit_info.value.code).startswith(f"error: {error}")
+    assert ("use a new --out" in str(exit_info.value.code)) == resume

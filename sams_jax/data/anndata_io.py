@@ -41,7 +41,7 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -103,6 +103,7 @@ class BackedAnnData:
             self.var = read_elem(handle["var"])
             self._has_x = "X" in handle
             self._layers = list(handle["layers"].keys()) if "layers" in handle else []
+            self._has_raw = "raw" in handle
 
     obs_names = property(lambda self: self.obs.index)
     var_names = property(lambda self: self.var.index)
@@ -116,6 +117,12 @@ class BackedAnnData:
     @property
     def layers(self) -> dict:
         return _LazyLayers(self.path, self._layers)
+
+    @property
+    def raw(self) -> str | None:
+        """Where the file's ``raw`` is (``"<path>:raw"``; it is not read), or None: what
+        the missing-layer error needs to point to it."""
+        return f"{self.path}:raw" if self._has_raw else None
 
 
 class _LazyLayers(dict):
@@ -837,22 +844,40 @@ def check_layout(data_config) -> None:
     the config registers (missing file or obs column, control label, malformed labels,
     counts layer, split values, highly variable genes, duplicated names), found from its
     ``obs`` and ``var`` alone, without reading the counts: a quick check before many runs
-    of an experiment start (their registration checks the values too)."""
+    of an experiment start (their registration checks the values too). Every problem found
+    is in the one error (a file in another layout has several)."""
     path, settings = _registration_settings(data_config)
     adata = read_anndata(path, backed=True)
-    check_names(adata)
-    select_genes(adata, settings["use_highly_variable"], None)
-    conditions = parse_conditions(adata.obs, settings["perturbation_key"], _label(settings["control"]),
-                                  settings["control_match"], settings["delimiter"], settings["guide_column_pattern"])
-    encode_dosages(conditions, settings["encode_combinations"])
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], Any]):
+        try:
+            return check()
+        except DataError as error:
+            problems.append(str(error))
+            return None
+
+    attempt(lambda: check_names(adata))
+    attempt(lambda: select_genes(adata, settings["use_highly_variable"], None))
+    conditions = attempt(lambda: parse_conditions(
+        adata.obs, settings["perturbation_key"], _label(settings["control"]), settings["control_match"],
+        settings["delimiter"], settings["guide_column_pattern"]))
+    if conditions is not None:
+        attempt(lambda: encode_dosages(conditions, settings["encode_combinations"]))
+        attempt(lambda: assign_splits(adata.obs, conditions, settings["split_key"], settings["task"],
+                                      settings["split_seed"], settings["frac_combinations_train"],
+                                      settings["frac_combinations_test"], settings["frac_combination_cells_train"]))
     if settings["library_size_key"]:
-        _require_column(adata.obs, settings["library_size_key"], "each cell's library size", "data.library_size_key")
-    assign_splits(adata.obs, conditions, settings["split_key"], settings["task"], settings["split_seed"],
-                  settings["frac_combinations_train"], settings["frac_combinations_test"],
-                  settings["frac_combination_cells_train"])
+        attempt(lambda: _require_column(adata.obs, settings["library_size_key"], "each cell's library size",
+                                        "data.library_size_key"))
     layer = settings["counts_layer"]
     if layer and layer not in adata.layers or not layer and not adata._has_x:
-        _matrix(adata, layer)  # its error names the layers there are
+        attempt(lambda: _matrix(adata, layer))  # its error names the layers there are
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{path} is not in the layout that config.data registers ({len(problems)} problems; a file "
+                        "made for another experiment?):\n- " + "\n- ".join(problems))
 
 
 def _registration_settings(data_config) -> tuple[str, dict]:
