@@ -582,7 +582,8 @@ def test_seen_in_training_tells_measured_conditions_from_composed_ones(tiny_conf
                                   [False, False, True])
     assert predictor.ate(["a+b+c", "a+c", "a"], n_particles=4).obs["seen_in_training"].tolist() == [True, False, True]
     # names work as rows do; anything else is a clear error
-    assert predictor.seen_in_training("a+b+c").tolist() == [True] and predictor.learned(["c", "a"]).tolist() == [True] * 2
+    assert predictor.seen_in_training("a+b+c").tolist() == [True]
+    assert predictor.learned(["c", "a"]).tolist() == [True, True]
     np.testing.assert_array_equal(predictor.seen_in_training(predictor.dosages("a")[0]), [True])
     with pytest.raises(InterventionError, match=r"intervention names .* or dosage rows \[I, 3\].*shape \(2, 2\)"):
         predictor.learned(np.zeros((2, 2)))
