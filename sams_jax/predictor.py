@@ -203,10 +203,10 @@ class Predictor:
     def seen_in_training(self, interventions) -> np.ndarray | None:
         """``[I]`` bool: some training cells received exactly the perturbations of each
         intervention (names, or dosage rows ``[I, T]``; the control: no perturbation).
-        False for what a model
-        predicts by composing effects: a combination never given together, and (additive
-        encoding) a perturbation given only inside combinations. ``None`` for checkpoints
-        saved before these sets were recorded (``metadata["training_conditions"]``)."""
+        False for what a model predicts by composing effects: a combination never given
+        together, and (additive encoding) a perturbation given only inside combinations.
+        ``None`` for checkpoints saved before these sets were recorded
+        (``metadata["training_conditions"]``)."""
         conditions = self.metadata.get("training_conditions")
         if conditions is None:
             return None
