@@ -634,20 +634,19 @@ def aggregate(grid: Grid, out: pathlib.Path, echo: Callable[[str], None] = print
 # -------------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 0,1,2") \
-            from None
+def _number_list(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], list]:
+    """An argparse type: comma-separated ``cast`` values; other text is a plain message."""
+    def parse(text: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}, e.g. {example}") \
+                from None
+    return parse
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1") \
-            from None
+_int_list = _number_list(int, "whole numbers", "0,1,2")
+_float_list = _number_list(float, "numbers", "0,0.5,1")
 
 
 def _str_list(text: str) -> list[str]:

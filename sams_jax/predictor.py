@@ -516,9 +516,12 @@ def load(workdir: str, checkpoint: str | int = "best") -> Predictor:
         config = ml_collections.ConfigDict(config_dict)
         model = create_model(config.model, len(metadata["feature_names"]), len(metadata["perturbation_names"]))
         stats = {k: np.asarray(v, np.float32) for k, v in metadata["normalization_stats"].items()}
-        # the state's structure, shapes and dtypes without computing it; restored onto this
-        # process's first device, wherever and on how many devices it was trained
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # the state's structure, shapes and dtypes without computing it; restored onto the default
+        # device (jax.default_device, else this process's first), wherever and on how many devices
+        # it was trained
+        default = jax.config.jax_default_device
+        device = jax.sharding.SingleDeviceSharding(default if isinstance(default, jax.Device)
+                                                   else jax.local_devices()[0])
         target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                               jax.eval_shape(lambda: create_train_state(model, create_optimizer(config.train), stats,
                                                                         jax.random.key(0))))

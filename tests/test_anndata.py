@@ -102,6 +102,22 @@ def test_unique_encoding_makes_each_pair_a_perturbation():
                                encode_combinations="unique", counts_layer="counts")
     assert from_guides.perturbation_names == data.perturbation_names
     np.testing.assert_array_equal(from_guides.dosages, data.dosages)
+    # a vocabulary of guide_identity strings (checkpoints before the member names) is still read
+    identities = sorted(set(norman.obs["guide_identity"][norman.obs["guide_ids"] != ""]))
+    old = from_anndata(norman, guide_column_pattern="guide_", perturbation_key="guide_identity",
+                       encode_combinations="unique", counts_layer="counts", perturbations=identities)
+    assert old.perturbation_names == identities
+    np.testing.assert_array_equal(old.dosages[:, identities.index("B_A__B_A")],
+                                  from_guides.dosages[:, from_guides.perturbation_names.index("A+B")])
+    # the OOD split draws pairs by their members: both orders of a pair's guides land on the same side
+    half = norman.obs_names[(norman.obs["guide_identity"] == "B_A__B_A").to_numpy()][:5]
+    norman.obs.loc[half, "guide_identity"] = "A_B__A_B"
+    for seed in range(4):
+        ood = from_anndata(norman, guide_column_pattern="guide_", perturbation_key="guide_identity",
+                           counts_layer="counts", task="norman_ood", frac_combinations_train=0.5, split_seed=seed)
+        pair = ood.dosages[:, ood.perturbation_names.index("A")].astype(bool) & \
+            ood.dosages[:, ood.perturbation_names.index("B")].astype(bool)
+        assert len(set(ood.split[pair] == "test")) <= 1  # all A+B cells in test, or none
     labels = make_screen().obs["perturbation"].to_numpy()
     column = {name: i for i, name in enumerate(data.perturbation_names)}
     assert np.all(data.dosages.sum(1) == (labels != "control"))  # one non-zero, none for control
@@ -369,8 +385,9 @@ def test_counts_normalised_to_a_fixed_total_warn():
         warnings.simplefilter("error", DataWarning)
         from_anndata(adata)  # raw counts: totals vary
     adata.layers["counts"] = sp.csr_matrix(np.round(counts / counts.sum(1, keepdims=True) * 1e4))
-    with pytest.warns(DataWarning, match=r"every cell's total count in layers\['counts'\] lies between 99\d\d and "
-                                         r"100\d\d \(within 5% of 1000\d\): these look normalised"):
+    with pytest.warns(DataWarning, match=r"every cell's total count in layers\['counts'\] \(over the modelled genes\) "
+                                         r"lies between 99\d\d and 100\d\d \(within 5% of 1000\d\): these look "
+                                         r"normalised.*downsampled to a fixed depth"):
         from_anndata(adata)
     adata.obs["total"] = 2e4
     with warnings.catch_warnings():

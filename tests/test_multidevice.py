@@ -42,6 +42,15 @@ SCRIPT = textwrap.dedent("""
         ckpt.close()
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(params[1], params[2])]
     host_diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(params[1], params["host"])]
+    # a checkpoint of the 2-device run loads onto one device: the first, or jax.default_device's
+    import sams_jax
+    loaded = sams_jax.load(f"{{sys.argv[1]}}/devices_2_device", checkpoint="latest")
+    loaded_devices = sorted({{d.id for leaf in jax.tree.leaves(loaded.variables) for d in leaf.devices()}})
+    loaded_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                      for a, b in zip(jax.tree.leaves(loaded.variables["params"]), params[2]))
+    with jax.default_device(jax.devices()[1]):
+        moved = sams_jax.load(f"{{sys.argv[1]}}/devices_2_device", checkpoint="latest")
+    moved_devices = sorted({{d.id for leaf in jax.tree.leaves(moved.variables) for d in leaf.devices()}})
     config = test_config.get_config()
     config.train.update(num_devices=2, batch_size=31)
     try:
@@ -52,7 +61,8 @@ SCRIPT = textwrap.dedent("""
     print(json.dumps({{"metrics_1": out[1], "metrics_2": out[2], "history_1": out["history_1"],
                        "history_2": out["history_2"], "max_param_diff": max(diffs), "error": error,
                        "metrics_host": out["host"], "history_host": out["history_host"],
-                       "max_host_param_diff": max(host_diffs)}}))
+                       "max_host_param_diff": max(host_diffs), "loaded_devices": loaded_devices,
+                       "loaded_diff": loaded_diff, "moved_devices": moved_devices}}))
 """)
 
 
@@ -68,6 +78,7 @@ def test_two_devices_match_one_device(tmp_path):
     assert abs(out["metrics_1"]["test/IWELBO"] - out["metrics_2"]["test/IWELBO"]) < 1e-3 * abs(
         out["metrics_1"]["test/IWELBO"])
     assert "train.batch_size=31 must be divisible by the number of devices (2)" in out["error"]
+    assert out["loaded_devices"] == [0] and out["moved_devices"] == [1] and out["loaded_diff"] == 0.0
     # batches densified on the host and split over the 2 devices: the same training
     assert out["max_host_param_diff"] < 1e-4
     for a, b in zip(out["history_1"], out["history_host"]):

@@ -23,7 +23,8 @@ Dosages: ``encode_combinations="additive"`` (default) has one column per single
 perturbation, sorted by name, and a pair is the sum of its two one-hot rows;
 ``"unique"`` has one column per distinct condition (a pair is a perturbation of its own),
 named by its members joined with the delimiter (``"A+B"``; with guide columns too, whatever
-the ``guide_identity``).
+the ``guide_identity``, and with ``"+"`` when the delimiter is None; a vocabulary of
+``guide_identity`` strings, saved by checkpoints before this naming, is still read).
 Control cells have all-zero rows in both. All checks below raise :class:`DataError` with
 the problem and the fix, before anything is compiled or written.
 
@@ -258,10 +259,20 @@ class Conditions:
     # [n_cells] str: each condition's name as a perturbation of its own (encode_combinations="unique")
     # where it is not its label: guide columns give the members joined by the delimiter ("A+B")
     member_labels: np.ndarray | None = None
+    # [n_cells] str: guide columns only, obs[perturbation_key] as given (guide_identity): the unique
+    # encoding's names before member labels, still read from a vocabulary made of them (older checkpoints)
+    identity_labels: np.ndarray | None = None
 
-    @property
-    def unique_labels(self) -> np.ndarray:  # [n_cells] str
-        return self.labels if self.member_labels is None else self.member_labels
+    def unique_labels(self, vocabulary: Sequence[str] | None = None) -> np.ndarray:  # [n_cells] str
+        """Each cell's name as a perturbation of its own: ``member_labels`` where set, but the
+        given labels where a ``vocabulary`` holds those and not the member labels."""
+        if self.member_labels is None:
+            return self.labels
+        if vocabulary is not None and self.identity_labels is not None:
+            known, perturbed = set(vocabulary), ~self.is_control
+            if not set(self.member_labels[perturbed]) <= known and set(self.identity_labels[perturbed]) <= known:
+                return self.identity_labels
+        return self.member_labels
 
     @property
     def n_members(self) -> np.ndarray:  # [n_cells] int
@@ -459,9 +470,14 @@ def _guide_column_conditions(obs, perturbation_key, control, pattern, delimiter:
     labels[members.sum(axis=1) == 0] = control_label
     names = [names[i] for i in order]
     patterns, inverse = np.unique(members, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
     pattern_labels = np.asarray([(delimiter or "+").join(np.asarray(names, dtype=object)[row]) or control_label
                                  for row in patterns], dtype=object)
-    return Conditions(labels=labels, members=members, names=names, member_labels=pattern_labels[inverse.reshape(-1)])
+    # one condition label per set of members (its smallest guide_identity): a pair whose guides come in both
+    # orders is one pair for the splits too; a file with one label per pair keeps its labels
+    first = pd.Series(labels).groupby(inverse).min()
+    return Conditions(labels=first.to_numpy(dtype=object)[inverse], members=members, names=names,
+                      member_labels=pattern_labels[inverse], identity_labels=labels)
 
 
 def parse_conditions(obs: pd.DataFrame, perturbation_key: str = "perturbation", control: str | None = "control",
@@ -492,7 +508,7 @@ def check_vocabulary(conditions: Conditions, vocabulary: Sequence[str], encode_c
     e.g. a trained model's ``metadata["perturbation_names"]``."""
     known = set(vocabulary)
     if encode_combinations == "unique":
-        labels = conditions.unique_labels
+        labels = conditions.unique_labels(vocabulary)
         unknown = [label for label in pd.unique(labels[~conditions.is_control]) if label not in known]
         cells = np.isin(labels, unknown)
     else:
@@ -520,7 +536,7 @@ def encode_dosages(conditions: Conditions, encode_combinations: str = "additive"
         dosages = np.zeros((len(conditions.labels), len(names)), dtype=np.float32)
         dosages[:, pd.Index(names).get_indexer(conditions.names)] = conditions.members
         return dosages, names
-    labels = conditions.unique_labels
+    labels = conditions.unique_labels(vocabulary)
     names = list(vocabulary) if vocabulary is not None else sorted(pd.unique(labels[~conditions.is_control]))
     codes = pd.Index(names).get_indexer(labels)
     codes[conditions.is_control] = -1
@@ -653,21 +669,24 @@ NORMALISED_SPREAD = 0.05  # check_not_normalised: total counts all within this f
 
 
 def check_not_normalised(row_sums: np.ndarray, what: str, likelihood: str) -> None:
-    """:class:`DataWarning` when every cell's total count (``row_sums`` ``[cells]``, 20 or
-    more cells) lies within ``NORMALISED_SPREAD`` of the median: values normalised to a
-    fixed total (CP10k, then rounded) pass the integer check, but raw UMI counts vary
-    several-fold between cells."""
+    """:class:`DataWarning` when every cell's total count over the modelled genes
+    (``row_sums`` ``[cells]``, 20 or more cells) lies within ``NORMALISED_SPREAD`` of the
+    median: values normalised to a fixed total (CP10k, then rounded) pass the integer
+    check, but raw UMI counts vary several-fold between cells. Counts downsampled to a
+    fixed depth also warn (the message says to ignore it then); normalised values restricted
+    to some genes (highly variable ones) do not."""
     row_sums = np.asarray(row_sums, dtype=np.float64).reshape(-1)
     median = float(np.median(row_sums)) if len(row_sums) else 0.0
     if len(row_sums) < 20 or median <= 0:
         return
     low, high = float(row_sums.min()), float(row_sums.max())
     if high - low <= NORMALISED_SPREAD * median:
-        warnings.warn(f"every cell's total count in {what} lies between {low:g} and {high:g} (within "
-                      f"{NORMALISED_SPREAD:.0%} of {median:g}): these look normalised to a fixed total (e.g. CP10k, "
-                      f"then rounded), not raw UMI counts, whose totals vary several-fold between cells; the "
-                      f"{likelihood!r} likelihood needs raw counts: point counts_layer at them "
-                      "(--config.data.counts_layer=<layer>; often 'counts')", DataWarning, stacklevel=3)
+        warnings.warn(f"every cell's total count in {what} (over the modelled genes) lies between {low:g} and "
+                      f"{high:g} (within {NORMALISED_SPREAD:.0%} of {median:g}): these look normalised to a fixed "
+                      "total (e.g. CP10k, then rounded), not raw UMI counts, whose totals vary several-fold between "
+                      f"cells; the {likelihood!r} likelihood needs raw counts: point counts_layer at them "
+                      "(--config.data.counts_layer=<layer>; often 'counts'). Counts downsampled to a fixed depth "
+                      "are raw counts: then ignore this", DataWarning, stacklevel=3)
 
 
 def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None,
