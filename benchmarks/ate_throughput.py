@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--iwelbo-particles", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median reported)")
     parser.add_argument("--spread", action="store_true", help="also measure estimator Monte-Carlo error")
+    parser.add_argument("--ate-chunks", nargs="*", default=[], metavar="INTERVENTIONSxPARTICLES",
+                        help="also time the ATEs at these chunks of generated cells, e.g. 8x256 32x1024 "
+                             "(ate_s_by_chunk; default: only model_expectations' own choice)")
     parser.add_argument("--iwelbo-chunk-sizes", type=int, nargs="*", default=[],
                         help="also time the IWELBO at these cells per chunk (iwelbo_s_by_chunk; default: only "
                              "objective.iwelbo_chunk_size's choice)")
@@ -155,6 +158,15 @@ def main() -> None:
     ate_kwargs = dict(n_particles=args.ate_particles, scale=predictor.default_scale, method="paper", max_active=1)
     _, row["ate_compile_s"], row["ate_s"] = _timed(predictor._expectations, predictor.variables, dosages, key,
                                                     repeats=args.repeats, **ate_kwargs)
+    row["ate_s_by_chunk"] = {}
+    for text in args.ate_chunks:  # other chunk shapes, in the same process
+        try:
+            per_row, particles_per_chunk = (int(part) for part in text.lower().split("x"))
+        except ValueError:
+            parser.error(f"--ate-chunks {text!r}: write INTERVENTIONSxPARTICLES, e.g. 8x256")
+        _, _, row["ate_s_by_chunk"][text] = _timed(
+            predictor._expectations, predictor.variables, dosages, key, repeats=args.repeats,
+            **ate_kwargs, intervention_chunk=per_row, particle_chunk=particles_per_chunk)
     # One chunk of interventions x particles (model_expectations' defaults), times the chunks.
     defaults = inspect.signature(model_expectations).parameters
     rows = min(defaults["intervention_chunk"].default, dosages.shape[0])

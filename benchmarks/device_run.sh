@@ -15,7 +15,7 @@
 #   compare   compare_accelerators.py on cuda at batch 512 (training and evaluation)    about 250 s
 #   profile   profile_step.py: the Replogle-scale step's kernels and its floor         about 80 s
 #   main      the README's main command (20,000 steps of the default simulation)        about 35 s
-#   chunks    the Replogle-scale IWELBO at 64 to 4,096 cells per chunk, in one process  about 90 s
+#   chunks    Replogle-scale IWELBO (64 to 4,096 cells per chunk) and ATE chunks         about 120 s
 # OUTDIR is also packed into $OUT/results.tgz after each part where OUT is set (the device
 # tool returns at most 8 files), so a run stopped at its time limit keeps what it finished.
 set -u
@@ -77,9 +77,9 @@ for part in $PARTS; do
       # elapsed_s per validation: how the command's time splits into steps and the rest
       cp /tmp/run_sim/history.csv "$OUTDIR/main_history.csv" 2>/dev/null ;;
     chunks)
-      timed chunks 150 python3 benchmarks/ate_throughput.py --task replogle --ate-particles 100 \
-        --iwelbo-chunk-sizes 64 256 1024 4096 --out "$OUTDIR/chunks.json"
-      grep -A6 iwelbo_s_by_chunk "$OUTDIR/chunks.log" ;;
+      timed chunks 200 python3 benchmarks/ate_throughput.py --task replogle --repeats 2 \
+        --iwelbo-chunk-sizes 64 256 1024 4096 --ate-chunks 8x256 8x1024 32x512 64x2500 --out "$OUTDIR/chunks.json"
+      grep -A6 "_s_by_chunk" "$OUTDIR/chunks.log" ;;
     *) echo "unknown part $part (tests, full_run, compare, profile, main, chunks)" ;;
   esac
   pack
