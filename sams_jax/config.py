@@ -285,8 +285,9 @@ def validate_against_data(config, data) -> None:
             raise ConfigError(
                 f"train.data_placement={config.train.data_placement!r} means streaming the training cells from "
                 f"the host here, which supports a single process only; this run has {n_processes} processes. "
-                "Set train.data_placement='device' (with data.backed=False: each process keeps its own shards of "
-                "the training cells on its devices) or run one process")
+                "Set train.data_placement='device' explicitly (each process then keeps its own shards of the "
+                "training cells on its devices; 'auto' streams backed files and large data from the host), or run "
+                "one process")
     n_devices = (config.train.num_devices or available) * n_processes
     where = f"{n_devices // n_processes} per process x {n_processes} processes" if n_processes > 1 else ""
     if config.train.batch_size % n_devices:

@@ -29,6 +29,7 @@ which is how the two-process test checks itself against a single process.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -68,6 +69,13 @@ def initialize(config) -> bool:
         kwargs["process_id"] = int(settings.process_id)
     if settings.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(settings.local_device_ids).split(",")]
+    # one line before joining: a coordinator that never hears from every process (a wrong num_processes, two
+    # processes with one process_id) ends in an abort inside JAX's runtime, which this line explains
+    described = ", ".join(f"{key}={kwargs[key]}" for key in ("coordinator_address", "num_processes", "process_id")
+                          if key in kwargs) or "settings from the cluster environment"
+    print(f"sams_jax: joining a multi-process run ({described}; waiting up to "
+          f"{kwargs['initialization_timeout']} s for every process; each needs the same coordinator_address and "
+          "num_processes and its own process_id)", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as error:

@@ -462,9 +462,13 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     plan = partial(dispatch_plan, max_steps=max_steps, eval_every=eval_every,
                    steps_per_dispatch=config.train.steps_per_dispatch)
 
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step",
+    placement = resolve_placement(config.train.data_placement, data)
+    where = f"{parallel.devices_per_process} {jax.default_backend()} device" \
+        f"{'s' if parallel.devices_per_process > 1 else ''}" \
+        f"{f' x {parallel.n_processes} processes' if parallel.n_processes > 1 else ''}, data on the {placement}"
+    bar = tqdm(total=max_steps, initial=step, desc=f"train ({where})", unit="step",
                disable=not (config.train.progress and main_process), dynamic_ncols=True)
-    if resolve_placement(config.train.data_placement, data) == "device":
+    if placement == "device":
         shards = parallel.shards_of_process(n_shards)
         train_arrays = parallel.put_process_rows(_process_cells(data, n_shards, shards))
         split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
