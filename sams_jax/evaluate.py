@@ -204,7 +204,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             all_rows = np.concatenate([rows, predictor.dosages(extra)]) if extra else rows  # [I, T]
-        is_learned, seen = predictor.learned(all_rows), predictor.seen_in_training(all_rows)
+        # the observed rows' learned flags come with membership; the extras' are computed here
+        is_learned = np.concatenate([membership["learned"], predictor.learned(all_rows[n_observed:])])
+        seen = predictor.seen_in_training(all_rows)
         unlearned = [name for name, learned in zip(all_names[1 + n_observed:], is_learned[n_observed:]) if not learned]
         if unlearned:
             warnings.warn(f"interventions {unlearned} have members without training cells; their effects are the "

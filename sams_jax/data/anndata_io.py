@@ -367,7 +367,7 @@ def _joins_singles(parts: list[str], singles: set[str], is_control) -> bool:
 
 
 def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: str, control: str | None,
-                             control_match: str, delimiter: str | None, encode_combinations: str) -> None:
+                 control_match: str, delimiter: str | None, encode_combinations: str) -> None:
     """:class:`DataWarning` for labels that the registration probably reads wrongly
     (training registrations of labelled conditions):
 
@@ -762,7 +762,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     dosages, perturbation_names = encode_dosages(conditions, encode_combinations, perturbations)
     if for_training and not guide_column_pattern:
         check_labels(adata.obs, conditions, perturbation_key, control, control_match, delimiter,
-                                 encode_combinations)
+                     encode_combinations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
     keep = np.flatnonzero(split != splits_lib.DROPPED)
