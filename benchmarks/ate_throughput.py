@@ -23,7 +23,6 @@ samplers are counted once per chunk (elementwise work, small beside the dense la
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HelpFormatter, flops, machine, matmul_rate, peak_device_memory_mb, write_json  # noqa: E402
 
-from sams_jax.ate import model_expectations, particle_chunk_size  # noqa: E402
+from sams_jax.ate import ate_chunk_sizes  # noqa: E402
 from sams_jax.config import base_config  # noqa: E402
 from sams_jax.models import create_model  # noqa: E402
 from sams_jax.objective import iwelbo_chunk_size  # noqa: E402
@@ -168,10 +167,9 @@ def main() -> None:
             predictor._expectations, predictor.variables, dosages, key, repeats=args.repeats,
             **ate_kwargs, intervention_chunk=per_row, particle_chunk=particles_per_chunk)
     # One chunk of interventions x particles (model_expectations' defaults), times the chunks.
-    defaults = inspect.signature(model_expectations).parameters
-    rows = min(defaults["intervention_chunk"].default, dosages.shape[0])
-    particles = min(particle_chunk_size(len(predictor.feature_names), defaults["intervention_chunk"].default),
-                    args.ate_particles)
+    rows, particles = ate_chunk_sizes(len(predictor.feature_names), args.ate_particles)
+    rows = min(rows, dosages.shape[0])
+    row["ate_chunk"] = f"{rows}x{particles}"
     row["ate_flops"] = flops(predictor._expectations, predictor.variables, dosages[:rows], key,
                              **{**ate_kwargs, "n_particles": particles}) \
         * -(-dosages.shape[0] // rows) * -(-args.ate_particles // particles)

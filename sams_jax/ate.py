@@ -25,9 +25,11 @@ from the guide and of the local latent from its prior, then ``x`` from the likel
 Computation: ``lax.map`` over chunks of interventions, ``vmap`` inside a chunk, and a
 ``lax.scan`` over chunks of particles accumulating sums, so memory is bounded by
 ``intervention_chunk x particle_chunk`` generated cells (each ``G`` genes plus the
-decoder's hidden layer): about ``4 * I_c * S_c * (G + H) * 3`` bytes (defaults
-``I_c = 8`` and :func:`particle_chunk_size`, ``S_c = 256`` for G = 1,187: about 30 MB with
-H = 400), independent of the total number of interventions and particles.
+decoder's hidden layer): about ``4 * I_c * S_c * (G + H) * 3`` bytes, independent of the
+total number of interventions and particles. The default chunks depend on the backend
+(:func:`ate_chunk_sizes`): on the CPU, cache-sized ones (``I_c = 8``, ``S_c = 256`` for
+G = 1,187: about 30 MB with H = 400); elsewhere, few large ones (``I_c = 64`` and all
+2,500 particles at G = 1,187: about 3 GB).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def transform(x, scale: str):
 
 def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles: int, scale: str,
                        method: str = "paper", max_active: int = 2, library_size: float = LIBRARY_SIZE,
-                       intervention_chunk: int = 8, particle_chunk: int | None = None,
+                       intervention_chunk: int | None = None, particle_chunk: int | None = None,
                        summed_observations: bool = True):
     """``E[f(x) | do(d)]`` for each row ``d`` of ``dosages`` (``[I, T]``) -> ``[I, G]``.
 
@@ -73,17 +75,20 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
     ``method="crn"``: the chunk's interventions share one set of random numbers (``vmap``
     over interventions with an unbatched key, so the draws are made once and broadcast),
     and so does the control. Jittable (everything but the arrays is static).
-    ``particle_chunk`` defaults to :func:`particle_chunk_size`; the random numbers depend on
-    the chunking, so compare estimates made with the same chunk sizes.
+    ``intervention_chunk`` and ``particle_chunk`` default to :func:`ate_chunk_sizes` for
+    the default backend; the random numbers depend on the chunking, so compare estimates
+    made with the same chunk sizes (on the same kind of backend).
     """
     if method not in METHODS:
         raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
     n_interventions, n_perturbations = dosages.shape
-    if particle_chunk is None:
+    if intervention_chunk is None or particle_chunk is None:
         n_genes = jax.eval_shape(lambda d: apply_fn(variables, d, jnp.ones((1,), d.dtype), max_active,
                                                     rngs={"globals": rng, "local": rng}, method="generate")[0],
                                  dosages[:1]).shape[-1]
-        particle_chunk = particle_chunk_size(n_genes, intervention_chunk)
+        default_rows, default_particles = ate_chunk_sizes(n_genes, n_particles, intervention_chunk)
+        intervention_chunk = intervention_chunk or default_rows
+        particle_chunk = particle_chunk or default_particles
     chunk = min(particle_chunk, n_particles)
     n_particle_chunks = -(-n_particles // chunk)
     per_row = min(intervention_chunk, n_interventions)
@@ -136,19 +141,46 @@ def model_expectations(apply_fn: Callable, variables, dosages, rng, n_particles:
     return sums.reshape(n_row_chunks * per_row, -1)[:n_interventions] / n_particles
 
 
-ATE_CHUNK_ELEMENTS = 4 * 2**20  # generated cells x genes per chunk: 16 MB per float32 intermediate
+ATE_CHUNK_ELEMENTS = {"cpu": 4 * 2**20}  # generated cells x genes per chunk, per backend (CPU: 16 MB
+ATE_DEFAULT_CHUNK_ELEMENTS = 2**28       # per float32 intermediate, cache-sized); others: 1 GB
+ATE_INTERVENTION_CHUNK = {"cpu": 8}  # interventions per chunk, per backend; others: ATE_DEFAULT_INTERVENTION_CHUNK
+ATE_DEFAULT_INTERVENTION_CHUNK = 64
 
 
 def particle_chunk_size(n_genes: int, intervention_chunk: int = 8) -> int:
-    """Default particles per chunk of :func:`model_expectations`: chunks of
+    """The CPU's particles per chunk of :func:`model_expectations`: chunks of
     ``intervention_chunk x particle_chunk`` generated cells, the largest power of two up to
-    4,096 cells whose ``cells x genes`` stay within ``ATE_CHUNK_ELEMENTS``. On the 2-core
-    CPU that gives the fastest of the sizes measured at both benchmark scales: 4,096 cells
-    for the default simulation (100 genes; 17% faster than 2,048) and 2,048 for the
-    Replogle-scale screen (1,187 genes; 4,096 was no faster) (``benchmarks/RESULTS.md``)."""
-    cells = min(4096, ATE_CHUNK_ELEMENTS // max(1, n_genes))
+    4,096 cells whose ``cells x genes`` stay within the CPU's ``ATE_CHUNK_ELEMENTS``. On
+    the 2-core CPU that gives the fastest of the sizes measured at both benchmark scales:
+    4,096 cells for the default simulation (100 genes; 17% faster than 2,048) and 2,048
+    for the Replogle-scale screen (1,187 genes; 4,096 was no faster) (``benchmarks/RESULTS.md``)."""
+    cells = min(4096, ATE_CHUNK_ELEMENTS["cpu"] // max(1, n_genes))
     cells = 2 ** int(np.floor(np.log2(max(cells, 1))))
     return max(1, cells // max(1, intervention_chunk))
+
+
+def ate_chunk_sizes(n_genes: int, n_particles: int, intervention_chunk: int | None = None,
+                    backend: str | None = None) -> tuple[int, int]:
+    """Default ``(intervention_chunk, particle_chunk)`` of :func:`model_expectations` on
+    ``backend`` (default ``jax.default_backend()``); ``intervention_chunk`` fixes the first.
+
+    CPU: 8 interventions x :func:`particle_chunk_size` (cache-sized chunks). Other backends
+    (GPU, TPU) want few, large chunks: ``ATE_DEFAULT_INTERVENTION_CHUNK`` interventions and
+    as many particles as keep ``cells x genes`` within ``ATE_DEFAULT_CHUNK_ELEMENTS`` (all
+    of them where they fit, else the fewest equal chunks). On an H200 (2026-11-27) the
+    Replogle-scale ATEs (681 interventions x 2,500 particles x 1,187 genes) took 2.46 s
+    with the CPU's 8 x 256 chunks, 0.83 s with 8 x 1,024, 0.48 s with 32 x 512 and 0.18 s
+    with 64 x 2,500, this rule's choice (about 3 GB of intermediates)."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        rows = intervention_chunk or ATE_INTERVENTION_CHUNK["cpu"]
+        return rows, min(max(1, n_particles), particle_chunk_size(n_genes, rows))
+    elements = ATE_CHUNK_ELEMENTS.get(backend, ATE_DEFAULT_CHUNK_ELEMENTS)
+    rows = intervention_chunk or min(ATE_INTERVENTION_CHUNK.get(backend, ATE_DEFAULT_INTERVENTION_CHUNK),
+                                     max(1, elements // max(1, n_genes)))  # one particle each fits
+    most = max(1, elements // max(1, n_genes * rows))  # particles per chunk within the bound
+    n_chunks = -(-max(1, n_particles) // most)
+    return rows, -(-max(1, n_particles) // n_chunks)
 
 
 def data_expectations(x, dosages: np.ndarray, interventions: np.ndarray, scale: str,

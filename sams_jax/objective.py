@@ -304,10 +304,10 @@ def iwelbo_chunk_size(n_particles: int, n_genes: int, backend: str | None = None
     the compiled programs, ``benchmarks/RESULTS.md``): Replogle scale (1,187 genes, 100
     particles) runs 1.2x faster with 64 cells per chunk than with 1,024, and 1.06x faster
     than with 32; the default simulation (100 genes) 1.08x faster with 256 than with 512
-    (128 is as fast as 256; 1,024 is 1.26x slower). A GPU wants few, large chunks: with the
-    CPU's bound (64 cells, 371 chunks) the Replogle-scale IWELBO took 0.226 s on an H200
-    (2026-11-27), against 0.064 s with 1,024-cell chunks on an H200 a day earlier (older
-    code). The larger bound gives those 1,024-cell chunks again; not yet timed on a GPU.
+    (128 is as fast as 256; 1,024 is 1.26x slower). A GPU wants few, large chunks: on an
+    H200 (2026-11-27, one process) the Replogle-scale IWELBO took 0.226 s with the CPU's
+    64-cell chunks, 0.098 s with 256, 0.065 s with 1,024 (this bound's choice) and 0.056 s
+    with 4,096 (four times the memory, about 2 GB per float32 intermediate).
 
     The local draws depend on the chunking, so one seed gives different (equally valid)
     IWELBO estimates on backends whose chunk sizes differ."""

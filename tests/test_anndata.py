@@ -555,7 +555,7 @@ def norman_path(tmp_path_factory):
 def test_norman_ood_split_arithmetic(norman_path):
     adata = anndata.read_h5ad(norman_path)
     conditions = adata.obs["guide_identity"].to_numpy()
-    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(1).to_numpy()
+    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(axis=1).to_numpy()
     n_pairs = len(PAIRS)
     previous_train, previous_cells = set(), set()
     for f in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -595,7 +595,7 @@ def test_norman_ood_task_from_a_file(norman_path):
 
 def test_norman_data_efficiency_subsamples_training_pair_cells(norman_path):
     adata = anndata.read_h5ad(norman_path)
-    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(1).to_numpy()
+    n_members = adata.obs[[f"guide_{g}" for g in SINGLES]].sum(axis=1).to_numpy()
     n_pair_cells = int((n_members == 2).sum())
     n_pair_train = n_pair_cells - math.ceil(0.2 * n_pair_cells)
     n_pair_train -= math.ceil(0.2 * n_pair_train)
