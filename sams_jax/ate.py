@@ -25,11 +25,13 @@ from the guide and of the local latent from its prior, then ``x`` from the likel
 Computation: ``lax.map`` over chunks of interventions, ``vmap`` inside a chunk, and a
 ``lax.scan`` over chunks of particles accumulating sums, so memory is bounded by
 ``intervention_chunk x particle_chunk`` generated cells (each ``G`` genes plus the
-decoder's hidden layer): about ``4 * I_c * S_c * (G + H) * 3`` bytes, independent of the
-total number of interventions and particles. The default chunks depend on the backend
-(:func:`ate_chunk_sizes`): on the CPU, cache-sized ones (``I_c = 8``, ``S_c = 256`` for
-G = 1,187: about 30 MB with H = 400); elsewhere, few large ones (``I_c = 64`` and all
-2,500 particles at G = 1,187: about 3 GB).
+decoder's hidden layer), independent of the total number of interventions and particles:
+about ``4 * I_c * S_c * (G + H) * 4`` bytes for the count likelihoods' perturbseq scale
+(XLA's memory analysis of the compiled Replogle-scale program, G = 1,187, H = 400:
+60 MB of temporaries with 8 x 256 chunks, 4.2 GB with 64 x 2,500). The default chunks
+depend on the backend (:func:`ate_chunk_sizes`): cache-sized ones on the CPU
+(``I_c = 8``, ``S_c = 256`` at G = 1,187), few large ones elsewhere (``I_c = 64`` and all
+2,500 particles at G = 1,187).
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def ate_chunk_sizes(n_genes: int, n_particles: int, intervention_chunk: int | No
     of them where they fit, else the fewest equal chunks). On an H200 (2026-11-27) the
     Replogle-scale ATEs (681 interventions x 2,500 particles x 1,187 genes) took 2.46 s
     with the CPU's 8 x 256 chunks, 0.83 s with 8 x 1,024, 0.48 s with 32 x 512 and 0.18 s
-    with 64 x 2,500, this rule's choice (about 3 GB of intermediates)."""
+    with 64 x 2,500, this rule's choice (about 4 GB of temporaries)."""
     backend = backend or jax.default_backend()
     if backend == "cpu":
         rows = intervention_chunk or ATE_INTERVENTION_CHUNK["cpu"]
