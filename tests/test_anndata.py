@@ -117,7 +117,8 @@ def test_unique_encoding_makes_each_pair_a_perturbation():
                            counts_layer="counts", task="norman_ood", frac_combinations_train=0.5, split_seed=seed)
         pair = ood.dosages[:, ood.perturbation_names.index("A")].astype(bool) & \
             ood.dosages[:, ood.perturbation_names.index("B")].astype(bool)
-        assert len(set(ood.split[pair] == "test")) <= 1  # all A+B cells in test, or none
+        in_split = pair & (ood.split != "")  # cells the task leaves out stay, with split ""
+        assert len(set(ood.split[in_split] == "test")) <= 1  # all A+B cells of a split in test, or none
     labels = make_screen().obs["perturbation"].to_numpy()
     column = {name: i for i, name in enumerate(data.perturbation_names)}
     assert np.all(data.dosages.sum(1) == (labels != "control"))  # one non-zero, none for control
@@ -587,7 +588,9 @@ def test_norman_ood_task_from_a_file(norman_path):
     train, test = _pairs_in(data, "train") | _pairs_in(data, "val"), _pairs_in(data, "test")
     assert len(test) == 3 and len(train) <= 5 and not train & test
     adata = anndata.read_h5ad(norman_path)
-    assert data.x.shape[0] < adata.n_obs  # pair cells outside their pair's split are dropped
+    # pair cells outside their pair's split stay, in no split (split ""), for the data ATEs alone
+    assert data.x.shape[0] == adata.n_obs and (data.split == "").any()
+    assert set(data.split[data.split != ""]) <= {"train", "val", "test"}
     again = from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
                          task="norman_ood", frac_combinations_train=0.5, split_seed=3)
     np.testing.assert_array_equal(again.split, data.split)

@@ -20,7 +20,7 @@ import sams_jax
 from sams_jax import metrics
 from sams_jax.ate import data_expectations, transform
 from sams_jax.checkpoint import CheckpointError
-from sams_jax.data import DataError, simulate
+from sams_jax.data import DataError, PerturbationData, simulate
 from sams_jax.models import SAMSVAE
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor
 from sams_jax.train import train_and_evaluate
@@ -221,6 +221,24 @@ def test_ate_chunk_sizes_bound_the_chunk():
             assert rows * particles * n_genes <= ATE_DEFAULT_CHUNK_ELEMENTS or (rows, particles) == (1, 1)
             most = max(1, ATE_DEFAULT_CHUNK_ELEMENTS // (n_genes * rows))
             assert -(-n_particles // particles) == -(-n_particles // most)  # no more chunks than needed
+
+
+def test_observed_interventions_are_those_of_the_splits_with_all_their_cells():
+    """Cells a task leaves out of every split (split "") add to an intervention's cells (its
+    data ATE averages all of them, SPEC 5) but make no intervention observed by themselves."""
+    from sams_jax.evaluate import observed_interventions
+
+    predictor, _ = _linear_predictor()
+    labels = ["control"] * 4 + ["a"] * 3 + ["b"] * 5 + ["c"] * 2
+    split = ["train"] * 4 + ["train"] * 3 + ["test", "test", "", "", ""] + ["", ""]
+    data = PerturbationData(x=np.zeros((len(labels), len(predictor.feature_names)), np.float32),
+                            dosages=predictor.dosages(labels), split=np.array(split),
+                            feature_names=predictor.feature_names, perturbation_names=predictor.perturbation_names,
+                            library_size=np.ones(len(labels), np.float32), control="control")
+    data.validate()
+    names, rows, membership, n_cells = observed_interventions(predictor, data, predictor.dosages(["control"])[0])
+    assert names == ["a", "b"] and n_cells.tolist() == [3, 5]  # c: left-out cells only
+    assert membership["train"].tolist() == [True, False] and membership["test"].tolist() == [False, True]
 
 
 def test_gpu_chunks_estimate_the_closed_form_ates_too():

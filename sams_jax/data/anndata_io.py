@@ -765,9 +765,10 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                      encode_combinations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
-    keep = np.flatnonzero(split != splits_lib.DROPPED)
-    kept_all = _all(keep, len(split))
-    obs = adata.obs if kept_all else adata.obs.iloc[keep]
+    # cells in no split of the task (Norman's left-out pair cells) stay, with split "": no training or
+    # scoring uses them, the data ATEs do (SPEC 5: the mean over all cells that received an intervention)
+    keep = np.arange(len(split))
+    obs = adata.obs
     counts = _subset(_matrix(adata, counts_layer), keep, columns)
     what = f"layers[{counts_layer!r}]" if counts_layer else "X"
     sums, cell_nonzero, gene_nonzero = check_values(counts, likelihood, obs.index, what)
@@ -785,8 +786,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
         x = np.asarray(counts, dtype=np.float32)
     data = PerturbationData(
         x=x,
-        dosages=dosages if kept_all else dosages[keep],
-        split=split[keep].astype(str),
+        dosages=dosages,
+        split=split.astype(str),
         feature_names=gene_names,
         perturbation_names=perturbation_names,
         library_size=library_size,

@@ -19,6 +19,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from sams_jax.data import matrix as matrix_lib
+from sams_jax.data.splits import DROPPED
 
 SPLITS = ("train", "val", "test")
 NORMALIZATIONS = ("log_standardize", "standardize", "none")
@@ -52,7 +53,7 @@ class PerturbationData:
     # BackedMatrix (rows read from an .h5ad on demand); non-dense x is only ever read in row blocks
     x: Any
     dosages: np.ndarray  # [n_cells, n_perturbations] float32
-    split: np.ndarray  # [n_cells] str, values in SPLITS
+    split: np.ndarray  # [n_cells] str, values in SPLITS or "" (in no split: only the data ATEs use the cell)
     feature_names: list[str]
     perturbation_names: list[str]
     library_size: np.ndarray  # [n_cells] float32
@@ -91,9 +92,10 @@ class PerturbationData:
         if len(self.perturbation_names) != self.n_perturbations:
             raise DataError(
                 f"{len(self.perturbation_names)} perturbation names for {self.n_perturbations} dosage columns")
-        unknown = sorted(set(np.unique(self.split).tolist()) - set(SPLITS))
+        unknown = sorted(set(np.unique(self.split).tolist()) - {*SPLITS, DROPPED})
         if unknown:
-            raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)}")
+            raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)} (or {DROPPED!r}: a cell in no "
+                            "split, used only for the data ATEs)")
         if not np.any(self.split == "train"):
             raise DataError("the data has no training cells (split == 'train')")
         if not matrix_lib.is_dense(self.x):

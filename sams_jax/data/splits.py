@@ -1,7 +1,8 @@
 """Train / val / test splits of the paper's tasks (SPEC 6), as split labels per cell.
 
 Every function returns a ``[n_cells]`` array of ``"train"``, ``"val"``, ``"test"`` or
-:data:`DROPPED` (``""``: the cell belongs to no split of the task and is left out).
+:data:`DROPPED` (``""``: the cell belongs to no split of the task: no training or scoring
+uses it; registration keeps it for the data ATEs, which average all cells of an intervention).
 
 The random splits reproduce ``sklearn.model_selection.train_test_split(...,
 random_state=seed)`` of the authors' code exactly (see :func:`shuffle_split`), so the same
@@ -16,7 +17,7 @@ import math
 import numpy as np
 
 TASKS = ("none", "norman_ood", "norman_data_efficiency", "replogle")
-DROPPED = ""
+DROPPED = ""  # registration keeps such cells (split ""), for the data ATEs only
 
 
 def shuffle_split(n: int, seed: int, *, test_size: float | None = None,
