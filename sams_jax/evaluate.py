@@ -54,7 +54,7 @@ from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metada
 from sams_jax.data.anndata_io import write_h5ad
 from sams_jax.data.splits import DROPPED
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
-from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, load
+from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, check_scale, load
 
 TOP_K = 20
 OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "sparse_effects.csv", "sparse_basis.csv", "history.png",
@@ -105,7 +105,12 @@ def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
 
 
 def check_ate_scale(likelihood: str, scale: str) -> None:
-    """:class:`EvaluationError` where model and data ATEs on ``scale`` are not comparable."""
+    """:class:`EvaluationError` where model and data ATEs on ``scale`` are not comparable
+    (or not defined: :func:`~sams_jax.predictor.check_scale`)."""
+    try:
+        check_scale(likelihood, scale)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
     if scale == "mean" and likelihood in LIBRARY_LIKELIHOODS:
         raise EvaluationError(
             f"ATE scale 'mean' with the {likelihood!r} likelihood would compare the model's expected counts at a "

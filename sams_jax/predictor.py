@@ -233,8 +233,7 @@ class Predictor:
         (:func:`sams_jax.ate.model_expectations`). ``stream``: another stream of random
         numbers under the same seed (``fold_in``), independent of stream 0's."""
         scale = scale or self.default_scale
-        if scale not in SCALES:
-            raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
+        check_scale(self.config.model.likelihood, scale)
         if method not in METHODS:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
         n_particles = _whole_number(n_particles, "n_particles")
@@ -477,6 +476,17 @@ class Predictor:
         interpretation of the trained model; predictions do not change. Map latent states
         into it with ``basis.transform(predictor.latent(adata))``."""
         return fit_sparse_basis(self.shifts(), n_restarts=n_restarts, seed=seed, threshold=threshold)
+
+
+def check_scale(likelihood: str, scale: str) -> None:
+    """``ValueError`` for an unknown ATE scale, or ``"perturbseq"`` under a likelihood that
+    generates real values rather than counts."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown ATE scale {scale!r}; allowed: {SCALES}")
+    if scale == "perturbseq" and likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(f"ATE scale 'perturbseq' (each cell scaled to 10,000 total counts, then log2(x + 1)) needs "
+                         f"counts, but the {likelihood!r} likelihood generates real values (negative ones give NaN); "
+                         "use scale='mean' (--ate-scale mean), the default for this likelihood")
 
 
 def _whole_number(value, name: str) -> int:

@@ -267,6 +267,13 @@ def test_ate_scale_and_method_validation():
         predictor.ate(["a"], scale="log")
     with pytest.raises(ValueError, match="allowed"):
         predictor.ate(["a"], method="fast")
+    # a normal likelihood generates negative values, whose log2 on the perturbseq scale would be NaN
+    with pytest.raises(ValueError, match="needs counts.*'normal'.*scale='mean'"):
+        predictor.ate(["a"], scale="perturbseq")
+    from sams_jax.evaluate import EvaluationError, check_ate_scale
+    with pytest.raises(EvaluationError, match="needs counts"):
+        check_ate_scale("normal", "perturbseq")
+    check_ate_scale("poisson", "perturbseq")
 
 
 def test_unknown_intervention_lists_closest_names():
