@@ -825,3 +825,13 @@ def test_cli_empty_path_is_a_clean_error(tmp_path):
     assert result.returncode != 0
     assert "set --config.data.path=" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_data_without_perturbations_is_a_clear_error_before_training(tmp_path):
+    """Every label the control (a wrong column, an over-eager control_match): training
+    used to run and then crash saving zero-size parameters."""
+    adata = make_screen()
+    adata.obs["perturbation"] = "control"
+    data = from_anndata(adata, perturbation_key="perturbation", control="control", counts_layer="counts")
+    with pytest.raises(DataError, match="no perturbations besides the control.*'perturbation'.*control='control'"):
+        data.validate("library_nb")

@@ -92,6 +92,14 @@ class PerturbationData:
         if len(self.perturbation_names) != self.n_perturbations:
             raise DataError(
                 f"{len(self.perturbation_names)} perturbation names for {self.n_perturbations} dosage columns")
+        if self.n_perturbations == 0:
+            where = ""
+            if self.registration:
+                key = self.registration.get("guide_column_pattern") or self.registration.get("perturbation_key")
+                where = (f" (registered from {key!r} with control={self.registration.get('control')!r}, "
+                         f"control_match={self.registration.get('control_match')!r}: is that the column of the "
+                         "perturbations, and does the control label match only the controls?)")
+            raise DataError(f"the data have no perturbations besides the control: dosages have 0 columns{where}")
         unknown = sorted(set(np.unique(self.split).tolist()) - {*SPLITS, DROPPED})
         if unknown:
             raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)} (or {DROPPED!r}: a cell in no "
