@@ -92,19 +92,21 @@ def _rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [I, G], [J, G] 
 def _mean_rank(scores: np.ndarray, higher_is_better: bool) -> float:
     """For each row ``i`` of the ``[I, I]`` prediction-vs-observation score matrix, the
     fraction of other observations that match prediction ``i`` better than observation
-    ``i`` does; averaged. 0 is perfect, about 0.5 is chance."""
+    ``i`` does; averaged. 0 is perfect, about 0.5 is chance; NaN (undefined) for fewer
+    than two interventions, which leave nothing to rank against."""
     scores = scores if higher_is_better else -scores
     own = np.diag(scores)[:, None]
     n = scores.shape[0]
-    return float(((scores > own).sum(1) / max(n - 1, 1)).mean()) if n > 1 else 0.0
+    return float(((scores > own).sum(1) / (n - 1)).mean()) if n > 1 else float("nan")
 
 
 def perturbench_metrics(data_mean: np.ndarray, model_mean: np.ndarray, data_ate: np.ndarray,
                         model_ate: np.ndarray) -> dict[str, float]:
     """PerturBench-style metrics over interventions (rows; NaN rows are dropped):
 
-    * ``cosine_logfc``: mean cosine similarity of predicted and observed effects (log
-      fold changes on the ``perturbseq`` scale), and ``cosine_logfc_rank``;
+    * ``cosine_logfc``: mean cosine similarity of predicted and observed effects (ATEs on
+      the evaluation's scale: log fold changes on the ``perturbseq`` scale, differences of
+      means on the ``mean`` scale), and ``cosine_logfc_rank``;
     * ``rmse_average``: mean RMSE between predicted and observed average expression per
       intervention, and ``rmse_rank``.
 

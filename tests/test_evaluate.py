@@ -329,6 +329,9 @@ def test_perturbench_metrics_by_hand():
     assert out["rmse_rank"] == 0.0  # each prediction is nearest its own observation
     shuffled = metrics.perturbench_metrics(data_mean, model_mean[::-1], data_ate, model_ate[::-1])
     assert shuffled["rmse_rank"] > 0.3
+    one = metrics.perturbench_metrics(data_mean[:1], model_mean[:1], data_ate[:1], model_ate[:1])
+    assert np.isnan(one["rmse_rank"]) and np.isnan(one["cosine_logfc_rank"])  # nothing to rank against, not "perfect"
+    assert np.isfinite(one["rmse_average"])
 
 
 def test_mean_correlation_coefficient_is_permutation_and_sign_invariant():
