@@ -835,3 +835,13 @@ def test_data_without_perturbations_is_a_clear_error_before_training(tmp_path):
     data = from_anndata(adata, perturbation_key="perturbation", control="control", counts_layer="counts")
     with pytest.raises(DataError, match="no perturbations besides the control.*'perturbation'.*control='control'"):
         data.validate("library_nb")
+
+
+@pytest.mark.parametrize("delimiter", ["+", None])
+def test_empty_labels_are_named_like_missing_ones(delimiter):
+    adata = make_screen()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str)
+    adata.obs.iloc[:3, adata.obs.columns.get_loc("perturbation")] = ["", " ", ""]
+    with pytest.raises(DataError, match=r"3 cells have an empty label in obs\['perturbation'\].*label them"):
+        from_anndata(adata, perturbation_key="perturbation", control="control", counts_layer="counts",
+                     delimiter=delimiter)

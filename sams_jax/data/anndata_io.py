@@ -308,7 +308,8 @@ def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key
     if "" in parts:
         raise DataError(f"the perturbation label {label!r} in obs[{perturbation_key!r}] has an empty member "
                         f"(delimiter {delimiter!r}); write singles as 'A' and pairs as 'A{delimiter}B', or set "
-                        "delimiter to the separator the labels use")
+                        "delimiter to the separator the labels use" if delimiter else
+                        f"the perturbation label {label!r} in obs[{perturbation_key!r}] is empty; label the cell")
     members = [part for part in parts if not is_control(part)]
     repeated = sorted({m for m in members if members.count(m) > 1})
     if repeated:
@@ -331,6 +332,11 @@ def _require_column(obs: pd.DataFrame, key: str, what: str, flag: str) -> pd.Ser
 
 def _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control) -> Conditions:
     column = _require_column(obs, perturbation_key, "the perturbation key", "data.perturbation_key")
+    blank = column.astype(str).str.strip().eq("").to_numpy()
+    if blank.any():  # as for missing values: an empty label is no perturbation name, nor the control's
+        cells = obs.index[blank]
+        raise DataError(f"{len(cells)} cells have an empty label in obs[{perturbation_key!r}] (the perturbation key), "
+                        f"e.g. {_show(cells, 5)}; label them (the control's label for unperturbed cells) or drop them")
     codes, uniques = pd.factorize(column.astype(str))
     is_control = _control_test(control, control_match)
     singles = frozenset(label.strip() for label in uniques if not is_control(label)) \
