@@ -845,3 +845,19 @@ def test_empty_labels_are_named_like_missing_ones(delimiter):
     with pytest.raises(DataError, match=r"3 cells have an empty label in obs\['perturbation'\].*label them"):
         from_anndata(adata, perturbation_key="perturbation", control="control", counts_layer="counts",
                      delimiter=delimiter)
+
+
+@pytest.mark.parametrize("control", [0, "0", 0.0])
+def test_whole_number_float_labels_read_as_integers(control):
+    """An integer id column that a missing value once made float: 0.0 / 1.0 / ... are the
+    labels "0", "1", ..., matched by control=0, "0" or 0.0 (and so in a categorical)."""
+    adata = make_screen()
+    ids = {name: float(i) for i, name in enumerate(pd.unique(adata.obs["perturbation"].astype(str)))}
+    ids["control"] = 0.0
+    ids = {name: (value if name == "control" else value + 1) for name, value in ids.items()}
+    adata.obs["gid"] = adata.obs["perturbation"].astype(str).map(ids).astype(np.float64)
+    data = from_anndata(adata, perturbation_key="gid", control=control, counts_layer="counts")
+    assert "0" not in data.perturbation_names and all(name.isdigit() for name in data.perturbation_names)
+    adata.obs["gid"] = adata.obs["gid"].astype("category")
+    assert from_anndata(adata, perturbation_key="gid", control=control,
+                        counts_layer="counts").perturbation_names == data.perturbation_names

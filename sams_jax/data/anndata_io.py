@@ -68,8 +68,22 @@ class DataWarning(UserWarning):
 def _label(value) -> str | None:
     """A label-like argument (the control, a vocabulary entry, a gene name) as the string
     it is compared with: obs labels and var names are read as strings, so ``0`` (an
-    ``int`` or ``numpy`` integer) matches the label ``"0"``; ``None`` stays ``None``."""
+    ``int`` or ``numpy`` integer, or the float ``0.0``) matches the label ``"0"``; ``None``
+    stays ``None``."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and value == round(value):
+        value = int(value)
     return None if value is None else str(value)
+
+
+def _label_strings(column: pd.Series) -> pd.Series:
+    """obs labels as strings. Whole-number floats read as integers (``1.0`` -> ``"1"``): an
+    integer column that a missing value once made float keeps its integer labels."""
+    values = column.astype(column.cat.categories.dtype) if isinstance(column.dtype, pd.CategoricalDtype) else column
+    if pd.api.types.is_float_dtype(values.dtype):
+        numbers = values.to_numpy(dtype=np.float64)
+        if np.isfinite(numbers).all() and np.array_equal(numbers, np.round(numbers)):
+            return pd.Series(numbers.astype(np.int64).astype(str), index=column.index)
+    return column.astype(str)
 
 
 def _labels(values: Sequence | None) -> list[str] | None:
@@ -332,18 +346,19 @@ def _require_column(obs: pd.DataFrame, key: str, what: str, flag: str) -> pd.Ser
 
 def _labelled_conditions(obs, perturbation_key, control, control_match, delimiter, require_control) -> Conditions:
     column = _require_column(obs, perturbation_key, "the perturbation key", "data.perturbation_key")
-    blank = column.astype(str).str.strip().eq("").to_numpy()
+    column = _label_strings(column)
+    blank = column.str.strip().eq("").to_numpy()
     if blank.any():  # as for missing values: an empty label is no perturbation name, nor the control's
         cells = obs.index[blank]
         raise DataError(f"{len(cells)} cells have an empty label in obs[{perturbation_key!r}] (the perturbation key), "
                         f"e.g. {_show(cells, 5)}; label them (the control's label for unperturbed cells) or drop them")
-    codes, uniques = pd.factorize(column.astype(str))
+    codes, uniques = pd.factorize(column)
     is_control = _control_test(control, control_match)
     singles = frozenset(label.strip() for label in uniques if not is_control(label)) \
         if control_match == "contains" else None
     parsed = [_parse_label(label, is_control, delimiter, perturbation_key, singles) for label in uniques]
     if require_control and control is not None and not any(len(members) == 0 for members in parsed):
-        counts = column.astype(str).value_counts()
+        counts = column.value_counts()
         raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
                         f"obs[{perturbation_key!r}]; labels seen (most frequent first): "
                         f"{_show(counts.index, 20)}; pass control=<label> (--config.data.control=<label>), "
@@ -394,7 +409,7 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
       longer name (``"T10"`` for the control ``"T1"``, ``"NTRK1"`` for ``"NT"``; numbered
       controls such as ``"ctrl1"`` are controls), which become control cells.
     """
-    labels = pd.unique(obs[perturbation_key].astype(str))
+    labels = pd.unique(_label_strings(obs[perturbation_key]))
     is_control = _control_test(control, control_match)
     by_folded: dict[str, list[str]] = {}
     for name in conditions.names:
@@ -446,7 +461,7 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
     in_combination = conditions.members[n_members > 1].any(axis=0)
     never_alone = np.asarray(conditions.names)[in_combination & ~alone]
     if len(never_alone):
-        raw = obs[perturbation_key].astype(str).to_numpy()
+        raw = _label_strings(obs[perturbation_key]).to_numpy()
         examples = pd.unique(raw[conditions.members[:, in_combination & ~alone].any(axis=1)])
         warnings.warn(f"{len(never_alone)} perturbations occur only inside combinations, never alone: "
                       f"{_show(never_alone)} (in {_show(examples, 3)}); their separate effects are identified "
