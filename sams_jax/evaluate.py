@@ -156,10 +156,11 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         except DataError as error:
             if predictor.metadata.get("data_source") != "python":
                 raise
+            source = predictor.config.data.get("source")
             raise EvaluationError(f"{workdir} was trained on data passed from Python (train_and_evaluate(config, "
-                                  "workdir, data=data)), and its saved config.data does not rebuild them ("
-                                  f"{error}); evaluate it from Python with the same data: "
-                                  "sams_jax.evaluate.evaluate(workdir, data=data)") from None
+                                  "workdir, data=data)); its saved config.data (data.source="
+                                  f"{source!r}) describes other data, not those; evaluate it from Python with the "
+                                  "same data: sams_jax.evaluate.evaluate(workdir, data=data)") from None
     elif data_path is not None:
         raise EvaluationError("pass data= or data_path=, not both")
     check_features(predictor.feature_names, data.feature_names)

@@ -604,8 +604,8 @@ def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch)
     assert predictor.metadata["data_source"] == "config"
     predictor.metadata["data_source"] = "python"
     monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
-    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*does not rebuild "
-                                                           r"them \(the data rebuilt.*"
+    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*data.source="
+                                                           r"'simulation'\) describes other data.*"
                                                            r"sams_jax.evaluate.evaluate\(workdir, data=data\)"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, plots=False)
     monkeypatch.undo()  # Python data that config.data does describe: evaluated as any run
