@@ -97,11 +97,16 @@ def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
     saved = predictor.metadata
     differ = metadata_differences(saved, data.metadata(saved["normalization"]))
     if differ:
+        registration = saved.get("registration") or {}
+        random_split = registration and not registration.get("split_key") and \
+            registration.get("task", "none") in ("none", "replogle")
+        order = (" (its random split follows the order of the cells: the same cells in another order are split "
+                 "otherwise; a split column, data.split_key, fixes it)") if random_split else ""
         raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on: "
                         f"{'; '.join(differ)} differ from the checkpoint's metadata. A run on a file needs that file "
-                        "as it was (at its saved path, or --data-path NEW); a run trained on data passed from Python "
-                        "(train_and_evaluate(config, workdir, data=data)) is evaluated from Python with the same "
-                        "data: sams_jax.evaluate.evaluate(workdir, data=data)")
+                        f"as it was{order} (at its saved path, or --data-path NEW); a run trained on data passed from "
+                        "Python (train_and_evaluate(config, workdir, data=data)) is evaluated from Python with the "
+                        "same data: sams_jax.evaluate.evaluate(workdir, data=data)")
 
 
 def check_ate_scale(likelihood: str, scale: str) -> None:

@@ -669,3 +669,20 @@ def test_per_perturbation_tables_of_a_model_without_them_name_the_models_with_th
         with pytest.raises(NotImplementedError, match=rf"model 'conditional_vae' has no {what} \(models that have: "
                                                       r"\[.*'sams_vae'.*\]\)"):
             getattr(predictor, method)()
+
+
+def test_other_data_under_a_random_split_mention_the_cells_order():
+    """A file's cells shuffled give another random split: the refusal says why."""
+    import types
+
+    from sams_jax.evaluate import check_trained_data
+
+    data = simulate(n_latent=3, n_perturbations=4, n_genes=6, mask_prob=0.3, cells_per_perturbation=(10, 4, 4), seed=0)
+    saved = data.metadata("none")
+    saved["median_library_size"] += 1.0  # some difference
+    for registration, hint in (({"task": "none", "split_key": None}, True), ({"task": "none", "split_key": "s"}, False),
+                               (None, False)):
+        predictor = types.SimpleNamespace(metadata={**saved, "registration": registration})
+        with pytest.raises(DataError, match="median_library_size") as caught:
+            check_trained_data(predictor, data)
+        assert ("follows the order of the cells" in str(caught.value)) == hint
