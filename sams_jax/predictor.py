@@ -50,6 +50,9 @@ class InterventionWarning(UserWarning):
     perturbations of their own)."""
 
 
+COMBINATION_DELIMITERS = ("+", "&", ";", " x ")  # for vocabularies registered without a delimiter
+
+
 def intervention_list(interventions: str | Iterable[str]) -> list[str]:
     """``interventions`` as a list of names: one name (``"A+B"``) is a list of one."""
     if isinstance(interventions, str):
@@ -71,8 +74,10 @@ class Predictor:
         self.perturbation_names: list[str] = list(metadata["perturbation_names"])
         self.control: str | None = metadata.get("control")
         registration = metadata.get("registration") or {}
-        # combinations are named with the data's delimiter; "+" where the data had none
-        self.delimiter: str = registration.get("delimiter") or "+"
+        # combinations are named with the data's delimiter; where the data had none, the first of
+        # COMBINATION_DELIMITERS that no perturbation name contains ("&" for Replogle's guide pairs, "A_+_1|A_-_2")
+        self.delimiter: str = registration.get("delimiter") or next(
+            (d for d in COMBINATION_DELIMITERS if not any(d in name for name in self.perturbation_names)), "+")
         self._index = {name: i for i, name in enumerate(self.perturbation_names)}
         self.encode_combinations: str = registration.get("encode_combinations") or "additive"
         # combinations that are perturbations of their own, by their set of members (any order)

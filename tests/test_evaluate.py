@@ -686,3 +686,18 @@ def test_other_data_under_a_random_split_mention_the_cells_order():
         with pytest.raises(DataError, match="median_library_size") as caught:
             check_trained_data(predictor, data)
         assert ("follows the order of the cells" in str(caught.value)) == hint
+
+
+def test_names_with_plus_and_no_delimiter_combine_with_ampersand():
+    """Replogle's perturbation names contain "+" and are registered without a delimiter:
+    combinations are then written with "&", and named so."""
+    predictor, _ = _linear_predictor()
+    names = ["A_+_1|A_-_2", "B_+_3|B_-_4", "C_+_5", "D"]
+    metadata = {**predictor.metadata, "perturbation_names": names, "registration": {"delimiter": None}}
+    replogle = Predictor(predictor.model, predictor.variables, predictor.config, metadata, 0, "")
+    assert replogle.delimiter == "&" and predictor.delimiter == "+"
+    rows = replogle.dosages(["A_+_1|A_-_2", "B_+_3|B_-_4&A_+_1|A_-_2"])
+    assert rows.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]]
+    assert replogle.intervention_name(rows[1]) == "A_+_1|A_-_2&B_+_3|B_-_4"
+    with pytest.raises(InterventionError, match="written with '&'"):
+        replogle.dosages(["A_+_1|A_-_2+B_+_3|B_-_4"])
