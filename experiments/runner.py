@@ -684,6 +684,14 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
     parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
+    parser.add_argument("--iwelbo-particles", type=int, default=None,
+                        help="particles of each cell's held-out IWELBO (default: 100, the paper's; --smoke: 8)")
+    parser.add_argument("--ate-particles", type=int, default=None,
+                        help="particles of each cell's model ATEs (default: 2,500, the paper's; --smoke: 32); fewer "
+                             "make pilot grids cheaper (see also --ate-method crn)")
+    parser.add_argument("--ate-method", choices=("paper", "crn"), default=None,
+                        help="the model ATE estimator (default: paper; crn needs about 10x fewer particles for the "
+                             "same Monte-Carlo error)")
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     if add_arguments is not None:
@@ -707,7 +715,15 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         if args.models is not None and not args.models:
             raise ValueError("--models is empty; name models, or leave --models out for all of them")
         grid = make_grid(args)
-        grid = dataclasses.replace(grid, settings=dict(args.set))
+        evaluation = {field: value for field, value in (("iwelbo_particles", args.iwelbo_particles),
+                                                        ("ate_particles", args.ate_particles),
+                                                        ("ate_method", args.ate_method)) if value is not None}
+        for field in ("iwelbo_particles", "ate_particles"):
+            if evaluation.get(field, 1) < 1:
+                raise ValueError(f"--{field.replace('_', '-')} must be at least 1; got {evaluation[field]}")
+        # a finished cell evaluated with other options is evaluated again (its training is kept)
+        grid = dataclasses.replace(grid, settings=dict(args.set),
+                                   evaluation=dataclasses.replace(grid.evaluation, **evaluation))
         # the cells to run; the tables aggregate every finished cell of the whole grid, extended by the
         # seeds and fractions asked for
         running = grid.subset(args.models, args.seeds, args.fractions)

@@ -344,3 +344,16 @@ def test_a_cell_suggests_a_new_out_only_when_its_folder_holds_another_run(tmp_pa
         runner.run_cell(str(tmp_path))
     assert str(exit_info.value.code).startswith(f"error: {error}")
     assert ("use a new --out" in str(exit_info.value.code)) == resume
+
+
+def test_evaluation_options_reach_every_cell(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(runner, "run_grid", lambda cells, out, workers: started.extend(cells) or [])
+    assert simulation.main(["--smoke", "--models", "sams_vae", "--seeds", "0,1", "--out", str(tmp_path / "out"),
+                            "--ate-particles", "64", "--ate-method", "crn"]) == 0
+    assert [cell.evaluation for cell in started] == [runner.Evaluation(iwelbo_particles=8, ate_particles=64,
+                                                                       ate_method="crn", plots=False)] * 2
+    assert started[0].spec()["evaluation"]["ate_particles"] == 64  # recorded in cell.json: changed, a cell re-runs
+    with pytest.raises(SystemExit) as exit_info:
+        simulation.main(["--smoke", "--out", str(tmp_path / "out"), "--iwelbo-particles", "0"])
+    assert exit_info.value.code == 2 and "--iwelbo-particles must be at least 1" in capsys.readouterr().err
