@@ -119,7 +119,7 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
     if scale == "mean" and likelihood in LIBRARY_LIKELIHOODS:
         raise EvaluationError(
             f"ATE scale 'mean' with the {likelihood!r} likelihood would compare the model's expected counts at a "
-            "fixed library size of 10,000 (SPEC 5) with the data's raw count means at their own library sizes; use "
+            "fixed library size of 10,000 (the paper's evaluation) with the data's raw count means at their own library sizes; use "
             "the 'perturbseq' scale (the default), which scales every cell to 10,000 counts on both sides, or "
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
 

@@ -233,8 +233,8 @@ class Predictor:
         other, nothing is subtracted: :meth:`ate` does that). ``scale``: ``"perturbseq"``
         (default for count likelihoods) or ``"mean"`` (default otherwise); ``method``:
         ``"paper"`` or ``"crn"`` (see :meth:`ate`); ``n_particles`` draws per intervention;
-        ``library_size``: total counts of the generated cells under ``library_nb`` (SPEC 5:
-        10,000). An intervention's random numbers depend on the other rows of the call
+        ``library_size``: the library size of the generated cells under ``library_nb`` (the
+        expected total count of each cell; the paper's evaluation: 10,000). An intervention's random numbers depend on the other rows of the call
         (:func:`sams_jax.ate.model_expectations`). ``stream``: another stream of random
         numbers under the same seed (``fold_in``), independent of stream 0's."""
         scale = scale or self.default_scale
@@ -265,8 +265,8 @@ class Predictor:
         ``interventions`` default to every single perturbation of the vocabulary.
         ``method="paper"`` draws independently per intervention (the paper's estimator);
         ``"crn"`` uses common random numbers for a much lower variance. With a
-        ``library_nb`` likelihood the model's cells have ``library_size`` total counts
-        (SPEC 5: 10,000): on the ``perturbseq`` scale (the default) every cell is scaled to
+        ``library_nb`` likelihood the model's cells have library size ``library_size`` (their
+        expected total count; the paper's evaluation: 10,000): on the ``perturbseq`` scale (the default) every cell is scaled to
         10,000 counts anyway, but on the ``mean`` scale the effects are expected counts at
         that library size, so compare them with data normalised to it.
         """
@@ -305,8 +305,9 @@ class Predictor:
                library_size: float | None = None):
         """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``).
 
-        ``library_size``: total counts of each generated cell under a ``library_nb``
-        likelihood (ignored by the others). Default: the median library size of the
+        ``library_size``: the library size of each generated cell under a ``library_nb``
+        likelihood (ignored by the others): the expected total count, around which the
+        drawn totals vary (negative-binomial noise). Default: the median library size of the
         training cells, as recorded in the checkpoint, so the cells look like the data's
         (checkpoints written before that was recorded: 10,000, the ATEs' fixed size)."""
         import anndata

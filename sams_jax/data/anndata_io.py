@@ -211,7 +211,7 @@ def check_genes(expected: Sequence[str], found: Sequence[str]) -> None:
         raise DataError(
             f"the genes of this AnnData differ from the {len(expected_set)} genes the model was trained on: "
             f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}; subset it to the "
-            "training genes (adata[:, metadata['feature_names']]); missing genes cannot be imputed, so data "
+            "training genes (adata[:, predictor.feature_names]); missing genes cannot be imputed, so data "
             "without them needs a model trained on its own genes")
 
 
