@@ -13,6 +13,30 @@ from sams_jax.data.anndata_io import NORMAN_URL
 DATA_HELP = (f"the curated Norman et al. 2019 file of the sc-pert collection, {NORMAN_URL} "
              "(used as is: counts in layers['counts'], guide_* obs columns, var['highly_variable'])")
 MODELS = ("sams_vae", "cpa_vae", "conditional_vae", "svae_plus")
+LAYERS = (1,)  # encoder and decoder depths of the grid; the paper's sweep (SPEC 7): --layers 1,2,4
+
+
+def add_layers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=runner._int_list, default=list(LAYERS),
+                        help="encoder and decoder depths (x 400 units) to run, e.g. 1,2,4 for the paper's sweep; "
+                             "each depth d > 1 adds the models <model>_L<d> (default: 1, the configs' depth)")
+
+
+def variants(task: str, layers) -> tuple[runner.Variant, ...]:
+    """The models at each depth: ``<model>`` at one layer (the configs' own), ``<model>_L<d>``
+    with ``model.basal_encoder_n_layers`` and ``model.decoder_n_layers`` set to ``d``."""
+    if not layers or any(depth < 1 for depth in layers):
+        raise ValueError(f"--layers takes depths of at least 1, e.g. 1,2,4; got {layers}")
+    out = []
+    for depth in dict.fromkeys(layers):
+        for model in MODELS:
+            config = task if model == "sams_vae" else f"{model}_{task}"
+            if depth == 1:
+                out.append(runner.Variant(model, config))
+            else:
+                out.append(runner.Variant(f"{model}_L{depth}", config, {"model.basal_encoder_n_layers": depth,
+                                                                         "model.decoder_n_layers": depth}))
+    return tuple(out)
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -21,15 +45,15 @@ def make_grid(name: str, task: str, fraction_field: str, args: argparse.Namespac
     """``task``: ``norman_ood`` or ``norman_data_efficiency`` (the config suffix). Each
     split seed is both ``data.split_seed`` and the model's ``seed``. ``--smoke``: a tiny
     Norman-like file written to ``<out>/data/``, tiny networks, 2 seeds, fractions 0 and 1."""
-    variants = tuple(runner.Variant(model, task if model == "sams_vae" else f"{model}_{task}") for model in MODELS)
+    grid_variants = variants(task, getattr(args, "layers", None) or list(LAYERS))
     common = dict(seed_fields=("seed", "data.split_seed"), fraction_field=fraction_field, reference="sams_vae")
     if args.smoke:
         path = args.out / "data" / "norman_like.h5ad"
         if not path.is_file():
             synthetic.norman_like(path)
-        return runner.Grid(name, variants, seeds=(0, 1), fractions=(0.0, 1.0),
+        return runner.Grid(name, grid_variants, seeds=(0, 1), fractions=(0.0, 1.0),
                            overrides={**runner.SMOKE_OVERRIDES, "data.path": str(path.resolve())},
                            evaluation=runner.SMOKE_EVALUATION, memory_gb=1.0, **common)
     # about 111,000 cells x 5,000 highly variable genes, densified: ~2 GB on the host and again on the device
-    return runner.Grid(name, variants, seeds=SEEDS, fractions=FRACTIONS, overrides={"data.path": args.data},
+    return runner.Grid(name, grid_variants, seeds=SEEDS, fractions=FRACTIONS, overrides={"data.path": args.data},
                        memory_gb=10.0, **common)

@@ -357,3 +357,22 @@ def test_evaluation_options_reach_every_cell(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         simulation.main(["--smoke", "--out", str(tmp_path / "out"), "--iwelbo-particles", "0"])
     assert exit_info.value.code == 2 and "--iwelbo-particles must be at least 1" in capsys.readouterr().err
+
+
+def test_norman_layers_option_adds_deeper_models(tmp_path, capsys):
+    """--layers 1,2,4 (the paper's sweep, SPEC 7): each model again at 2 and 4 layers,
+    encoder and decoder alike; the one-layer models keep their names and configs."""
+    from experiments import norman
+
+    variants = {v.name: v for v in norman.variants("norman_ood", [1, 2, 4])}
+    assert len(variants) == 12 and variants["sams_vae"].overrides == {}
+    assert variants["cpa_vae_L4"].config == "cpa_vae_norman_ood"
+    assert variants["sams_vae_L2"].overrides == {"model.basal_encoder_n_layers": 2, "model.decoder_n_layers": 2}
+    assert norman_data_efficiency.main(["--smoke", "--layers", "1,2", "--models", "sams_vae,sams_vae_L2",
+                                        "--seeds", "0", "--out", str(tmp_path / "out"), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "todo  sams_vae_L2-f0-s0" in listed and "cpa_vae" not in listed
+    with pytest.raises(SystemExit) as exit_info:  # the depth defines these models: not a --set field
+        norman_ood.main(["--smoke", "--layers", "1,2", "--out", str(tmp_path / "o2"), "--list",
+                         "--set", "model.decoder_n_layers=3"])
+    assert exit_info.value.code == 2

@@ -21,7 +21,8 @@ make_grid = functools.partial(norman.make_grid, "norman_ood", "norman_ood", "dat
 
 
 def main(argv=None) -> int:
-    return runner.main("norman_ood", make_grid, __doc__.split("\n\n")[0], data_help=norman.DATA_HELP, argv=argv)
+    return runner.main("norman_ood", make_grid, __doc__.split("\n\n")[0], data_help=norman.DATA_HELP, argv=argv,
+                       add_arguments=norman.add_layers)
 
 
 if __name__ == "__main__":
