@@ -73,7 +73,8 @@ def norman_like(path: str | os.PathLike, n_singles: int = 6, n_pairs: int = 12, 
 
 def replogle_like(path: str | os.PathLike, n_targets: int = 8, n_genes: int = 32, cells_per_target: int = 30,
                   n_control_pairs: int = 3, cells_per_control_pair: int = 30, seed: int = 0) -> str:
-    """Write a tiny Replogle-like ``.h5ad`` (counts in X, ``obs["sgID_AB"]``); return its path."""
+    """Write a tiny Replogle-like ``.h5ad`` (counts in X, ``obs["sgID_AB"]``, pathway gene
+    sets in ``uns["pathways"]``); return its path."""
     import anndata
     import pandas as pd
 
@@ -88,6 +89,10 @@ def replogle_like(path: str | os.PathLike, n_targets: int = 8, n_genes: int = 32
     obs = pd.DataFrame({"sgID_AB": labels, "gene": [label.split("_")[0] for label in labels]},
                        index=[f"BC{i}-1" for i in range(len(labels))])
     var = pd.DataFrame({"gene_name": [f"gene{g}" for g in range(n_genes)]}, index=[f"ENSG{g:05d}" for g in range(n_genes)])
+    adata = anndata.AnnData(X=counts, obs=obs, var=var)
+    # pathway gene sets as prepare_replogle writes them: the targets in groups of up to three
+    adata.uns["pathways"] = {f"PATHWAY_{i // 3}": [f"T{j}" for j in range(i, min(i + 3, n_targets))]
+                             for i in range(0, n_targets, 3)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_h5ad(anndata.AnnData(X=counts, obs=obs, var=var), path)
+    write_h5ad(adata, path)
     return os.fspath(path)

@@ -14,14 +14,19 @@ where the file has moved). Writes
   ``cosine_logfc``, ``cosine_logfc_rank``, ``rmse_average``, ``rmse_rank`` per split; and for
   simulations ``mask_precision``, ``mask_recall``, ``mask_f1``, ``mcc`` and the mask read in the
   sparse basis (``sams_jax.basis``): ``sparse_basis_precision``, ``sparse_basis_recall``,
-  ``sparse_basis_f1``;
+  ``sparse_basis_f1``; where pathway gene sets are known (``uns["pathways"]`` of the data
+  file, as ``prepare_replogle`` writes it, or ``--pathways FILE.json``), how the learned
+  masks and embeddings group the perturbations of one pathway:
+  ``pathway_<mask|embedding>_<knn_purity|knn_chance|within_cosine|between_cosine>``
+  (:func:`sams_jax.metrics.pathway_grouping`);
 * ``sparse_effects.csv`` (perturbations x basis dimensions: the shifts in the sparse basis)
   and ``sparse_basis.csv`` (latent x basis dimensions: ``W``), for models with embeddings;
 * ``ate.h5ad``: obs = interventions (split membership, cell counts, ``learned``,
   ``seen_in_training``: see :meth:`Predictor.seen_in_training`), var = genes, layers
   ``model`` and ``data`` (NaN where not observed), ``uns["control"]``;
 * PNG plots: ``history.png``, ``ate_scatter.png``, ``mask_probs.png``, ``embeddings.png``,
-  ``sparse_effects.png``.
+  ``sparse_effects.png``, and with pathways ``pathways.png`` (the embeddings' cosine
+  similarity among the pathways' perturbations, grouped by pathway).
 
 Data ATEs use all cells of the data set (control cells included, whatever their split,
 and the cells a task leaves out of every split, such as the Norman tasks' left-out pair
@@ -58,7 +63,8 @@ from sams_jax.predictor import InterventionError, InterventionWarning, Predictor
 
 TOP_K = 20
 OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "sparse_effects.csv", "sparse_basis.csv", "history.png",
-           "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png")  # what a run writes
+           "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png",
+           "pathways.png")  # what a run writes
 
 
 class EvaluationError(ValueError):
@@ -147,13 +153,15 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
              sparse_basis_restarts: int = 8,
              data: PerturbationData | None = None, data_path: str | None = None,
-             write: bool = True) -> dict[str, float]:
+             write: bool = True, pathways: dict[str, list[str]] | str | None = None) -> dict[str, float]:
     """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring);
     ``write=False`` returns the metrics and writes nothing (comparing runs from Python).
 
     The data are ``data``, or rebuilt from the run's saved ``config.data``; ``data_path``
     replaces its file's path there (a run trained on a file that has moved since). Rebuilt
-    data must be those the run was trained on (:func:`check_trained_data`)."""
+    data must be those the run was trained on (:func:`check_trained_data`). ``pathways``:
+    pathway gene sets (``{name: [genes]}``, or a JSON file of them) for the pathway
+    metrics; default: the data file's ``uns["pathways"]`` where it has them."""
     predictor = load(workdir, checkpoint)
     if data is None:
         try:
@@ -242,6 +250,22 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             dict.fromkeys(("mask_precision", "mask_recall", "mask_f1"), float("nan"))  # skipped: null, not left out
         results.update({f"sparse_basis_{name.removeprefix('mask_')}": value for name, value in scores.items()})
 
+    pathway_vectors = {}
+    if hasattr(predictor.model, "mask_probs"):
+        pathway_vectors["mask"] = predictor.mask_probs()
+    if hasattr(predictor.model, "embedding_means"):
+        pathway_vectors["embedding"] = predictor.embeddings()
+    pathways = _pathways(pathways, predictor, data_path) if pathway_vectors else None
+    labels = metrics_lib.pathway_labels(predictor.perturbation_names, pathways) if pathways else None
+    if labels is not None:
+        if not (labels != "").any():
+            warnings.warn(f"none of the {len(predictor.perturbation_names)} perturbations is a gene of the "
+                          f"{len(pathways)} pathway gene sets; no pathway metrics", EvaluationWarning, stacklevel=2)
+            labels = None
+        for name, frame in pathway_vectors.items() if labels is not None else ():
+            scores = metrics_lib.pathway_grouping(frame.to_numpy(), labels)
+            results.update({f"pathway_{name}_{key}": value for key, value in scores.items()})
+
     results = {k: results[k] for k in sorted(results)}
     if not write:
         return results
@@ -265,7 +289,49 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
                      np.asarray(model_ate)[:n_observed][scored], basis,
                      f"control {control!r}, {scale} scale, Pearson r {results.get('ATE_pearsonr-all', np.nan):.3f}")
+        if labels is not None:
+            from sams_jax import plots as plots_lib
+
+            name = "embedding" if "embedding" in pathway_vectors else "mask"
+            purity = results.get(f"pathway_{name}_knn_purity", np.nan)
+            chance = results.get(f"pathway_{name}_knn_chance", np.nan)
+            plots_lib.plot_pathway_similarity(
+                pathway_vectors[name], labels, os.path.join(out_dir, "pathways.png"),
+                f"{'Embedding means' if name == 'embedding' else 'Mask probabilities'}: cosine similarity of the "
+                f"pathways' perturbations; 5-nearest-neighbour purity {purity:.2f} (chance {chance:.2f})")
     return results
+
+
+def _pathways(pathways, predictor: Predictor, data_path: str | None) -> dict[str, list[str]] | None:
+    """Pathway gene sets: given, read from a JSON file, or the data file's ``uns["pathways"]``."""
+    if isinstance(pathways, dict):
+        return pathways
+    if isinstance(pathways, (str, os.PathLike)):
+        try:
+            with open(pathways) as handle:
+                given = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"--pathways {os.fspath(pathways)!r}: {error}; give a JSON file of "
+                                  '{"pathway": ["GENE1", "GENE2", ...], ...}') from None
+        if not isinstance(given, dict) or not all(isinstance(genes, list) for genes in given.values()):
+            raise EvaluationError(f"--pathways {os.fspath(pathways)!r} must hold a JSON object of gene lists, "
+                                  '{"pathway": ["GENE1", "GENE2", ...], ...}')
+        return given
+    path = data_path or (predictor.config.data.get("path") if predictor.config.data.get("source") == "anndata"
+                         else None)
+    if not path or not os.path.isfile(path):
+        return None
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if "uns" not in handle or "pathways" not in handle["uns"]:
+                return None
+            stored = read_elem(handle["uns"]["pathways"])
+    except (OSError, KeyError, TypeError, ValueError):  # not an .h5ad we can read so: no pathways
+        return None
+    return {str(name): [str(gene) for gene in np.asarray(genes).ravel()] for name, genes in stored.items()}
 
 
 def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
@@ -350,6 +416,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sparse-basis-restarts", type=int, default=8,
                         help="starts of the sparse-basis fit (sams_jax.basis); 0 skips it (about 1 s at K = 15, "
                              "17 s at K = 100 on a 2-core CPU)")
+    parser.add_argument("--pathways", default=None, metavar="FILE.json",
+                        help="pathway gene sets, {\"pathway\": [\"GENE1\", ...], ...}, for the pathway metrics "
+                             "(default: the data file's uns['pathways'] where it has them)")
     args = parser.parse_args(argv)
     from absl import logging
 
@@ -366,7 +435,8 @@ def main(argv=None) -> None:
     try:
         results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
                            args.ate_method, args.control, extra, args.seed, plots=not args.no_plots,
-                           sparse_basis_restarts=args.sparse_basis_restarts, data_path=args.data_path)
+                           sparse_basis_restarts=args.sparse_basis_restarts, data_path=args.data_path,
+                           pathways=args.pathways)
     except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -137,6 +137,46 @@ def mean_correlation_coefficient(true_latents: np.ndarray, learned_latents: np.n
     return float(corr[rows, cols].mean())
 
 
+def pathway_labels(perturbation_names, pathways: dict) -> np.ndarray:
+    """``[P]`` the pathway of each perturbation (``""``: none). ``pathways`` maps a pathway
+    to its genes; a perturbation is a gene's when it is named by the gene, or by a guide-pair
+    ID that starts with the gene and ``_`` (Replogle's ``sgID_AB``, ``"AARS_+_70323216.23-P1P2|..."``)."""
+    pathway_of = {str(gene): str(name) for name, genes in pathways.items() for gene in genes}
+    return np.asarray([pathway_of.get(str(p), pathway_of.get(str(p).split("_")[0], "")) for p in perturbation_names],
+                      dtype=object)
+
+
+def pathway_grouping(vectors: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
+    """How well per-perturbation vectors (``[P, K]``: mask probabilities, embeddings) group
+    the perturbations of one pathway (``labels`` ``[P]``, ``""``: in no pathway, left out).
+    Over the perturbations of pathways with at least two of them, by cosine similarity:
+
+    * ``knn_purity``: the fraction of each one's ``k`` nearest others of the same pathway,
+      averaged; ``knn_chance`` the same for random neighbours (the pathways' sizes alone);
+    * ``within_cosine`` and ``between_cosine``: mean similarity of pairs of one pathway and
+      of pairs of two.
+    NaN where fewer than two pathways qualify."""
+    labels = np.asarray(labels, dtype=object)
+    names, sizes = np.unique(labels[labels != ""], return_counts=True)
+    keep = np.isin(labels, names[sizes >= 2])
+    nan = dict.fromkeys(("knn_purity", "knn_chance", "within_cosine", "between_cosine"), float("nan"))
+    if len(np.unique(labels[keep])) < 2:
+        return nan
+    vectors, labels = np.asarray(vectors, np.float64)[keep], labels[keep]
+    n = len(labels)
+    cosine = _cosine_matrix(vectors, vectors)
+    same = labels[:, None] == labels[None, :]
+    others = ~np.eye(n, dtype=bool)
+    k = min(k, n - 1)
+    nearest = np.argsort(np.where(others, -cosine, np.inf), axis=1, kind="stable")[:, :k]  # [n, k]
+    return {
+        "knn_purity": float(np.take_along_axis(same, nearest, axis=1).mean()),
+        "knn_chance": float(((same & others).sum(1) / (n - 1)).mean()),
+        "within_cosine": float(cosine[same & others].mean()),
+        "between_cosine": float(cosine[~same].mean()),
+    }
+
+
 # --- files ------------------------------------------------------------------------------
 def json_safe(value):
     """``value`` (nested dicts / lists of numbers) for strict JSON: an undefined score (NaN,

@@ -100,3 +100,31 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_pathway_similarity(frame: pd.DataFrame, labels: np.ndarray, path: str, title: str) -> None:
+    """Cosine similarity of the perturbations' vectors (``frame``: perturbations x latent
+    dims) among the perturbations of a pathway (``labels`` ``[P]``, ``""``: none), grouped
+    by pathway (each pathway's block framed and named): blocks brighter than their
+    surroundings mean the model groups a pathway's perturbations."""
+    plt = _pyplot()
+    labels = np.asarray(labels, dtype=object)
+    order = [i for name in sorted(set(labels) - {""}) for i in np.flatnonzero(labels == name)]
+    values = frame.to_numpy(np.float64)[order]
+    values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+    cosine, names = values @ values.T, labels[order]
+    size = min(4 + 0.03 * len(order), 14)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    starts = [0] + [i for i in range(1, len(names)) if names[i] != names[i - 1]] + [len(names)]
+    for start, stop in zip(starts[:-1], starts[1:]):
+        ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False, lw=0.8))
+    centres = [(start + stop - 1) / 2 for start, stop in zip(starts[:-1], starts[1:])]
+    ax.set_yticks(centres, [names[start] for start in starts[:-1]], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(textwrap.fill(title, width=int(size * 9)), fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.6, label="cosine similarity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

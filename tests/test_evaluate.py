@@ -701,3 +701,50 @@ def test_names_with_plus_and_no_delimiter_combine_with_ampersand():
     assert replogle.intervention_name(rows[1]) == "A_+_1|A_-_2&B_+_3|B_-_4"
     with pytest.raises(InterventionError, match="written with '&'"):
         replogle.dosages(["A_+_1|A_-_2+B_+_3|B_-_4"])
+
+
+def test_pathway_grouping_by_hand():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 10))
+    labels = np.array(["A"] * 5 + ["B"] * 5 + ["C"] * 4 + [""] * 3 + ["D"], dtype=object)  # D: one member, left out
+    vectors = np.concatenate([np.repeat(centres, [5, 5, 4], axis=0) + 0.05 * rng.normal(size=(14, 10)),
+                              rng.normal(size=(4, 10))])
+    out = metrics.pathway_grouping(vectors, labels, k=3)
+    assert out["knn_purity"] == 1.0  # tight clusters: every nearest neighbour shares the pathway
+    np.testing.assert_allclose(out["knn_chance"], (5 * 4 + 5 * 4 + 4 * 3) / 13 / 14)
+    unit = vectors[:14] / np.linalg.norm(vectors[:14], axis=1, keepdims=True)
+    cosine, same = unit @ unit.T, labels[:14, None] == labels[None, :14]
+    np.testing.assert_allclose(out["within_cosine"], cosine[same & ~np.eye(14, dtype=bool)].mean())
+    np.testing.assert_allclose(out["between_cosine"], cosine[~same].mean())
+    shuffled = metrics.pathway_grouping(vectors, labels[rng.permutation(len(labels))], k=3)
+    assert shuffled["knn_purity"] < 0.7
+    assert np.isnan(metrics.pathway_grouping(vectors, np.where(labels == "A", "A", ""), k=3)["knn_purity"])
+    names = ["AARS_+_70323216.23-P1P2|AARS_-_70323249.23-P1P2", "KLF1", "KLF1X_1", "non-targeting"]
+    assert metrics.pathway_labels(names, {"tRNA": ["AARS"], "TF": ["KLF1"]}).tolist() == ["tRNA", "TF", "", ""]
+
+
+def test_evaluate_pathway_metrics_and_plot(trained, tmp_path):
+    from sams_jax import evaluate as evaluate_lib
+
+    workdir, _ = trained
+    names = sams_jax.load(str(workdir)).perturbation_names
+    pathways = {"first": names[:3], "second": names[3:6]}
+    results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0,
+                                    pathways=pathways)
+    for vectors in ("mask", "embedding"):
+        assert 0.0 <= results[f"pathway_{vectors}_knn_purity"] <= 1.0
+        np.testing.assert_allclose(results[f"pathway_{vectors}_knn_chance"], 2 / 5)  # 2 of the 5 others share one
+    assert (workdir / "eval" / "pathways.png").is_file()
+    (tmp_path / "sets.json").write_text(json.dumps(pathways))
+    from_file = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0,
+                                      pathways=str(tmp_path / "sets.json"), write=False)
+    assert {k: v for k, v in from_file.items() if k.startswith("pathway")} == \
+        {k: v for k, v in results.items() if k.startswith("pathway")}
+    with pytest.raises(evaluate_lib.EvaluationError, match="JSON object of gene lists"):
+        (tmp_path / "bad.json").write_text("[1, 2]")
+        evaluate_lib.evaluate(str(workdir), write=False, pathways=str(tmp_path / "bad.json"))
+    with pytest.warns(evaluate_lib.EvaluationWarning, match="no pathway metrics"):
+        evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0,
+                              pathways={"other": ["NOT_A_GENE"]}, write=False)
+    evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0)
+    assert not (workdir / "eval" / "pathways.png").exists()  # no pathways now: the earlier plot is gone

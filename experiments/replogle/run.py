@@ -8,7 +8,9 @@ Grid: SAMS-VAE (correlated; K = 100, mask prior 0.01: the reference), its publis
 variants (K = 200; mask prior 0.1 and 0.001), CPA-VAE, conditional VAE and SVAE+, all with
 the settings of ``configs/replogle.py`` (150,000 steps), x seeds 0-4 (the model's
 ``seed``; the random 64/16/20 split stays that of ``data.split_seed = 0``). Metrics on the
-test split: test IWELBO, relative IWELBO (minus SAMS-VAE on the same seed), ATE Pearson.
+test split: test IWELBO, relative IWELBO (minus SAMS-VAE on the same seed), ATE Pearson;
+how the learned masks and embeddings group the perturbations of the eight pathways (the
+file's ``uns["pathways"]``): 5-nearest-neighbour purity, and its chance level.
 """
 
 import pathlib
@@ -33,17 +35,25 @@ VARIANTS = (
                                              "model.mask_beta_b": 2.0}),
 )
 
+# the standard columns, then how the learned masks and embeddings group each pathway's perturbations
+# (the prepared file's uns["pathways"]; sams_jax.metrics.pathway_grouping): 5-nearest-neighbour purity
+METRICS = runner.STANDARD_METRICS + (
+    ("pathway_mask_knn_purity", "pathway_purity_mask"),
+    ("pathway_embedding_knn_purity", "pathway_purity_embedding"),
+    ("pathway_embedding_knn_chance", "pathway_purity_chance"),
+)
+
 
 def make_grid(args) -> runner.Grid:
     if args.smoke:
         path = args.out / "data" / "replogle_like.h5ad"
         if not path.is_file():
             synthetic.replogle_like(path)
-        return runner.Grid("replogle", VARIANTS, seeds=(0, 1),
+        return runner.Grid("replogle", VARIANTS, seeds=(0, 1), metrics=METRICS,
                            overrides={**runner.SMOKE_OVERRIDES, "data.path": str(path.resolve())},
                            evaluation=runner.SMOKE_EVALUATION, memory_gb=1.0)
     # 118,641 cells x 1,187 genes, densified: ~0.6 GB on the host and again on the device
-    return runner.Grid("replogle", VARIANTS, seeds=(0, 1, 2, 3, 4), overrides={"data.path": args.data},
+    return runner.Grid("replogle", VARIANTS, seeds=(0, 1, 2, 3, 4), metrics=METRICS, overrides={"data.path": args.data},
                        memory_gb=4.0)
 
 
