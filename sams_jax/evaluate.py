@@ -56,7 +56,7 @@ from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metadata_differences
-from sams_jax.data.anndata_io import write_h5ad
+from sams_jax.data.anndata_io import DataWarning, write_h5ad
 from sams_jax.data.splits import DROPPED
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, check_scale, load
@@ -142,7 +142,9 @@ def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationDa
     if data_config.source == "anndata" and data_config.path and not os.path.exists(data_config.path):
         raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
                         "new path with --data-path (data_path=)")
-    data = load_data(data_config, predictor.config.model.likelihood)
+    with warnings.catch_warnings():  # the registration's warnings about the data were given at training
+        warnings.simplefilter("ignore", DataWarning)
+        data = load_data(data_config, predictor.config.model.likelihood)
     data.validate(predictor.config.model.likelihood)
     check_trained_data(predictor, data)
     return data

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import anndata
 import pandas as pd
@@ -748,3 +749,21 @@ def test_evaluate_pathway_metrics_and_plot(trained, tmp_path):
                               pathways={"other": ["NOT_A_GENE"]}, write=False)
     evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0)
     assert not (workdir / "eval" / "pathways.png").exists()  # no pathways now: the earlier plot is gone
+
+
+def test_evaluate_does_not_repeat_the_registrations_data_warnings(trained, monkeypatch):
+    from sams_jax import evaluate as evaluate_lib
+    from sams_jax.data.anndata_io import DataWarning
+
+    workdir, _ = trained
+    original = evaluate_lib.load_data
+
+    def load_data_with_a_warning(*args):
+        warnings.warn("perturbations with few training cells: ...", DataWarning)  # as registration warns
+        return original(*args)
+
+    monkeypatch.setattr(evaluate_lib, "load_data", load_data_with_a_warning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0, write=False)
+    assert not [w.message for w in caught if issubclass(w.category, DataWarning)]  # given at training already
