@@ -13,6 +13,8 @@ from sams_jax.data.anndata_io import NORMAN_URL
 DATA_HELP = (f"the curated Norman et al. 2019 file of the sc-pert collection, {NORMAN_URL} "
              "(used as is: counts in layers['counts'], guide_* obs columns, var['highly_variable'])")
 MODELS = ("sams_vae", "cpa_vae", "conditional_vae", "svae_plus")
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SEEDS = (0, 1, 2, 3, 4)
 LAYERS = (1,)  # encoder and decoder depths of the grid; the paper's sweep (SPEC 7): --layers 1,2,4
 
 
@@ -37,8 +39,6 @@ def variants(task: str, layers) -> tuple[runner.Variant, ...]:
                 out.append(runner.Variant(f"{model}_L{depth}", config, {"model.basal_encoder_n_layers": depth,
                                                                          "model.decoder_n_layers": depth}))
     return tuple(out)
-FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SEEDS = (0, 1, 2, 3, 4)
 
 
 def make_grid(name: str, task: str, fraction_field: str, args: argparse.Namespace) -> runner.Grid:

@@ -315,8 +315,9 @@ def _runner_message(error: Exception) -> str:
     return re.sub(r"--config\.([\w.]+)=", r"--set \1=", str(message))
 
 
-def is_done(out: pathlib.Path, cell: Cell) -> bool:
-    """True when the cell's ``done.json`` records this very config and evaluation."""
+def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True) -> bool:
+    """True when the cell's ``done.json`` records this very config and (unless
+    ``evaluation=False``: the tables, which gather runs evaluated with any options) evaluation."""
     path = cell_dir(out, cell) / "done.json"
     if not path.is_file():
         return False
@@ -324,7 +325,8 @@ def is_done(out: pathlib.Path, cell: Cell) -> bool:
         done = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return {k: done.get(k) for k in cell.spec()} == _roundtrip(cell.spec())
+    keys = [k for k in cell.spec() if evaluation or k != "evaluation"]
+    return {k: done.get(k) for k in keys} == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
 
 
 def _roundtrip(value):
@@ -485,16 +487,21 @@ def run_cell(directory: str) -> None:
 
 
 def collect(cells: Sequence[Cell], out: pathlib.Path):
-    """One row per finished cell: ``variant, fraction, seed, seconds`` and every metric of
-    ``eval/metrics.json`` (a pandas DataFrame; empty when nothing has finished)."""
+    """One row per finished cell: ``variant, fraction, seed, seconds``, the evaluation's
+    particle counts and method (a cell finished with other ``--iwelbo-particles``,
+    ``--ate-particles`` or ``--ate-method`` than asked for now counts, with its own), and every
+    metric of ``eval/metrics.json`` (a pandas DataFrame; empty when nothing has finished)."""
     import pandas as pd
 
     rows = []
     for cell in cells:
-        if is_done(out, cell):
+        if is_done(out, cell, evaluation=False):
             done = json.loads((cell_dir(out, cell) / "done.json").read_text())
+            evaluation = done.get("evaluation") or {}
             rows.append({"variant": cell.variant, "fraction": cell.fraction, "seed": cell.seed,
-                         "seconds": done.get("seconds"), **done["metrics"]})
+                         "seconds": done.get("seconds"),
+                         **{key: evaluation.get(key) for key in ("iwelbo_particles", "ate_particles", "ate_method")},
+                         **done["metrics"]})
     return pd.DataFrame(rows)
 
 
@@ -684,12 +691,14 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
     parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
+    from sams_jax.ate import METHODS
+
     parser.add_argument("--iwelbo-particles", type=int, default=None,
                         help="particles of each cell's held-out IWELBO (default: 100, the paper's; --smoke: 8)")
     parser.add_argument("--ate-particles", type=int, default=None,
                         help="particles of each cell's model ATEs (default: 2,500, the paper's; --smoke: 32); fewer "
                              "make pilot grids cheaper (see also --ate-method crn)")
-    parser.add_argument("--ate-method", choices=("paper", "crn"), default=None,
+    parser.add_argument("--ate-method", choices=METHODS, default=None,
                         help="the model ATE estimator (default: paper; crn needs about 10x fewer particles for the "
                              "same Monte-Carlo error)")
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")

@@ -56,8 +56,8 @@ from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metadata_differences
-from sams_jax.data.anndata_io import DataWarning, write_h5ad
-from sams_jax.data.splits import DROPPED
+from sams_jax.data.anndata_io import DataWarning, read_uns, write_h5ad
+from sams_jax.data.splits import NO_SPLIT
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, check_scale, load
 
@@ -84,7 +84,7 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     ``membership["learned"]``: every member has training cells."""
     rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != DROPPED])
+    in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != NO_SPLIT])
     keep = in_a_split & ~np.all(rows == control_row, axis=1) & np.any(rows != 0, axis=1)
     # singles before pairs, each in vocabulary order
     keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
@@ -104,8 +104,7 @@ def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
     differ = metadata_differences(saved, data.metadata(saved["normalization"]))
     if differ:
         registration = saved.get("registration") or {}
-        random_split = registration and not registration.get("split_key") and \
-            registration.get("task", "none") in ("none", "replogle")
+        random_split = registration and not registration.get("split_key")  # every task's split shuffles cells
         order = (" (its random split follows the order of the cells: the same cells in another order are split "
                  "otherwise; a split column, data.split_key, fixes it)") if random_split else ""
         raise DataError(f"the data rebuilt from the run's saved config.data are not the data it was trained on: "
@@ -125,7 +124,8 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
     if scale == "mean" and likelihood in LIBRARY_LIKELIHOODS:
         raise EvaluationError(
             f"ATE scale 'mean' with the {likelihood!r} likelihood would compare the model's expected counts at a "
-            "fixed library size of 10,000 (the paper's evaluation) with the data's raw count means at their own library sizes; use "
+            "fixed library size of 10,000 (the paper's evaluation) with the data's raw count means at their own "
+            "library sizes; use "
             "the 'perturbseq' scale (the default), which scales every cell to 10,000 counts on both sides, or "
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
 
@@ -182,6 +182,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
     check_ate_scale(predictor.config.model.likelihood, scale)
+    pathway_vectors, pathway_labels = _pathway_setup(predictor, pathways, data_path)  # a bad file fails here
     # extra names in the vocabulary's form ("B+A" -> "A+B"), each once; unknown names fail here, before any work
     extra = list(dict.fromkeys(predictor.canonical_name(name) for name in interventions or []))
     if control is None:
@@ -252,20 +253,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             dict.fromkeys(("mask_precision", "mask_recall", "mask_f1"), float("nan"))  # skipped: null, not left out
         results.update({f"sparse_basis_{name.removeprefix('mask_')}": value for name, value in scores.items()})
 
-    pathway_vectors = {}
-    if hasattr(predictor.model, "mask_probs"):
-        pathway_vectors["mask"] = predictor.mask_probs()
-    if hasattr(predictor.model, "embedding_means"):
-        pathway_vectors["embedding"] = predictor.embeddings()
-    pathways = _pathways(pathways, predictor, data_path) if pathway_vectors else None
-    labels = metrics_lib.pathway_labels(predictor.perturbation_names, pathways) if pathways else None
-    if labels is not None:
-        if not (labels != "").any():
-            warnings.warn(f"none of the {len(predictor.perturbation_names)} perturbations is a gene of the "
-                          f"{len(pathways)} pathway gene sets; no pathway metrics", EvaluationWarning, stacklevel=2)
-            labels = None
-        for name, frame in pathway_vectors.items() if labels is not None else ():
-            scores = metrics_lib.pathway_grouping(frame.to_numpy(), labels)
+    if pathway_labels is not None:
+        for name, frame in pathway_vectors.items():
+            scores = metrics_lib.pathway_grouping(frame.to_numpy(), pathway_labels)
             results.update({f"pathway_{name}_{key}": value for key, value in scores.items()})
 
     results = {k: results[k] for k in sorted(results)}
@@ -291,49 +281,69 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
                      np.asarray(model_ate)[:n_observed][scored], basis,
                      f"control {control!r}, {scale} scale, Pearson r {results.get('ATE_pearsonr-all', np.nan):.3f}")
-        if labels is not None:
+        if pathway_labels is not None:
             from sams_jax import plots as plots_lib
 
             name = "embedding" if "embedding" in pathway_vectors else "mask"
             purity = results.get(f"pathway_{name}_knn_purity", np.nan)
             chance = results.get(f"pathway_{name}_knn_chance", np.nan)
             plots_lib.plot_pathway_similarity(
-                pathway_vectors[name], labels, os.path.join(out_dir, "pathways.png"),
+                pathway_vectors[name], pathway_labels, os.path.join(out_dir, "pathways.png"),
                 f"{'Embedding means' if name == 'embedding' else 'Mask probabilities'}: cosine similarity of the "
                 f"pathways' perturbations; 5-nearest-neighbour purity {purity:.2f} (chance {chance:.2f})")
     return results
 
 
-def _pathways(pathways, predictor: Predictor, data_path: str | None) -> dict[str, list[str]] | None:
-    """Pathway gene sets: given, read from a JSON file, or the data file's ``uns["pathways"]``."""
-    if isinstance(pathways, dict):
-        return pathways
+def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
+    """``(vectors {"mask" | "embedding": [P, K] frame}, labels [P] or None)`` of the pathway
+    metrics: ``labels`` from :func:`sams_jax.metrics.pathway_labels` for the perturbations
+    with training cells, None without pathway gene sets (given, from a JSON file, or the
+    data file's ``uns["pathways"]``) or without grouped perturbations."""
+    given = pathways is not None
     if isinstance(pathways, (str, os.PathLike)):
         try:
             with open(pathways) as handle:
-                given = json.load(handle)
+                pathways = json.load(handle)
         except (OSError, ValueError) as error:
             raise EvaluationError(f"--pathways {os.fspath(pathways)!r}: {error}; give a JSON file of "
                                   '{"pathway": ["GENE1", "GENE2", ...], ...}') from None
-        if not isinstance(given, dict) or not all(isinstance(genes, list) for genes in given.values()):
-            raise EvaluationError(f"--pathways {os.fspath(pathways)!r} must hold a JSON object of gene lists, "
-                                  '{"pathway": ["GENE1", "GENE2", ...], ...}')
-        return given
-    path = data_path or (predictor.config.data.get("path") if predictor.config.data.get("source") == "anndata"
-                         else None)
-    if not path or not os.path.isfile(path):
-        return None
-    import h5py
-    from anndata.io import read_elem
-
-    try:
-        with h5py.File(path, "r") as handle:
-            if "uns" not in handle or "pathways" not in handle["uns"]:
-                return None
-            stored = read_elem(handle["uns"]["pathways"])
-    except (OSError, KeyError, TypeError, ValueError):  # not an .h5ad we can read so: no pathways
-        return None
-    return {str(name): [str(gene) for gene in np.asarray(genes).ravel()] for name, genes in stored.items()}
+    if pathways is None:
+        path = data_path or (predictor.config.data.get("path") if predictor.config.data.get("source") == "anndata"
+                             else None)
+        try:
+            pathways = read_uns(path, "pathways") if path and os.path.isfile(path) else None
+        except DataError as error:  # an optional part of the evaluation: said, then left out
+            warnings.warn(f"{error}; no pathway metrics", EvaluationWarning, stacklevel=3)
+            pathways = None
+        if pathways is None:
+            return {}, None
+    if not isinstance(pathways, dict) or not all(np.ndim(genes) == 1 for genes in pathways.values()):
+        raise EvaluationError("pathway gene sets must map each pathway to a list of genes, "
+                              '{"pathway": ["GENE1", "GENE2", ...], ...}')
+    pathways = {str(name): [str(gene) for gene in genes] for name, genes in pathways.items()}
+    vectors = {}
+    if hasattr(predictor.model, "mask_probs"):
+        vectors["mask"] = predictor.mask_probs()
+    if hasattr(predictor.model, "embedding_means"):
+        vectors["embedding"] = predictor.embeddings()
+    if not vectors:
+        if given:
+            warnings.warn(f"model {predictor.config.model.name!r} has no masks or embeddings to group by pathway; "
+                          "no pathway metrics", EvaluationWarning, stacklevel=3)
+        return {}, None
+    genes = [gene for members in pathways.values() for gene in members]
+    shared = sorted({gene for gene in genes if genes.count(gene) > 1})
+    if shared:
+        warnings.warn(f"{len(shared)} genes are in several pathway gene sets, e.g. {shared[:5]}; each counts for the "
+                      "first set naming it", EvaluationWarning, stacklevel=3)
+    # perturbations never trained on keep the prior's vectors: left out
+    labels = metrics_lib.pathway_labels(predictor.perturbation_names, pathways,
+                                        keep=predictor.learned(predictor.perturbation_names))
+    if len(set(labels) - {""}) < 2:
+        warnings.warn(f"fewer than two of the {len(pathways)} pathway gene sets have two or more trained perturbations "
+                      "among the model's; no pathway metrics", EvaluationWarning, stacklevel=3)
+        return vectors, None
+    return vectors, labels
 
 
 def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):

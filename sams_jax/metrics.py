@@ -78,7 +78,7 @@ def ate_agreement(data_ate: np.ndarray, model_ate: np.ndarray, k: int = 20) -> d
     }
 
 
-def _cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [I, G], [J, G] -> [I, J]
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [I, G], [J, G] -> [I, J]
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
@@ -117,7 +117,7 @@ def perturbench_metrics(data_mean: np.ndarray, model_mean: np.ndarray, data_ate:
     data_mean, model_mean, data_ate, model_ate = data_mean[keep], model_mean[keep], data_ate[keep], model_ate[keep]
     if not keep.any():
         return {}
-    cosine = _cosine_matrix(model_ate, data_ate)
+    cosine = cosine_similarity(model_ate, data_ate)
     rmse = _rmse_matrix(model_mean, data_mean)
     return {
         "cosine_logfc": float(np.diag(cosine).mean()),
@@ -137,19 +137,32 @@ def mean_correlation_coefficient(true_latents: np.ndarray, learned_latents: np.n
     return float(corr[rows, cols].mean())
 
 
-def pathway_labels(perturbation_names, pathways: dict) -> np.ndarray:
-    """``[P]`` the pathway of each perturbation (``""``: none). ``pathways`` maps a pathway
-    to its genes; a perturbation is a gene's when it is named by the gene, or by a guide-pair
-    ID that starts with the gene and ``_`` (Replogle's ``sgID_AB``, ``"AARS_+_70323216.23-P1P2|..."``)."""
-    pathway_of = {str(gene): str(name) for name, genes in pathways.items() for gene in genes}
-    return np.asarray([pathway_of.get(str(p), pathway_of.get(str(p).split("_")[0], "")) for p in perturbation_names],
-                      dtype=object)
+def pathway_labels(perturbation_names, pathways: dict, keep: np.ndarray | None = None) -> np.ndarray:
+    """``[P]`` the pathway of each perturbation (``""``: none), for the pathways with at least
+    two perturbations among those ``keep`` (``[P]`` bool; default all) holds (the others'
+    are ``""`` too: nothing to group). ``pathways`` maps a
+    pathway to its genes (a gene in several: the first); a perturbation is a gene's when it
+    is named by the gene, or by a guide-pair ID that starts with the gene and ``_``
+    (Replogle's ``sgID_AB``, ``"AARS_+_70323216.23-P1P2|..."``; a gene's guide pairs are
+    each a perturbation of its pathway)."""
+    pathway_of: dict[str, str] = {}
+    for name, genes in pathways.items():
+        for gene in genes:
+            pathway_of.setdefault(str(gene), str(name))
+    labels = np.asarray([pathway_of.get(str(p), pathway_of.get(str(p).split("_")[0], "")) for p in perturbation_names],
+                        dtype=object)
+    if keep is not None:
+        labels[~np.asarray(keep, bool)] = ""
+    names, sizes = np.unique(labels[labels != ""], return_counts=True)
+    labels[~np.isin(labels, names[sizes >= 2])] = ""
+    return labels
 
 
 def pathway_grouping(vectors: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
     """How well per-perturbation vectors (``[P, K]``: mask probabilities, embeddings) group
-    the perturbations of one pathway (``labels`` ``[P]``, ``""``: in no pathway, left out).
-    Over the perturbations of pathways with at least two of them, by cosine similarity:
+    the perturbations of one pathway (``labels`` ``[P]``, ``""``: in no pathway, left out;
+    :func:`pathway_labels`). Over the perturbations of pathways with at least two of them,
+    by cosine similarity:
 
     * ``knn_purity``: the fraction of each one's ``k`` nearest others of the same pathway,
       averaged; ``knn_chance`` the same for random neighbours (the pathways' sizes alone);
@@ -164,7 +177,7 @@ def pathway_grouping(vectors: np.ndarray, labels: np.ndarray, k: int = 5) -> dic
         return nan
     vectors, labels = np.asarray(vectors, np.float64)[keep], labels[keep]
     n = len(labels)
-    cosine = _cosine_matrix(vectors, vectors)
+    cosine = cosine_similarity(vectors, vectors)
     same = labels[:, None] == labels[None, :]
     others = ~np.eye(n, dtype=bool)
     k = min(k, n - 1)

@@ -104,15 +104,17 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
 
 def plot_pathway_similarity(frame: pd.DataFrame, labels: np.ndarray, path: str, title: str) -> None:
     """Cosine similarity of the perturbations' vectors (``frame``: perturbations x latent
-    dims) among the perturbations of a pathway (``labels`` ``[P]``, ``""``: none), grouped
-    by pathway (each pathway's block framed and named): blocks brighter than their
-    surroundings mean the model groups a pathway's perturbations."""
+    dims) among the perturbations of a pathway (``labels`` ``[P]``, ``""``: none;
+    :func:`sams_jax.metrics.pathway_labels`), grouped by pathway (each pathway's block
+    framed and named): blocks brighter than their surroundings mean the model groups a
+    pathway's perturbations."""
+    from sams_jax.metrics import cosine_similarity
+
     plt = _pyplot()
     labels = np.asarray(labels, dtype=object)
     order = [i for name in sorted(set(labels) - {""}) for i in np.flatnonzero(labels == name)]
     values = frame.to_numpy(np.float64)[order]
-    values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
-    cosine, names = values @ values.T, labels[order]
+    cosine, names = cosine_similarity(values, values), labels[order]
     size = min(4 + 0.03 * len(order), 14)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")

@@ -234,7 +234,8 @@ class Predictor:
         (default for count likelihoods) or ``"mean"`` (default otherwise); ``method``:
         ``"paper"`` or ``"crn"`` (see :meth:`ate`); ``n_particles`` draws per intervention;
         ``library_size``: the library size of the generated cells under ``library_nb`` (the
-        expected total count of each cell; the paper's evaluation: 10,000). An intervention's random numbers depend on the other rows of the call
+        expected total count of each cell; the paper's evaluation: 10,000). An
+        intervention's random numbers depend on the other rows of the call
         (:func:`sams_jax.ate.model_expectations`). ``stream``: another stream of random
         numbers under the same seed (``fold_in``), independent of stream 0's."""
         scale = scale or self.default_scale
@@ -266,9 +267,10 @@ class Predictor:
         ``method="paper"`` draws independently per intervention (the paper's estimator);
         ``"crn"`` uses common random numbers for a much lower variance. With a
         ``library_nb`` likelihood the model's cells have library size ``library_size`` (their
-        expected total count; the paper's evaluation: 10,000): on the ``perturbseq`` scale (the default) every cell is scaled to
-        10,000 counts anyway, but on the ``mean`` scale the effects are expected counts at
-        that library size, so compare them with data normalised to it.
+        expected total count; the paper's evaluation: 10,000): on the ``perturbseq`` scale
+        (the default) every cell is scaled to 10,000 counts anyway, but on the ``mean``
+        scale the effects are expected counts at that library size, so compare them with
+        data normalised to it.
         """
         import anndata
 
@@ -418,7 +420,8 @@ class Predictor:
     def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int | None = None,
                split: str | None = None) -> np.ndarray:
         """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data`` (of its
-        ``split`` only, for a PerturbationData). A sparse or backed ``x`` is read and scored
+        ``split`` only, for a PerturbationData; ``split=None``: every cell, also those a task
+        leaves out of every split, split ``""``). A sparse or backed ``x`` is read and scored
         in blocks of cells, with the same result as scoring all cells at once. Cells are
         scored ``chunk_size`` at a time (default :func:`iwelbo_chunk_size`); the local draws
         depend on the chunking, so compare numbers computed with the same chunk size."""
@@ -438,7 +441,8 @@ class Predictor:
     def latent(self, data, n_particles: int = 10, seed: int = 0, split: str | None = None) -> np.ndarray:
         """Posterior mean of the basal latent state (``[n, K]``), averaged over
         ``n_particles`` draws of the global variables (cells of ``split`` only, for a
-        PerturbationData; a sparse or backed ``x`` is read in blocks of cells)."""
+        PerturbationData, else every cell, as for :meth:`iwelbo`; a sparse or backed ``x``
+        is read in blocks of cells)."""
         data = self._data(data)
         keys = jax.random.split(jax.random.key(seed), n_particles)
         cells = self._streamed(data, split)

@@ -573,7 +573,7 @@ def test_norman_ood_split_arithmetic(norman_path):
         assert set(conditions[pair_cells & np.isin(labels, ["train", "val"])]) <= set(train_pairs)
         tested = set(conditions[pair_cells & (labels == "test")])
         assert tested and tested <= set(test_pairs)
-        assert np.all(labels[~pair_cells] != "test") and np.all(labels[~pair_cells] != splits_lib.DROPPED)
+        assert np.all(labels[~pair_cells] != "test") and np.all(labels[~pair_cells] != splits_lib.NO_SPLIT)
         assert (labels[~pair_cells] == "val").sum() == math.ceil(0.2 * (~pair_cells).sum())
         cells = set(np.flatnonzero(pair_cells & (labels == "train")))
         assert previous_cells <= cells  # training cells accumulate too
@@ -861,3 +861,15 @@ def test_whole_number_float_labels_read_as_integers(control):
     adata.obs["gid"] = adata.obs["gid"].astype("category")
     assert from_anndata(adata, perturbation_key="gid", control=control,
                         counts_layer="counts").perturbation_names == data.perturbation_names
+
+
+def test_read_uns_reads_one_entry_of_a_file(tmp_path):
+    """evaluate's default pathway gene sets: uns["pathways"] as prepare_replogle writes them."""
+    from sams_jax.data.anndata_io import read_uns
+
+    adata = make_screen()
+    adata.uns["pathways"] = {"P1": ["A", "B"], "P2": ["C", "D", "E"]}
+    write_h5ad(adata, tmp_path / "screen.h5ad")
+    stored = read_uns(tmp_path / "screen.h5ad", "pathways")
+    assert {name: [str(gene) for gene in genes] for name, genes in stored.items()} == adata.uns["pathways"]
+    assert read_uns(tmp_path / "screen.h5ad", "other") is None

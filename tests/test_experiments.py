@@ -376,3 +376,18 @@ def test_norman_layers_option_adds_deeper_models(tmp_path, capsys):
         norman_ood.main(["--smoke", "--layers", "1,2", "--out", str(tmp_path / "o2"), "--list",
                          "--set", "model.decoder_n_layers=3"])
     assert exit_info.value.code == 2
+
+
+def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
+    """A subset evaluated with other particle counts must not drop the other finished runs
+    from the tables; each row records its own evaluation."""
+    grid = runner.Grid("g", (runner.Variant("sams_vae", "simulation"),), seeds=(0,))
+    (cell,) = grid.cells()
+    directory = runner.cell_dir(tmp_path, cell)
+    directory.mkdir(parents=True)
+    (directory / "done.json").write_text(json.dumps(dict(cell.spec(), metrics={"IWELBO-test": -1.0}, seconds=1.0)))
+    other = dataclasses.replace(grid, evaluation=runner.Evaluation(ate_particles=250))
+    (asked,) = other.cells()
+    assert not runner.is_done(tmp_path, asked) and runner.is_done(tmp_path, asked, evaluation=False)
+    runs = runner.collect(other.cells(), tmp_path)
+    assert runs["IWELBO-test"].tolist() == [-1.0] and runs["ate_particles"].tolist() == [2_500]

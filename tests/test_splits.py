@@ -5,7 +5,7 @@ split of the Norman tasks as well as the choice of pairs."""
 import numpy as np
 
 from sams_jax.data import splits as splits_lib
-from sams_jax.data.splits import DROPPED, norman_ood_split, random_split, shuffle_split
+from sams_jax.data.splits import NO_SPLIT, norman_ood_split, random_split, shuffle_split
 
 
 def _norman_like(n_pairs=8, cells_per_pair=10, n_singles=5, cells_per_single=12, n_controls=20):
@@ -30,7 +30,7 @@ def test_random_split_is_the_documented_composition_of_seeded_shuffles():
         train_val, test = permutation[n - n_train_val:], permutation[:n - n_train_val]
         inner = np.random.RandomState(seed).permutation(n_train_val)
         n_train = int(np.floor(0.8 * n_train_val))
-        expected = np.full(n, DROPPED, dtype=object)
+        expected = np.full(n, NO_SPLIT, dtype=object)
         expected[test] = "test"
         expected[train_val[inner[n_train_val - n_train:]]] = "train"
         expected[train_val[inner[:n_train_val - n_train]]] = "val"
@@ -46,7 +46,7 @@ def test_random_split_seed_changes_val_and_test_cells():
     (outer split); every cell is labelled and the sizes do not change."""
     a, b = random_split(200, 0), random_split(200, 1)
     for labels in (a, b):
-        assert not np.any(labels == DROPPED)
+        assert not np.any(labels == NO_SPLIT)
         assert [(labels == s).sum() for s in ("train", "val", "test")] == [128, 32, 40]
     assert set(np.flatnonzero(a == "val")) != set(np.flatnonzero(b == "val"))
     assert set(np.flatnonzero(a == "test")) != set(np.flatnonzero(b == "test"))
@@ -81,10 +81,10 @@ def test_norman_ood_split_is_the_documented_composition():
     train_val, test = shuffle_split(len(combos), seed, test_size=0.2)
     train, val = shuffle_split(len(train_val), seed, test_size=0.2)
     other_train, other_val = shuffle_split(len(others), seed, test_size=0.2)
-    expected = np.full(len(conditions), DROPPED, dtype=object)
+    expected = np.full(len(conditions), NO_SPLIT, dtype=object)
     expected[others[other_train]], expected[others[other_val]] = "train", "val"
     for cells, split, pairs in ((combos[train_val[train]], "train", train_pairs),
                                 (combos[train_val[val]], "val", train_pairs), (combos[test], "test", test_pairs)):
         expected[cells[np.isin(conditions[cells], pairs)]] = split
     np.testing.assert_array_equal(labels, expected)
-    assert {"train", "val", "test", DROPPED} == set(labels.tolist())
+    assert {"train", "val", "test", NO_SPLIT} == set(labels.tolist())

@@ -23,8 +23,8 @@ make_grid = functools.partial(norman.make_grid, "norman_data_efficiency", "norma
 
 
 def main(argv=None) -> int:
-    return runner.main("norman_data_efficiency", make_grid, __doc__.split("\n\n")[0], data_help=norman.DATA_HELP, argv=argv,
-                       add_arguments=norman.add_layers)
+    return runner.main("norman_data_efficiency", make_grid, __doc__.split("\n\n")[0], data_help=norman.DATA_HELP,
+                       argv=argv, add_arguments=norman.add_layers)
 
 
 if __name__ == "__main__":

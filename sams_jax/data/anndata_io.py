@@ -81,13 +81,14 @@ def _label_strings(column: pd.Series) -> pd.Series:
     values = column.astype(column.cat.categories.dtype) if isinstance(column.dtype, pd.CategoricalDtype) else column
     if pd.api.types.is_float_dtype(values.dtype):
         numbers = values.to_numpy(dtype=np.float64)
-        if np.isfinite(numbers).all() and np.array_equal(numbers, np.round(numbers)):
+        if np.isfinite(numbers).all() and np.array_equal(numbers, np.round(numbers)) \
+                and (np.abs(numbers) < 2**53).all():  # integers that float64 holds exactly
             return pd.Series(numbers.astype(np.int64).astype(str), index=column.index)
     return column.astype(str)
 
 
 def _labels(values: Sequence | None) -> list[str] | None:
-    return None if values is None else [str(value) for value in values]
+    return None if values is None else [_label(value) for value in values]
 
 
 def _show(names, limit: int = _SHOW) -> str:
@@ -151,6 +152,22 @@ class _LazyLayers(dict):
         if name not in self:
             raise KeyError(name)
         return BackedMatrix(self._path, f"layers/{name}")
+
+
+def read_uns(path, key: str):
+    """``uns[key]`` of an ``.h5ad`` file, read alone (the counts stay on disk); ``None`` where
+    the file has no such entry; :class:`DataError` where it has one that cannot be read."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        if "uns" not in handle or key not in handle["uns"]:
+            return None
+        try:
+            return read_elem(handle["uns"][key])
+        except Exception as error:  # anndata raises many types for an entry it cannot decode
+            raise DataError(f"uns[{key!r}] of {os.fspath(path)!r} cannot be read ({type(error).__name__}: "
+                            f"{error})") from None
 
 
 def read_anndata(adata_or_path, backed: bool = False):
@@ -322,8 +339,7 @@ def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key
     if "" in parts:
         raise DataError(f"the perturbation label {label!r} in obs[{perturbation_key!r}] has an empty member "
                         f"(delimiter {delimiter!r}); write singles as 'A' and pairs as 'A{delimiter}B', or set "
-                        "delimiter to the separator the labels use" if delimiter else
-                        f"the perturbation label {label!r} in obs[{perturbation_key!r}] is empty; label the cell")
+                        "delimiter to the separator the labels use")
     members = [part for part in parts if not is_control(part)]
     repeated = sorted({m for m in members if members.count(m) > 1})
     if repeated:
@@ -570,7 +586,7 @@ def encode_dosages(conditions: Conditions, encode_combinations: str = "additive"
 
 def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | None = None, task: str = "none",
                   split_seed: int = 0, frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
-                  frac_combination_cells_train: float = 1.0) -> np.ndarray:  # [n_cells] str, "" = dropped
+                  frac_combination_cells_train: float = 1.0) -> np.ndarray:  # [n_cells] str, "" = no split
     """Split label per cell: ``obs[split_key]`` when given, else the task's split
     (:mod:`sams_jax.data.splits`; ``"none"`` and ``"replogle"``: random 64 / 16 / 20)."""
     if task not in splits_lib.TASKS:
@@ -756,7 +772,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     (a path only) a :class:`~sams_jax.data.matrix.BackedMatrix` read from the file on
     demand; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
     ``split`` from ``obs[split_key]`` or the ``task`` (cells outside every split of the
-    task are dropped); ``library_size`` ``[n_cells]`` = row sums unless
+    task are kept with split ``""``: no training or scoring uses them, the data ATEs do);
+    ``library_size`` ``[n_cells]`` = row sums unless
     ``library_size_key``. ``likelihood`` selects the value checks (counts for
     ``poisson`` / ``library_nb``; ``None`` checks finiteness only). ``perturbations`` and
     ``feature_names`` fix the vocabulary and gene order (e.g. a trained model's metadata)

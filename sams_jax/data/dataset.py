@@ -19,7 +19,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from sams_jax.data import matrix as matrix_lib
-from sams_jax.data.splits import DROPPED
+from sams_jax.data.splits import NO_SPLIT
 
 SPLITS = ("train", "val", "test")
 NORMALIZATIONS = ("log_standardize", "standardize", "none")
@@ -100,9 +100,9 @@ class PerturbationData:
                          f"control_match={self.registration.get('control_match')!r}: is that the column of the "
                          "perturbations, and does the control label match only the controls?)")
             raise DataError(f"the data have no perturbations besides the control: dosages have 0 columns{where}")
-        unknown = sorted(set(np.unique(self.split).tolist()) - {*SPLITS, DROPPED})
+        unknown = sorted(set(np.unique(self.split).tolist()) - {*SPLITS, NO_SPLIT})
         if unknown:
-            raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)} (or {DROPPED!r}: a cell in no "
+            raise DataError(f"unknown split labels {unknown}; allowed: {list(SPLITS)} (or {NO_SPLIT!r}: a cell in no "
                             "split, used only for the data ATEs)")
         if not np.any(self.split == "train"):
             raise DataError("the data has no training cells (split == 'train')")
@@ -215,6 +215,8 @@ class PerturbationData:
             # the sets of perturbations given to training cells (Predictor.seen_in_training)
             "training_conditions": self.conditions("train"),
             "n_cells": {s: int(self.mask(s).sum()) for s in SPLITS},
+            # cells in no split (a Norman task's left-out pair cells): only the data ATEs use them
+            "n_cells_in_no_split": int((self.split == NO_SPLIT).sum()),
             # the library size of generated cells (Predictor.sample) unless one is given
             "median_library_size": float(np.median(self.library_size[self.mask("train")])),
             "registration": self.registration,
@@ -233,16 +235,16 @@ def _name_difference(key: str, saved: list[str], current: list[str]) -> str:
 
 def metadata_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields of a run's saved data ``metadata`` (:meth:`PerturbationData.metadata`)
-    that ``current`` data's do not match: names, cells per split and per perturbation, the
-    sets of perturbations given to training cells, the training cells' normalisation
-    statistics and median library size (to float tolerance); differing gene or perturbation
+    that ``current`` data's do not match: names, cells per split (and in none) and per
+    perturbation, the sets of perturbations given to training cells, the training cells'
+    normalisation statistics and median library size (to float tolerance); differing gene or perturbation
     names come with how they differ (order only, or the names missing and extra). Fields a
     run saved before they existed are skipped. Empty for the data the run was trained on,
     wherever they are stored; these summaries do not see every change (e.g. cells
     reordered, or changed outside the training split with the same counts)."""
     differ = [_name_difference(key, saved[key], current[key]) for key in ("feature_names", "perturbation_names")
               if key in saved and current[key] != saved[key]]
-    differ += [key for key in ("n_cells", "cells_per_perturbation", "training_conditions")
+    differ += [key for key in ("n_cells", "n_cells_in_no_split", "cells_per_perturbation", "training_conditions")
                if key in saved and current[key] != saved[key]]
     if "median_library_size" in saved and not np.isclose(current["median_library_size"],
                                                           saved["median_library_size"], rtol=1e-5):

@@ -1,7 +1,7 @@
 """Train / val / test splits of the paper's tasks (SPEC 6), as split labels per cell.
 
 Every function returns a ``[n_cells]`` array of ``"train"``, ``"val"``, ``"test"`` or
-:data:`DROPPED` (``""``: the cell belongs to no split of the task: no training or scoring
+:data:`NO_SPLIT` (``""``: the cell belongs to no split of the task: no training or scoring
 uses it; registration keeps it for the data ATEs, which average all cells of an intervention).
 
 The random splits reproduce ``sklearn.model_selection.train_test_split(...,
@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 TASKS = ("none", "norman_ood", "norman_data_efficiency", "replogle")
-DROPPED = ""  # registration keeps such cells (split ""), for the data ATEs only
+NO_SPLIT = ""  # the split label of a cell in no split; registration keeps such cells, for the data ATEs only
 
 
 def shuffle_split(n: int, seed: int, *, test_size: float | None = None,
@@ -41,7 +41,7 @@ def shuffle_split(n: int, seed: int, *, test_size: float | None = None,
 def random_split(n_cells: int, seed: int) -> np.ndarray:  # [n_cells] str
     """64 / 16 / 20: 80 / 20 train+val / test, then 80 / 20 train / val (the Replogle task
     of the authors' code, and the default for a file without a split column)."""
-    labels = np.full(n_cells, DROPPED, dtype=object)
+    labels = np.full(n_cells, NO_SPLIT, dtype=object)
     train_val, test = shuffle_split(n_cells, seed, train_size=0.8)
     train, val = shuffle_split(len(train_val), seed, train_size=0.8)
     labels[train_val[train]] = "train"
@@ -91,12 +91,13 @@ def norman_ood_split(conditions: np.ndarray, n_members: np.ndarray, frac_combina
     its perturbations (0 control, 1 single, 2 pair). Combination cells are split before the
     pairs are chosen, so cells accumulate across ``frac_combinations_train`` values; train
     and val keep the cells of training pairs, test the cells of test pairs; other
-    combination cells are dropped. Controls and singles go 80 / 20 to train / val."""
+    combination cells are in no split (:data:`NO_SPLIT`). Controls and singles go 80 / 20
+    to train / val."""
     conditions = np.asarray(conditions, dtype=str)
     train_pairs, test_pairs = split_combinations(conditions, n_members, frac_combinations_train,
                                                  frac_combinations_test, seed)
     (train, val, test), (other_train, other_val) = _split_combination_cells(n_members, seed)
-    labels = np.full(len(conditions), DROPPED, dtype=object)
+    labels = np.full(len(conditions), NO_SPLIT, dtype=object)
     labels[other_train], labels[other_val] = "train", "val"
     labels[train[np.isin(conditions[train], train_pairs)]] = "train"
     labels[val[np.isin(conditions[val], train_pairs)]] = "val"
@@ -108,9 +109,10 @@ def norman_data_efficiency_split(n_members: np.ndarray, frac_combination_cells_t
                                  seed: int = 0) -> np.ndarray:  # [n_cells] str
     """Data efficiency (SPEC 6): all pairs; combination cells split as in the OOD task,
     then only the first ``floor(frac_combination_cells_train * n)`` training combination
-    cells (in shuffled order) are kept. Val and test keep all their combination cells."""
+    cells (in shuffled order) are kept in it (the rest: :data:`NO_SPLIT`). Val and test keep
+    all their combination cells."""
     (train, val, test), (other_train, other_val) = _split_combination_cells(n_members, seed)
-    labels = np.full(len(n_members), DROPPED, dtype=object)
+    labels = np.full(len(n_members), NO_SPLIT, dtype=object)
     labels[other_train], labels[other_val] = "train", "val"
     labels[train[:int(frac_combination_cells_train * len(train))]] = "train"
     labels[val] = "val"
