@@ -443,10 +443,12 @@ def check_labels(obs: pd.DataFrame, conditions: Conditions, perturbation_key: st
     control_like = [name for name in conditions.names if CONTROL_LIKE.match(name)]
     if control_like:
         which = f"the control is {control!r}" if control is not None else "the data have no control (control=None)"
+        relabel = f"adata.obs[{perturbation_key!r}] = adata.obs[{perturbation_key!r}].astype(str).replace(" \
+            f"{{{control_like[0]!r}: {control!r}}})" if control is not None else ""
         warnings.warn(f"perturbation names {_show(control_like)} look like control labels, but {which}: their cells "
-                      "are learned as perturbations. If they are controls, give them the control label, or use "
-                      "control_match='contains' with a string every control label contains",
-                      DataWarning, stacklevel=3)
+                      "are learned as perturbations. If they are controls, give them the control label"
+                      f"{' (' + relabel + ')' if relabel else ''}, or use control_match='contains' with a string "
+                      "every control label contains", DataWarning, stacklevel=3)
     if control_match == "contains" and control:
         # inside a longer name: a letter or digit before it, a letter after it, or a digit after a control that
         # ends in one ("T10" for "T1"; "ctrl1" and "NegCtrl10" are numbered controls)
