@@ -279,6 +279,11 @@ class Predictor:
         control = control or self.control
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
+        try:
+            self.dosages([control])
+        except InterventionError as error:  # say that it is the control= argument that is unknown
+            raise InterventionError(f"control={control!r} is neither the data's control label ({self.control!r}) nor "
+                                    f"an intervention of the vocabulary: {error.args[0]}") from None
         scale = scale or self.default_scale
         n_particles = _whole_number(n_particles, "n_particles")
         means = self.expectations([control, *interventions], n_particles=n_particles, scale=scale, method=method,

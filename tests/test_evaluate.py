@@ -772,3 +772,10 @@ def test_evaluate_does_not_repeat_the_registrations_data_warnings(trained, monke
         warnings.simplefilter("always")
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0, write=False)
     assert not [w.message for w in caught if issubclass(w.category, DataWarning)]  # given at training already
+
+
+def test_a_wrong_control_is_named_as_the_control():
+    predictor, _ = _linear_predictor()
+    with pytest.raises(InterventionError, match=r"control='contrl' is neither the data's control label \('control'\)"):
+        predictor.ate(["a"], control="contrl")
+    assert predictor.ate(["b"], control="a", n_particles=8).uns["control"] == "a"  # another intervention: allowed
