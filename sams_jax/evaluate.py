@@ -47,6 +47,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 
 import ml_collections
 import numpy as np
@@ -331,8 +332,7 @@ def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
             warnings.warn(f"model {predictor.config.model.name!r} has no masks or embeddings to group by pathway; "
                           "no pathway metrics", EvaluationWarning, stacklevel=3)
         return {}, None
-    genes = [gene for members in pathways.values() for gene in members]
-    shared = sorted({gene for gene in genes if genes.count(gene) > 1})
+    shared = sorted(gene for gene, n in Counter(g for members in pathways.values() for g in members).items() if n > 1)
     if shared:
         warnings.warn(f"{len(shared)} genes are in several pathway gene sets, e.g. {shared[:5]}; each counts for the "
                       "first set naming it", EvaluationWarning, stacklevel=3)

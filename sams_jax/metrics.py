@@ -153,9 +153,13 @@ def pathway_labels(perturbation_names, pathways: dict, keep: np.ndarray | None =
                         dtype=object)
     if keep is not None:
         labels[~np.asarray(keep, bool)] = ""
-    names, sizes = np.unique(labels[labels != ""], return_counts=True)
-    labels[~np.isin(labels, names[sizes >= 2])] = ""
+    labels[~_in_groups(labels)] = ""
     return labels
+
+
+def _in_groups(labels: np.ndarray) -> np.ndarray:  # [P] str -> [P] bool: in a pathway of two or more
+    names, sizes = np.unique(labels[labels != ""], return_counts=True)
+    return np.isin(labels, names[sizes >= 2])
 
 
 def pathway_grouping(vectors: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
@@ -170,8 +174,7 @@ def pathway_grouping(vectors: np.ndarray, labels: np.ndarray, k: int = 5) -> dic
       of pairs of two.
     NaN where fewer than two pathways qualify."""
     labels = np.asarray(labels, dtype=object)
-    names, sizes = np.unique(labels[labels != ""], return_counts=True)
-    keep = np.isin(labels, names[sizes >= 2])
+    keep = _in_groups(labels)
     nan = dict.fromkeys(("knn_purity", "knn_chance", "within_cosine", "between_cosine"), float("nan"))
     if len(np.unique(labels[keep])) < 2:
         return nan

@@ -70,7 +70,8 @@ def _label(value) -> str | None:
     it is compared with: obs labels and var names are read as strings, so ``0`` (an
     ``int`` or ``numpy`` integer, or the float ``0.0``) matches the label ``"0"``; ``None``
     stays ``None``."""
-    if isinstance(value, (float, np.floating)) and np.isfinite(value) and value == round(value):
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and value == round(value) \
+            and abs(value) < 2**53:  # as _label_strings reads a column of them
         value = int(value)
     return None if value is None else str(value)
 
@@ -637,21 +638,19 @@ def _all(positions: np.ndarray, n: int) -> bool:
     return len(positions) == n and np.array_equal(positions, np.arange(n))
 
 
-def _subset(matrix, rows: np.ndarray, columns: np.ndarray):
-    """``matrix[rows][:, columns]``: CSR (sparse input), a :class:`BackedMatrix` view
-    (backed input; nothing is read) or a dense array."""
-    n_rows, n_columns = matrix.shape
+def _gene_columns(matrix, columns: np.ndarray):
+    """``matrix[:, columns]`` (every cell): CSR (sparse input), a :class:`BackedMatrix` view
+    (backed input; nothing is read) or a dense array (a copy)."""
+    every_column = _all(columns, matrix.shape[1])
     if isinstance(matrix, BackedMatrix):
-        return matrix.subset(None if _all(rows, n_rows) else rows, None if _all(columns, n_columns) else columns)
+        return matrix.subset(None, None if every_column else columns)
     if sp.issparse(matrix):
         matrix = sp.csr_matrix(matrix)
         if not matrix.has_canonical_format:  # duplicate entries (0.5 + 0.5) count as their sum, as scipy reads them
             matrix = matrix.copy()
             matrix.sum_duplicates()
-        if not _all(rows, n_rows):
-            matrix = matrix[rows]
-        return matrix if _all(columns, n_columns) else matrix[:, columns]
-    return np.asarray(matrix)[np.ix_(rows, columns)]
+        return matrix if every_column else matrix[:, columns]
+    return np.asarray(matrix)[:, columns]
 
 
 def check_values(matrix, likelihood: str | None, cell_names: pd.Index,
@@ -807,9 +806,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                           frac_combinations_test, frac_combination_cells_train)
     # cells in no split of the task (Norman's left-out pair cells) stay, with split "": no training or
     # scoring uses them, the data ATEs do (SPEC 5: the mean over all cells that received an intervention)
-    keep = np.arange(len(split))
     obs = adata.obs
-    counts = _subset(_matrix(adata, counts_layer), keep, columns)
+    counts = _gene_columns(_matrix(adata, counts_layer), columns)
     what = f"layers[{counts_layer!r}]" if counts_layer else "X"
     sums, cell_nonzero, gene_nonzero = check_values(counts, likelihood, obs.index, what)
     gene_names = adata.var_names[columns].astype(str).tolist()
@@ -843,7 +841,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
             frac_combination_cells_train=frac_combination_cells_train),
     )
     if for_training:
-        _check_training_coverage(data, conditions.is_control[keep])
+        _check_training_coverage(data, conditions.is_control)
     return data
 
 
