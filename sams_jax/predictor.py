@@ -9,6 +9,8 @@ unless it is itself a perturbation (as in the simulation, whose reference is ``"
 
 from __future__ import annotations
 
+import collections
+
 import difflib
 import os
 import warnings
@@ -279,6 +281,12 @@ class Predictor:
         control = control or self.control
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
+        repeated = [name for name, count in collections.Counter(interventions).items() if count > 1]
+        if repeated:  # one row per name: AnnData's obs names must be unique
+            warnings.warn(f"{repeated[:10]} given more than once ({len(repeated)} names); each intervention is one row "
+                          "of the result (for several independent estimates, call ate() with other seeds)",
+                          InterventionWarning, stacklevel=2)
+            interventions = list(dict.fromkeys(interventions))
         try:
             self.dosages([control])
         except InterventionError as error:  # say that it is the control= argument that is unknown

@@ -493,6 +493,10 @@ def test_intervention_names_in_any_order_each_member_once():
     with pytest.raises(InterventionError, match="names"):
         predictor.dosages([1])
     assert predictor.ate("b+c", n_particles=4).obs_names.tolist() == ["b+c"]  # not 'b', '+', 'c'
+    with pytest.warns(InterventionWarning, match=r"\['a'\] given more than once"):
+        repeated = predictor.ate(["a", "b", "a"], n_particles=4)
+    assert repeated.obs_names.tolist() == ["a", "b"]  # unique rows, first occurrences in order
+    np.testing.assert_array_equal(repeated.X, predictor.ate(["a", "b"], n_particles=4).X)
 
     unique = _unique_predictor()
     np.testing.assert_array_equal(unique.dosages(["b+a", "a+b", "a"]), [[0, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
