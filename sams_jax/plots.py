@@ -81,8 +81,10 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
         index = frame.index
     order = similarity_order(values)
     values, index, dots = values[order], np.asarray(index)[order], dots[order]
-    height = min(2 + 0.12 * values.shape[0], 30)
-    width = max(2 + 0.25 * values.shape[1], 5.0)
+    # a quarter inch per latent dimension up to 16 inches (K = 100: narrower columns, not a
+    # 27-inch strip), at least 3.5 inches tall for a few perturbations
+    height = min(max(2 + 0.12 * values.shape[0], 3.5), 30)
+    width = min(max(2 + 0.25 * values.shape[1], 5.0), 16.0)
     fig, ax = plt.subplots(figsize=(width, height))
     if value_range is None and center and values.size:
         limit = float(np.abs(values).max())

@@ -783,3 +783,14 @@ def test_a_wrong_control_is_named_as_the_control():
     with pytest.raises(InterventionError, match=r"control='contrl' is neither the data's control label \('control'\)"):
         predictor.ate(["a"], control="contrl")
     assert predictor.ate(["b"], control="a", n_particles=8).uns["control"] == "a"  # another intervention: allowed
+
+
+def test_heatmap_size_is_bounded_for_many_latent_dimensions(tmp_path):
+    import matplotlib.image
+
+    from sams_jax import plots
+
+    frame = pd.DataFrame(np.random.default_rng(0).uniform(size=(5, 100)), index=[f"p{i}" for i in range(5)])
+    plots.plot_heatmap(frame, str(tmp_path / "wide.png"), "mask probabilities")
+    height, width = matplotlib.image.imread(str(tmp_path / "wide.png")).shape[:2]
+    assert width <= 16 * 120 and height >= 3.5 * 120  # K = 100 in at most 16 inches; a few rows still readable
