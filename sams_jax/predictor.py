@@ -245,6 +245,7 @@ class Predictor:
         if method not in METHODS:
             raise ValueError(f"unknown ATE method {method!r}; allowed: {METHODS}")
         n_particles = _whole_number(n_particles, "n_particles")
+        library_size = _positive_number(library_size, "library_size")
         dosages = self.dosages(interventions)
         if not len(dosages):
             return np.zeros((0, len(self.feature_names)), np.float32)
@@ -329,7 +330,8 @@ class Predictor:
 
         interventions = intervention_list(interventions)
         n = _whole_number(n, "n (cells per intervention)")
-        library_size = self.training_library_size if library_size is None else float(library_size)
+        library_size = self.training_library_size if library_size is None else \
+            _positive_number(library_size, "library_size")
         dosages = np.repeat(self.dosages(interventions), n, axis=0)
         max_active = max(1, int((dosages != 0).sum(1).max(initial=0)))
         global_key, local_key = jax.random.split(jax.random.key(seed))
@@ -438,6 +440,9 @@ class Predictor:
         in blocks of cells, with the same result as scoring all cells at once. Cells are
         scored ``chunk_size`` at a time (default :func:`iwelbo_chunk_size`); the local draws
         depend on the chunking, so compare numbers computed with the same chunk size."""
+        n_particles = _whole_number(n_particles, "n_particles")
+        if chunk_size is not None:
+            chunk_size = _whole_number(chunk_size, "chunk_size")
         chunk_size = chunk_size or iwelbo_chunk_size(n_particles, len(self.feature_names))
         data = self._data(data)
         key = jax.random.key(seed)
@@ -456,6 +461,7 @@ class Predictor:
         ``n_particles`` draws of the global variables (cells of ``split`` only, for a
         PerturbationData, else every cell, as for :meth:`iwelbo`; a sparse or backed ``x``
         is read in blocks of cells)."""
+        n_particles = _whole_number(n_particles, "n_particles")
         data = self._data(data)
         keys = jax.random.split(jax.random.key(seed), n_particles)
         cells = self._streamed(data, split)
@@ -522,6 +528,17 @@ def _whole_number(value, name: str) -> int:
     if whole is None or whole != value or whole < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return whole
+
+
+def _positive_number(value, name: str) -> float:
+    """``value`` as a finite ``float`` > 0; ``ValueError`` naming ``name`` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (a cell's expected total count), got {value!r}")
+    return number
 
 
 def check_features(expected: Sequence[str], given: Sequence[str]) -> None:

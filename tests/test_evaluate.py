@@ -382,6 +382,10 @@ def test_predictor_api_on_trained_run(trained):
         with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
             predictor.expectations(["1"], n_particles=bad_count)
     assert predictor.ate(["1"], n_particles=16.0).uns["n_particles"] == 16  # an int, as computed
+    for bad_count in (0, -1, 2.5):  # 0 particles gave NaN scores, the others a JAX shape error
+        for call in (predictor.iwelbo, predictor.latent):
+            with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
+                call(data, n_particles=bad_count)
     for bad_step in ("first", 3.7, True):
         with pytest.raises(CheckpointError, match=r"checkpoint=.* is not 'best', 'latest' or a step number"):
             sams_jax.load(str(workdir), checkpoint=bad_step)
@@ -522,6 +526,11 @@ def test_sample_library_size_and_cell_count(trained):
         with pytest.raises(ValueError, match=r"n \(cells per intervention\) must be a whole number >= 1"):
             predictor.sample(["1"], n=bad)
     assert predictor.sample("1", n=2.0).shape == (2, 12)
+    for bad in (0, -5, float("nan"), "many"):  # -5 gave counts, NaN gave NaN cells
+        with pytest.raises(ValueError, match=r"library_size must be a finite number > 0"):
+            predictor.sample(["1"], n=2, library_size=bad)
+        with pytest.raises(ValueError, match=r"library_size must be a finite number > 0"):
+            predictor.ate(["1"], n_particles=4, library_size=bad)
 
 
 def test_mean_scale_is_refused_for_library_size_likelihoods():
