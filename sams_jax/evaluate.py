@@ -131,6 +131,12 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
             "Predictor.ate(..., scale='mean', library_size=...) for the model's counts alone")
 
 
+def _registration_summary(data_config) -> str:
+    """The registration fields of a saved ``config.data`` that a file must agree with."""
+    fields = ("perturbation_key", "control", "control_match", "delimiter", "counts_layer", "split_key", "task")
+    return ", ".join(f"{field}={data_config.get(field)!r}" for field in fields if field in data_config)
+
+
 def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationData:
     """The run's data from its saved ``config.data`` (``data_path`` replacing the file's
     path), checked against the checkpoint's metadata."""
@@ -145,7 +151,18 @@ def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationDa
                         "new path with --data-path (data_path=)")
     with warnings.catch_warnings():  # the registration's warnings about the data were given at training
         warnings.simplefilter("ignore", DataWarning)
-        data = load_data(data_config, predictor.config.model.likelihood)
+        try:
+            data = load_data(data_config, predictor.config.model.likelihood)
+        except DataError as error:
+            if data_config.source != "anndata":
+                raise
+            # the registration's own advice (--config.data.<field>=...) is for training: here the file must
+            # register as the run's did
+            raise DataError(f"{data_config.path!r} does not register as the run's data did (the run's saved "
+                            f"config.data: {_registration_summary(data_config)}): {error.args[0]}. Evaluation "
+                            "needs the file the run was trained on (--data-path for one that has moved); to score "
+                            "other data with this model, register them with sams_jax.load(workdir).register(adata, "
+                            "...) (which takes this file's own layout) and pass the result to .iwelbo()") from None
     data.validate(predictor.config.model.likelihood)
     check_trained_data(predictor, data)
     return data
@@ -192,7 +209,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                       f"(a perturbation to measure the others against) to compute them{skipped}",
                       EvaluationWarning, stacklevel=2)
     else:
-        control_row = predictor.dosages([control])[0]
+        control_row = predictor.control_dosage(control)
         if not np.all(data.dosages == control_row, axis=1).any():
             raise DataError(f"no cells of the control {control!r} in the data; ATEs need control cells "
                             "(pass --control with a label present in the data)")

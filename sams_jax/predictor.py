@@ -288,11 +288,7 @@ class Predictor:
                           "of the result (for several independent estimates, call ate() with other seeds)",
                           InterventionWarning, stacklevel=2)
             interventions = list(dict.fromkeys(interventions))
-        try:
-            self.dosages([control])
-        except InterventionError as error:  # say that it is the control= argument that is unknown
-            raise InterventionError(f"control={control!r} is neither the data's control label ({self.control!r}) nor "
-                                    f"an intervention of the vocabulary: {error.args[0]}") from None
+        self.control_dosage(control)
         scale = scale or self.default_scale
         n_particles = _whole_number(n_particles, "n_particles")
         means = self.expectations([control, *interventions], n_particles=n_particles, scale=scale, method=method,
@@ -316,6 +312,16 @@ class Predictor:
         result.uns.update(control=control, control_expectation=means[0].astype(np.float32), scale=scale,
                           method=method, n_particles=n_particles, seed=seed, checkpoint_step=self.step)
         return result
+
+    def control_dosage(self, control: str) -> np.ndarray:
+        """The dosage row ``[T]`` of ``control`` (the data's control label, or an
+        intervention to measure others against); an :class:`InterventionError` that says it
+        is the control that is unknown otherwise."""
+        try:
+            return self.dosages([control])[0]
+        except InterventionError as error:
+            raise InterventionError(f"control={control!r} is neither the data's control label ({self.control!r}) nor "
+                                    f"an intervention of the vocabulary: {error.args[0]}") from None
 
     def sample(self, interventions: str | Sequence[str], *, n: int = 100, seed: int = 0,
                library_size: float | None = None):

@@ -765,6 +765,7 @@ def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
     """evaluate --data-path scores a run whose file has moved; a missing file and a file
     with other genes are errors that say how to fix them."""
     from sams_jax.evaluate import EvaluationError, evaluate
+    from sams_jax.predictor import InterventionError
 
     options = dict(iwelbo_particles=4, ate_particles=8, plots=False, sparse_basis_restarts=0)
     os.rename(path, moved)
@@ -780,6 +781,14 @@ def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
         evaluate(str(workdir), data_path=str(path), **options)
     with pytest.raises(EvaluationError, match="not both"):
         evaluate(str(workdir), data=object(), data_path=str(moved), **options)
+    relabelled = anndata.read_h5ad(moved)  # another screen's layout: its control is called "NTC"
+    relabelled.obs["perturbation"] = relabelled.obs["perturbation"].astype(str).replace("control", "NTC")
+    write_h5ad(relabelled, path)
+    with pytest.raises(DataError, match=r"does not register as the run's data did \(the run's saved config.data: "
+                                        r".*control='control'.*\): the control label 'control'.*register\(adata"):
+        evaluate(str(workdir), data_path=str(path), **options)
+    with pytest.raises(InterventionError, match=r"control='ctrl' is neither the data's control label \('control'\)"):
+        evaluate(str(workdir), data_path=str(moved), control="ctrl", **options)
 
 
 def _predict_from_another_layout(workdir, adata):
