@@ -357,8 +357,13 @@ def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
     labels = metrics_lib.pathway_labels(predictor.perturbation_names, pathways,
                                         keep=predictor.learned(predictor.perturbation_names))
     if len(set(labels) - {""}) < 2:
+        known = set(predictor.perturbation_names) | {name.split("_")[0] for name in predictor.perturbation_names}
+        genes = list(dict.fromkeys(gene for members in pathways.values() for gene in members))
+        unmatched = [gene for gene in genes if gene not in known]
+        hint = (f" ({len(unmatched)} of the {len(genes)} genes in the sets name no perturbation of the model, e.g. "
+                f"{unmatched[:10]}: a typo, or other gene identifiers than the perturbations')") if unmatched else ""
         warnings.warn(f"fewer than two of the {len(pathways)} pathway gene sets have two or more trained perturbations "
-                      "among the model's; no pathway metrics", EvaluationWarning, stacklevel=3)
+                      f"among the model's{hint}; no pathway metrics", EvaluationWarning, stacklevel=3)
         return vectors, None
     return vectors, labels
 

@@ -762,9 +762,10 @@ def test_evaluate_pathway_metrics_and_plot(trained, tmp_path):
     with pytest.raises(evaluate_lib.EvaluationError, match="map each pathway to a list of genes"):
         (tmp_path / "bad.json").write_text("[1, 2]")
         evaluate_lib.evaluate(str(workdir), write=False, pathways=str(tmp_path / "bad.json"))
-    with pytest.warns(evaluate_lib.EvaluationWarning, match="no pathway metrics"):
+    with pytest.warns(evaluate_lib.EvaluationWarning, match=r"1 of the 3 genes in the sets name no perturbation of "
+                                                              r"the model, e.g. \['NOT_A_GENE'\].*no pathway metrics"):
         evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0,
-                              pathways={"other": ["NOT_A_GENE"]}, write=False)
+                              pathways={"other": ["NOT_A_GENE"], "typo": names[:2]}, write=False)
     evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=8, sparse_basis_restarts=0)
     assert not (workdir / "eval" / "pathways.png").exists()  # no pathways now: the earlier plot is gone
 
