@@ -319,7 +319,15 @@ def test_no_control_cells_in_training_is_an_error():
 def test_bad_count_values_name_the_cells(value, kind):
     adata = make_screen(sparse=False)
     adata.layers["counts"][5, 3] = value
-    with pytest.raises(DataError, match=rf"layers\['counts'\] has 1 {kind} values .* in 1 cells, e.g. \['cell5'\]"):
+    with pytest.raises(DataError, match=rf"layers\['counts'\] has 1 {kind} values .* in 1 cells, e.g. \['cell5'\]") as error:
+        from_anndata(adata, likelihood="library_nb")
+    assert "rounding noise" not in str(error.value)
+
+
+def test_counts_with_rounding_noise_get_a_rounding_hint():
+    adata = make_screen(sparse=False)
+    adata.layers["counts"] = adata.layers["counts"] * np.float32(1.0000001) + np.float32(1e-5)
+    with pytest.raises(DataError, match=r"non-integer values .* whole number up to rounding noise.*np.rint"):
         from_anndata(adata, likelihood="library_nb")
 
 

@@ -672,8 +672,13 @@ def check_values(matrix, likelihood: str | None, cell_names: pd.Index,
         if kind in found:
             n_values, n_cells, cells, example = found[kind]
             more = f" ... (+{n_cells - len(cells)} more)" if n_cells > len(cells) else ""
+            fix = fixes[kind]
+            if kind == "non-integer" and abs(float(example) - round(float(example))) < 1e-3:
+                fix += (f" (values such as {float(example)!r} are a whole number up to rounding noise: if all are, "
+                        "these are counts that went through a float conversion; round them before registering, "
+                        "e.g. np.rint(...) on the array, or .data of a sparse matrix)")
             raise DataError(f"{what} has {n_values} {kind} values (e.g. {example!r}) in {n_cells} cells, "
-                            f"e.g. {[str(name) for name in cell_names[cells]]}{more}; {fixes[kind]}")
+                            f"e.g. {[str(name) for name in cell_names[cells]]}{more}; {fix}")
     return sums, cell_nonzero, gene_nonzero
 
 
