@@ -890,3 +890,17 @@ def test_read_uns_reads_one_entry_of_a_file(tmp_path):
     stored = read_uns(tmp_path / "screen.h5ad", "pathways")
     assert {name: [str(gene) for gene in genes] for name, genes in stored.items()} == adata.uns["pathways"]
     assert read_uns(tmp_path / "screen.h5ad", "other") is None
+
+
+def test_an_unused_split_column_is_pointed_out():
+    adata = make_screen()
+    adata.obs["split"] = pd.Categorical(np.array(["train", "val", "test", "train"])[np.arange(adata.n_obs) % 4],
+                                        categories=["train", "val", "test", "unused"])
+    with pytest.warns(DataWarning, match=r"obs column\(s\) \['split'\] hold train / val / test labels but split_key "
+                                         r"is not set.*split_key='split'"):
+        from_anndata(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        from_anndata(adata, split_key="split")  # used: nothing to say
+        adata.obs["split"] = np.where(np.arange(adata.n_obs) % 2, "train", "holdout")  # not split labels only
+        from_anndata(adata)

@@ -614,7 +614,21 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
     except ValueError as error:
         raise DataError(f"task {task!r}: {error}; it needs cells with pairs (labels 'A+B', or two guide "
                         "columns set)") from None
+    split_like = [str(name) for name in obs.columns if _holds_splits(obs[name])]
+    if split_like:
+        warnings.warn(f"obs column(s) {split_like} hold train / val / test labels but split_key is not set, so the cells "
+                      f"get a random 64/16/20 split instead; to use the column, pass split_key={split_like[0]!r} "
+                      f"(--config.data.split_key={split_like[0]})", DataWarning, stacklevel=3)
     return splits_lib.random_split(len(obs), split_seed)
+
+
+def _holds_splits(column: pd.Series) -> bool:
+    """Whether an obs column's values are split labels (``train`` and at least one of
+    ``val`` / ``test``, nothing else)."""
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return False
+    values = set(map(str, pd.unique(column.dropna())))
+    return "train" in values and len(values) > 1 and values <= set(SPLITS)
 
 
 # ------------------------------------------------------------------------------ counts
