@@ -185,7 +185,8 @@ def test_highly_variable_flags_are_checked_and_a_models_genes_taken_by_name():
     assert data.feature_names == kept[::-1]
     np.testing.assert_array_equal(data.x.toarray() if sp.issparse(data.x) else data.x,
                                   counts_of(adata)[:, [adata.var_names.get_loc(g) for g in kept[::-1]]])
-    with pytest.raises(DataError, match=r"1 missing \[.gene1.\], 0 extra"):
+    with pytest.raises(DataError, match=r"genes of feature_names .*1 missing \[.gene1.\], 0 extra.*"
+                                        r"adata\[:, feature_names\]"):
         from_anndata(adata[:, [g for g in adata.var_names if g != "gene1"]].copy(), use_highly_variable=True,
                      feature_names=kept)
 

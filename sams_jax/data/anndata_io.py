@@ -220,17 +220,22 @@ def check_names(adata) -> None:
                         f"{_show(duplicated)}; make them unique (adata.obs_names_make_unique())")
 
 
-def check_genes(expected: Sequence[str], found: Sequence[str]) -> None:
-    """``DataError`` naming the missing and extra genes when the two gene sets differ."""
+def check_genes(expected: Sequence[str], found: Sequence[str], model: bool = True) -> None:
+    """``DataError`` naming the missing and extra genes when the two gene sets differ;
+    ``expected`` are a trained model's genes (``model``) or the ``feature_names`` given to a
+    registration."""
     expected_set, found_set = set(map(str, expected)), set(map(str, found))
     missing = [g for g in expected if g not in found_set]
     extra = [g for g in found if g not in expected_set]
     if missing or extra:
+        reference = "genes the model was trained on" if model else \
+            "genes of feature_names (a trained model's, predictor.feature_names, when registering for one)"
+        subset = "adata[:, predictor.feature_names]" if model else "adata[:, feature_names]"
         raise DataError(
-            f"the genes of this AnnData differ from the {len(expected_set)} genes the model was trained on: "
-            f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}; subset it to the "
-            "training genes (adata[:, predictor.feature_names]); missing genes cannot be imputed, so data "
-            "without them needs a model trained on its own genes")
+            f"the genes of this AnnData differ from the {len(expected_set)} {reference}: "
+            f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}; subset it to those genes "
+            f"({subset}); missing genes cannot be imputed, so data without them needs a model trained on its own "
+            "genes")
 
 
 def select_genes(adata, use_highly_variable: bool = False,
@@ -242,7 +247,7 @@ def select_genes(adata, use_highly_variable: bool = False,
     if use_highly_variable and feature_names is not None:
         names = adata.var_names.astype(str)
         model_genes = set(map(str, feature_names))
-        check_genes(list(feature_names), [g for g in names if g in model_genes])
+        check_genes(list(feature_names), [g for g in names if g in model_genes], model=False)
         return pd.Index(names).get_indexer(list(map(str, feature_names)))
     columns = np.arange(adata.n_vars)
     if use_highly_variable:
@@ -252,7 +257,7 @@ def select_genes(adata, use_highly_variable: bool = False,
                             "use_highly_variable=False")
     names = adata.var_names[columns].astype(str)
     if feature_names is not None:
-        check_genes(list(feature_names), names.tolist())
+        check_genes(list(feature_names), names.tolist(), model=False)
         columns = columns[pd.Index(names).get_indexer(list(feature_names))]
     return columns
 
