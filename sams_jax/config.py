@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.counts_layer = "counts"  # raw counts layer; "" = X
     config.data.split_key = ""  # obs column with train / val / test; "" = the task's split
     config.data.library_size_key = ""  # obs column; "" = row sums of the counts
+    config.data.gene_symbols_key = ""  # var column of display names carried to the outputs; "" = var_names
     config.data.encode_combinations = "additive"  # or "unique" (a pair is a perturbation of its own)
     config.data.use_highly_variable = False  # keep var["highly_variable"] genes only
     config.data.task = "none"  # split: none / replogle (random 64/16/20), norman_ood, norman_data_efficiency

@@ -22,8 +22,11 @@ where the file has moved). Writes
 * ``sparse_effects.csv`` (perturbations x basis dimensions: the shifts in the sparse basis)
   and ``sparse_basis.csv`` (latent x basis dimensions: ``W``), for models with embeddings;
 * ``ate.h5ad``: obs = interventions (split membership, cell counts, ``learned``,
-  ``seen_in_training``: see :meth:`Predictor.seen_in_training`), var = genes, layers
-  ``model`` and ``data`` (NaN where not observed), ``uns["control"]``;
+  ``seen_in_training``: see :meth:`Predictor.seen_in_training`), var = genes (with
+  ``gene_symbol`` where the data had ``data.gene_symbols_key``), layers ``model`` and
+  ``data`` (NaN where not observed), ``uns["control"]``;
+* ``top_genes.csv``: the 20 genes of largest |model ATE| per intervention, with the model
+  and data ATEs (:func:`top_genes`);
 * PNG plots: ``history.png``, ``ate_scatter.png``, ``mask_probs.png``, ``embeddings.png``,
   ``sparse_effects.png``, and with pathways ``pathways.png`` (the embeddings' cosine
   similarity among the pathways' perturbations, grouped by pathway).
@@ -63,7 +66,9 @@ from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, check_scale, load
 
 TOP_K = 20
-OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "sparse_effects.csv", "sparse_basis.csv", "history.png",
+TOP_GENES = 20  # top_genes.csv: genes per intervention
+OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "top_genes.csv", "sparse_effects.csv", "sparse_basis.csv",
+           "history.png",
            "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png",
            "pathways.png")  # what a run writes
 
@@ -395,11 +400,32 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learn
     data_layer = np.full(model_ate.shape, np.nan, np.float32)
     data_layer[:n_observed] = data_ate
     result = anndata.AnnData(X=model_ate.astype(np.float32), obs=obs,
-                             var=pd.DataFrame(index=pd.Index(predictor.feature_names, name="gene", dtype=object)),
+                             var=predictor.gene_table(),
                              layers={"model": model_ate.astype(np.float32), "data": data_layer})
     result.uns.update(control=control, scale=scale, method=method, n_particles=n_particles,
                       checkpoint_step=predictor.step)
     write_h5ad(result, os.path.join(out_dir, "ate.h5ad"))
+    top_genes(result).to_csv(os.path.join(out_dir, "top_genes.csv"), index=False)
+
+
+def top_genes(ate, n: int = TOP_GENES) -> pd.DataFrame:
+    """The ``n`` genes of largest |model ATE| per intervention, in that order, from an
+    ``ate.h5ad``-like AnnData (layers ``model`` and ``data``): one row per intervention and
+    gene with ``rank`` (1 = largest), ``gene`` (and ``gene_symbol`` where the data had
+    them), ``model_ate``, ``data_ate`` (NaN where the intervention was not observed) and
+    ``learned``."""
+    model, data = np.asarray(ate.layers["model"]), np.asarray(ate.layers["data"])
+    n = min(n, model.shape[1])
+    order = np.argsort(-np.abs(model), axis=1, kind="stable")[:, :n]  # [I, n]
+    rows = np.repeat(np.arange(model.shape[0]), n)
+    genes = order.reshape(-1)
+    table = {"intervention": np.asarray(ate.obs_names)[rows], "rank": np.tile(np.arange(1, n + 1), model.shape[0]),
+             "gene": np.asarray(ate.var_names)[genes]}
+    if "gene_symbol" in ate.var:
+        table["gene_symbol"] = ate.var["gene_symbol"].to_numpy()[genes]
+    table.update(model_ate=model[rows, genes], data_ate=data[rows, genes],
+                 learned=ate.obs["learned"].to_numpy()[rows])
+    return pd.DataFrame(table)
 
 
 def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, ate_settings: str = "") -> None:

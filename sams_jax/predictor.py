@@ -73,6 +73,8 @@ class Predictor:
         self.model, self.variables, self.config, self.metadata = model, variables, config, metadata
         self.step, self.workdir = step, workdir
         self.feature_names: list[str] = list(metadata["feature_names"])
+        # display names (data.gene_symbols_key), or None
+        self.feature_symbols: list[str] | None = metadata.get("feature_symbols")
         self.perturbation_names: list[str] = list(metadata["perturbation_names"])
         self.control: str | None = metadata.get("control")
         registration = metadata.get("registration") or {}
@@ -306,12 +308,18 @@ class Predictor:
         result = anndata.AnnData(
             X=(means[1:] - means[0]).astype(np.float32),
             obs=pd.DataFrame(columns, index=pd.Index(interventions, name="intervention", dtype=object)),
-            var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)),
+            var=self.gene_table(),
             layers={"expectation": means[1:].astype(np.float32)},
         )
         result.uns.update(control=control, control_expectation=means[0].astype(np.float32), scale=scale,
                           method=method, n_particles=n_particles, seed=seed, checkpoint_step=self.step)
         return result
+
+    def gene_table(self) -> pd.DataFrame:
+        """The genes as an AnnData ``var``: indexed by name, with a ``gene_symbol`` column
+        where the data had display names (``data.gene_symbols_key``)."""
+        columns = {} if self.feature_symbols is None else {"gene_symbol": list(self.feature_symbols)}
+        return pd.DataFrame(columns, index=pd.Index(self.feature_names, name="gene", dtype=object))
 
     def control_dosage(self, control: str) -> np.ndarray:
         """The dosage row ``[T]`` of ``control`` (the data's control label, or an
@@ -346,7 +354,7 @@ class Predictor:
         obs = pd.DataFrame({"intervention": pd.Categorical(np.repeat(interventions, n))},
                            index=pd.Index([f"cell{i}" for i in range(len(dosages))], name="cell", dtype=object))
         result = anndata.AnnData(X=np.asarray(x), obs=obs,
-                                 var=pd.DataFrame(index=pd.Index(self.feature_names, name="gene", dtype=object)))
+                                 var=self.gene_table())
         result.uns.update(library_size=library_size, seed=seed, checkpoint_step=self.step)
         return result
 

@@ -283,7 +283,8 @@ def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedS
 
 
 # fields that change how data are read, not what is trained: a run may resume with other values
-STORAGE_FIELDS = {"data": ("backed", "path")}  # a moved file: its data are compared with the run's metadata
+# a moved file: its data are compared with the run's metadata; gene symbols: display names only
+STORAGE_FIELDS = {"data": ("backed", "path", "gene_symbols_key")}
 # train fields that change the optimisation: a run resumes with new values, with a ResumeWarning (the other
 # train and eval fields, e.g. max_steps, eval_every, steps_per_dispatch, num_devices, change silently)
 OPTIMISATION_FIELDS = ("learning_rate", "weight_decay", "grad_clip_norm", "mask_learning_rate", "batch_size",

@@ -13,12 +13,13 @@ import warnings
 
 import anndata
 import numpy as np
+import jax
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from sams_jax.config import ConfigError, validate_config
-from sams_jax.data import DataError, PerturbationData, load_data
+from sams_jax.data import DataError, PerturbationData, load_data, metadata_differences
 from sams_jax.data import splits as splits_lib
 from sams_jax.data.anndata_io import DataWarning, check_compatible, from_anndata, write_h5ad
 from sams_jax.data.prepare_replogle import load_filter, prepare_replogle
@@ -905,3 +906,36 @@ def test_an_unused_split_column_is_pointed_out():
         from_anndata(adata, split_key="split")  # used: nothing to say
         adata.obs["split"] = np.where(np.arange(adata.n_obs) % 2, "train", "holdout")  # not split labels only
         from_anndata(adata)
+
+
+def test_gene_symbols_are_carried_to_the_outputs():
+    adata = make_screen()
+    symbols = [f"SYM{i}" for i in range(adata.n_vars)]
+    symbols[3] = np.nan  # a gene without a symbol keeps its name
+    adata.var["symbol"] = symbols
+    data = from_anndata(adata, gene_symbols_key="symbol")
+    assert data.feature_symbols[:5] == ["SYM0", "SYM1", "SYM2", "gene3", "SYM4"]
+    assert data.registration["gene_symbols_key"] == "symbol"
+    assert from_anndata(adata).feature_symbols is None
+    reordered = from_anndata(adata, gene_symbols_key="symbol", feature_names=list(adata.var_names[::-1]))
+    assert reordered.feature_symbols == data.feature_symbols[::-1]  # follow the genes' order
+    with pytest.raises(DataError, match=r"var has no column 'symbols'.*var columns: \['symbol'\].*gene_symbols_key"):
+        from_anndata(adata, gene_symbols_key="symbols")
+    metadata = data.metadata("log_standardize")
+    assert metadata["feature_symbols"][3] == "gene3"
+    assert metadata_differences(metadata, from_anndata(adata).metadata("log_standardize")) == []  # display only
+
+    from sams_jax.models import create_model
+    from sams_jax.config import base_config
+    from sams_jax.predictor import Predictor
+
+    config = base_config()
+    config.model.update(n_latent=2, decoder_n_hidden=4, basal_encoder_n_hidden=4, embedding_encoder_n_hidden=4)
+    model = create_model(config.model, data.n_genes, data.n_perturbations)
+    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+                           np.zeros((2, data.n_genes), np.float32), np.zeros((2, data.n_perturbations), np.float32),
+                           np.ones(2, np.float32))
+    predictor = Predictor(model, variables, config, metadata, 0, "")
+    ate = predictor.ate([data.perturbation_names[0]], n_particles=4)
+    assert ate.var["gene_symbol"].tolist() == metadata["feature_symbols"] and ate.var_names[3] == "gene3"
+    assert predictor.sample(data.perturbation_names[0], n=2).var["gene_symbol"].iloc[0] == "SYM0"

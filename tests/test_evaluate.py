@@ -446,6 +446,17 @@ def test_evaluate_command_end_to_end(trained):
     assert ate.obs["observed"].tolist() == [True] * 5 + [False] * 2
     assert np.all(np.isnan(ate.layers["data"][5:])) and np.all(np.isfinite(ate.layers["model"]))
     assert ate.uns["control"] == "0"
+    top = pd.read_csv(out / "top_genes.csv", dtype={"intervention": str, "gene": str})
+    assert len(top) == 7 * 12 and top.columns.tolist() == ["intervention", "rank", "gene", "model_ate", "data_ate",
+                                                           "learned"]  # 12 genes: all of them, ranked
+    first = top[top["intervention"] == "1+2"]
+    assert first["rank"].tolist() == list(range(1, 13)) and first["data_ate"].isna().all()
+    column = list(ate.var_names).index(first["gene"].iloc[0])
+    np.testing.assert_allclose(first["model_ate"].iloc[0], ate.layers["model"][5, column], rtol=1e-6)
+    assert np.all(np.diff(np.abs(first["model_ate"].to_numpy())) <= 0)  # largest |model ATE| first
+    observed = top[top["intervention"] == "3"]
+    np.testing.assert_allclose(observed["data_ate"], ate.layers["data"][2, [list(ate.var_names).index(g)
+                                                                            for g in observed["gene"]]], rtol=1e-6)
     for name in ("history.png", "ate_scatter.png", "mask_probs.png", "embeddings.png", "metrics.csv",
                  "sparse_effects.png", "sparse_effects.csv", "sparse_basis.csv"):
         assert (out / name).stat().st_size > 0

@@ -789,7 +789,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                  frac_combinations_train: float = 1.0, frac_combinations_test: float = 0.25,
                  frac_combination_cells_train: float = 1.0, likelihood: str | None = "library_nb",
                  perturbations: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
-                 name: str | None = None, backed: bool = False, for_training: bool = True) -> PerturbationData:
+                 name: str | None = None, backed: bool = False, for_training: bool = True,
+                 gene_symbols_key: str | None = None) -> PerturbationData:
     """Register an AnnData (or a ``.h5ad`` path) as :class:`PerturbationData`.
 
     Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``):
@@ -810,7 +811,10 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     skipped, namely control cells present and in the training split, perturbations
     without or with few training cells, and all-zero genes (the splits are still assigned by
     ``split_key`` / ``task``, whose own requirements still apply). The registration is kept in
-    ``data.registration`` and saved with checkpoints.
+    ``data.registration`` and saved with checkpoints. ``gene_symbols_key``: a ``var``
+    column of display names (gene symbols where ``var_names`` are Ensembl IDs), carried
+    to the outputs (``var["gene_symbol"]`` of ATEs and generated cells); missing entries
+    fall back to the gene's name.
     """
     control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
     if control is not None and perturbations is not None and control in perturbations and not guide_column_pattern:
@@ -835,6 +839,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     what = f"layers[{counts_layer!r}]" if counts_layer else "X"
     sums, cell_nonzero, gene_nonzero = check_values(counts, likelihood, obs.index, what)
     gene_names = adata.var_names[columns].astype(str).tolist()
+    gene_symbols = _gene_symbols(adata.var, gene_symbols_key, columns, gene_names)
     check_empty(cell_nonzero, gene_nonzero, obs.index.astype(str), gene_names, what, likelihood, library_size_key,
                 genes=for_training)
     library_size = library_sizes(obs, sums, library_size_key, counts=likelihood in COUNT_LIKELIHOODS)
@@ -854,6 +859,7 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
         perturbation_names=perturbation_names,
         library_size=library_size,
         control=control,
+        feature_symbols=gene_symbols,
         name=name or (os.path.splitext(os.path.basename(os.fspath(adata_or_path)))[0]
                       if isinstance(adata_or_path, (str, os.PathLike)) else "anndata"),
         registration=dict(
@@ -862,11 +868,25 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
             library_size_key=library_size_key, encode_combinations=encode_combinations,
             use_highly_variable=use_highly_variable, task=task, split_seed=split_seed,
             frac_combinations_train=frac_combinations_train, frac_combinations_test=frac_combinations_test,
-            frac_combination_cells_train=frac_combination_cells_train),
+            frac_combination_cells_train=frac_combination_cells_train, gene_symbols_key=gene_symbols_key),
     )
     if for_training:
         _check_training_coverage(data, conditions.is_control)
     return data
+
+
+def _gene_symbols(var: pd.DataFrame, key: str | None, columns: np.ndarray,
+                  gene_names: list[str]) -> list[str] | None:
+    """``var[key]`` of the selected genes as strings (a missing entry: the gene's name), or
+    None without a key."""
+    if not key:
+        return None
+    if key not in var.columns:
+        raise DataError(f"var has no column {key!r} (each gene's display name, e.g. its symbol); var columns: "
+                        f"{_show(var.columns, 40)}; pass gene_symbols_key=<column> (--config.data.gene_symbols_key="
+                        "<column>), or leave it unset to use var_names")
+    values = var[key].iloc[columns]
+    return [name if pd.isna(value) or str(value) == "" else str(value) for value, name in zip(values, gene_names)]
 
 
 FEW_TRAINING_CELLS = 5  # _check_training_coverage: fewer training cells than this are warned about
@@ -952,6 +972,8 @@ def check_layout(data_config) -> None:
     if settings["library_size_key"]:
         attempt(lambda: _require_column(adata.obs, settings["library_size_key"], "each cell's library size",
                                         "data.library_size_key"))
+    if settings["gene_symbols_key"]:
+        attempt(lambda: _gene_symbols(adata.var, settings["gene_symbols_key"], np.arange(0), []))
     layer = settings["counts_layer"]
     if layer and layer not in adata.layers or not layer and not adata._has_x:
         attempt(lambda: _matrix(adata, layer))  # its error names the layers there are
@@ -984,6 +1006,7 @@ def _registration_settings(data_config) -> tuple[str, dict]:
         frac_combinations_train=data_config.frac_combinations_train,
         frac_combinations_test=data_config.frac_combinations_test,
         frac_combination_cells_train=data_config.frac_combination_cells_train,
+        gene_symbols_key=data_config.get("gene_symbols_key") or None,
     )
 
 

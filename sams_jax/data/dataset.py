@@ -61,6 +61,8 @@ class PerturbationData:
     truth: dict[str, np.ndarray] | None = None  # simulation ground truth
     name: str = "data"
     registration: dict[str, Any] | None = None  # how an AnnData was read (sams_jax.data.anndata_io)
+    # [n_genes] display names (gene symbols where var_names are e.g. Ensembl IDs); None: the feature names
+    feature_symbols: list[str] | None = None
 
     @classmethod
     def from_anndata(cls, adata_or_path, **kwargs) -> "PerturbationData":
@@ -89,6 +91,8 @@ class PerturbationData:
                 raise DataError(f"{key} has {arr.shape[0]} rows but x has {n} cells")
         if len(self.feature_names) != self.n_genes:
             raise DataError(f"{len(self.feature_names)} feature names for {self.n_genes} genes")
+        if self.feature_symbols is not None and len(self.feature_symbols) != self.n_genes:
+            raise DataError(f"{len(self.feature_symbols)} feature symbols for {self.n_genes} genes")
         if len(self.perturbation_names) != self.n_perturbations:
             raise DataError(
                 f"{len(self.perturbation_names)} perturbation names for {self.n_perturbations} dosage columns")
@@ -207,6 +211,8 @@ class PerturbationData:
         return {
             "name": self.name,
             "feature_names": list(self.feature_names),
+            # display names only (not compared on resume or evaluation)
+            "feature_symbols": None if self.feature_symbols is None else list(self.feature_symbols),
             "perturbation_names": list(self.perturbation_names),
             "control": self.control,
             "normalization": normalization,
