@@ -264,9 +264,21 @@ def _check_distributed(config) -> None:
                 f"train.distributed.process_id (0 <= id < num_processes) must be too; got num_processes="
                 f"{settings.num_processes}, process_id={settings.process_id} (or set SAMS_JAX_DISTRIBUTED=1 to "
                 "read them from the cluster environment, e.g. SLURM)")
-    elif settings.num_processes > 1:
+    elif settings.num_processes > 1 and os.environ.get("SAMS_JAX_DISTRIBUTED", "") in ("", "0"):
         raise ConfigError(f"train.distributed.num_processes={settings.num_processes} needs "
-                          "train.distributed.coordinator_address ('host:port' of process 0)")
+                          "train.distributed.coordinator_address ('host:port' of process 0), or "
+                          "SAMS_JAX_DISTRIBUTED=1 to read it from the environment (JAX_COORDINATOR_ADDRESS, SLURM)")
+    # what the process count alone decides, checked before joining (a single process would otherwise wait for
+    # its partners until the timeout, then abort; validate_against_data checks again with the joined count)
+    n_processes = int(settings.num_processes)
+    if n_processes > 1 and config.train.data_shards and config.train.data_shards % n_processes:
+        raise ConfigError(f"train.data_shards={config.train.data_shards} must be a multiple of the number of "
+                          f"processes ({n_processes}), or 0 (one shard per process)")
+    if n_processes > 1 and config.train.get("data_placement") == "host":
+        raise ConfigError(f"train.data_placement='host' streams the training cells from the host, which supports "
+                          f"a single process only; this run has {n_processes} processes. Set "
+                          "train.data_placement='device' (each process keeps its own shards on its devices), or run "
+                          "one process")
 
 
 def validate_against_data(config, data) -> None:

@@ -69,6 +69,8 @@ def initialize(config) -> bool:
         kwargs["process_id"] = int(settings.process_id)
     if settings.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(settings.local_device_ids).split(",")]
+    if kwargs.get("process_id") == 0 and "coordinator_address" in kwargs:
+        _check_port_free(kwargs["coordinator_address"])
     # one line before joining: a coordinator that never hears from every process (a wrong num_processes, two
     # processes with one process_id) ends in an abort inside JAX's runtime, which this line explains
     described = ", ".join(f"{key}={kwargs[key]}" for key in ("coordinator_address", "num_processes", "process_id")
@@ -89,6 +91,25 @@ def initialize(config) -> bool:
     return True
 
 
+def _check_port_free(address: str) -> None:
+    """``ConfigError`` when the coordinator's port is taken on this host (process 0 runs
+    the coordinator there; JAX's runtime crashes with a segmentation fault when it cannot
+    listen)."""
+    import socket
+
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            from sams_jax.config import ConfigError
+
+            raise ConfigError(f"train.distributed.coordinator_address={address!r}: port {port} is in use on this "
+                              f"host ({error.strerror}); process 0 runs the coordinator there, so choose a free port "
+                              "(the same for every process)") from None
+
+
 # settings that may differ between the processes of one run
 PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids")
 
@@ -101,6 +122,7 @@ def check_same_config(config, workdir: str = "") -> None:
     process. Every process calls it (it gathers from all of them)."""
     if jax.process_count() == 1:
         return
+    _check_device_counts()  # before the gather below, which needs them equal
     import hashlib
     import json
 
@@ -131,19 +153,31 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def process_devices(num_devices: int = 0) -> list[list]:
-    """The first ``num_devices`` (0 = all) local devices of every process, by process."""
+def _devices_by_process() -> list[list]:
     by_process: dict[int, list] = {}
     for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
         by_process.setdefault(device.process_index, []).append(device)
-    rows = [devices[: num_devices or None] for _, devices in sorted(by_process.items())]
+    return [devices for _, devices in sorted(by_process.items())]
+
+
+def _check_device_counts(rows: list[list] | None = None) -> None:
+    """``ConfigError`` unless every process has as many devices (``jax.devices()`` lists
+    every process's devices without communication; JAX's cross-process gathers and Orbax's
+    checkpoint sync use all of them, so ``train.num_devices`` cannot even them out)."""
+    rows = _devices_by_process() if rows is None else rows
     if len({len(row) for row in rows}) != 1:
         from sams_jax.config import ConfigError
 
         raise ConfigError(f"the processes of this run have different numbers of devices: "
-                          f"{[len(row) for row in rows]}; give every process as many devices "
-                          "(train.distributed.local_device_ids, or train.num_devices to use fewer)")
-    return rows
+                          f"{[len(row) for row in rows]} (by process); give every process as many devices, e.g. "
+                          "with train.distributed.local_device_ids (or CUDA_VISIBLE_DEVICES) per process")
+
+
+def process_devices(num_devices: int = 0) -> list[list]:
+    """The first ``num_devices`` (0 = all) local devices of every process, by process."""
+    rows = _devices_by_process()
+    _check_device_counts(rows)
+    return [devices[: num_devices or None] for devices in rows]
 
 
 class DataParallel:

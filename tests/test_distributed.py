@@ -17,6 +17,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from sams_jax import distributed
 from sams_jax.config import ConfigError, validate_config
@@ -105,12 +106,38 @@ def test_two_processes_match_one_process(tmp_path):
     ({"coordinator_address": "localhost"}, "must be 'host:port'"),
     ({"num_processes": 2}, "needs train.distributed.coordinator_address"),
     ({"local_device_ids": "0;1"}, "comma-separated device numbers"),
+    # decided by the process count alone: refused before joining (a lone process waited for the timeout)
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0, "data_shards": 3},
+     "train.data_shards=3 must be a multiple of the number of processes (2)"),
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0, "data_placement": "host"},
+     "supports a single process only; this run has 2 processes"),
 ])
 def test_bad_distributed_settings_are_clear_errors(tiny_config, monkeypatch, fields, message):
     monkeypatch.delenv(distributed.ENV_FLAG, raising=False)
+    train_fields = {key: fields.pop(key) for key in ("data_shards", "data_placement") if key in fields}
+    tiny_config.train.update(train_fields)
     tiny_config.train.distributed.update(fields)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_config(tiny_config)
+
+
+def test_num_processes_with_the_cluster_flag_needs_no_coordinator_in_the_config(tiny_config, monkeypatch):
+    """JAX_COORDINATOR_ADDRESS (or SLURM) gives the coordinator under SAMS_JAX_DISTRIBUTED=1."""
+    monkeypatch.setenv(distributed.ENV_FLAG, "1")
+    tiny_config.train.distributed.update(num_processes=2, process_id=0)
+    validate_config(tiny_config)
+
+
+def test_coordinator_port_in_use_is_a_config_error(tiny_config, monkeypatch):
+    """Process 0 checks its coordinator port before joining (JAX's runtime segfaulted)."""
+    monkeypatch.delenv(distributed.ENV_FLAG, raising=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        tiny_config.train.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2, process_id=0)
+        with pytest.raises(ConfigError, match=rf"port {port} is in use on this host"):
+            distributed.initialize(tiny_config)
 
 
 def test_single_process_is_a_no_op(tiny_config, monkeypatch):
@@ -197,6 +224,14 @@ def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
             self.process_index, self.id = process_index, id
 
     monkeypatch.setattr(distributed.jax, "devices", lambda: [Device(0, 0), Device(0, 1), Device(1, 2)])
+    with pytest.raises(ConfigError, match=r"different numbers of devices: \[2, 1\] \(by process\).*local_device_ids"):
+        distributed.process_devices(1)  # train.num_devices cannot even them out: gathers use every device
+    # checked before the config digests are gathered across processes (that gather failed with a reshape error)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    gathered = []
+    monkeypatch.setattr("jax.experimental.multihost_utils.process_allgather", lambda *a: gathered.append(a))
     with pytest.raises(ConfigError, match=r"different numbers of devices: \[2, 1\]"):
-        distributed.process_devices()
+        distributed.check_same_config(ConfigDict({"seed": 0}))
+    assert not gathered
+    monkeypatch.setattr(distributed.jax, "devices", lambda: [Device(0, 0), Device(0, 1), Device(1, 2), Device(1, 3)])
     assert [[d.id for d in row] for row in distributed.process_devices(1)] == [[0], [2]]  # train.num_devices=1
