@@ -123,7 +123,14 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.workdir:
+        if args.task != "simulation":
+            parser.error("--workdir times a trained run of the default simulation (task simulation); the replogle "
+                         "task uses freshly initialised parameters")
         predictor = load(args.workdir)
+        source = predictor.config.data.get("source")
+        if source != "simulation":
+            parser.error(f"--workdir {args.workdir} was trained on data.source={source!r}, not the simulation; the "
+                         "simulation task's figures (synthetic cells of its shape) would not describe that run")
         n_cells = 10_000
     else:
         predictor, n_cells = fresh_predictor(args.task)

@@ -37,7 +37,7 @@ def machine() -> dict:
                 break
     device = jax.devices()[0]
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-            "device": getattr(device, "device_kind", str(device)), "n_devices": jax.local_device_count(),
+            "device": getattr(device, "device_kind", str(device)), "local_devices_present": jax.local_device_count(),
             "jax": jax.__version__}
 
 

@@ -66,8 +66,12 @@ def screen_settings(n_cells: int, n_genes: int, n_perturbations: int, density: f
             "seed": seed}
 
 
+VAL_TEST_CELLS = 2_048  # cells in each of the validation and test splits
+BATCH_SIZE = 512
+
+
 def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, density: float = 0.1,
-                 block: int = 20_000, seed: int = 0, val_test_cells: int = 2_048) -> dict:
+                 block: int = 20_000, seed: int = 0, val_test_cells: int = VAL_TEST_CELLS) -> dict:
     """Write the synthetic screen block by block; returns its size and the time taken.
 
     Cells: 5% controls, the rest spread over ``n_perturbations`` perturbations. A cell's
@@ -133,7 +137,7 @@ def model_config(path: str, mode: str, steps_per_dispatch: int):
                         decoder_n_layers=1, decoder_n_hidden=400, basal_encoder_n_layers=1,
                         basal_encoder_n_hidden=400, embedding_encoder_n_layers=2, embedding_encoder_n_hidden=200)
     config.objective.n_particles = 5
-    config.train.update(learning_rate=3e-4, batch_size=512, steps_per_dispatch=steps_per_dispatch, progress=False,
+    config.train.update(learning_rate=3e-4, batch_size=BATCH_SIZE, steps_per_dispatch=steps_per_dispatch, progress=False,
                         num_devices=1, data_placement="device" if mode == "memory" else "host", prefetch=2)
     return config
 
@@ -281,7 +285,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--path", default="/tmp/sams_jax_screen.h5ad", help="where the .h5ad is written")
-    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--cells", type=int, default=1_000_000,
+                        help=f"cells in the screen; {VAL_TEST_CELLS:,} each form the validation and test splits, the "
+                             "rest train")
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--perturbations", type=int, default=1_000)
     parser.add_argument("--density", type=float, default=0.1)
@@ -297,6 +303,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one mode, in a child process
     args = parser.parse_args()
+    smallest = 2 * VAL_TEST_CELLS + BATCH_SIZE  # validation and test splits, then one training batch
+    if args.cells < smallest:
+        parser.error(f"--cells must be at least {smallest:,}: {VAL_TEST_CELLS:,} cells each form the validation and "
+                     f"test splits and training needs a batch of {BATCH_SIZE}; the rest train (for a meaningful "
+                     "comparison, many times that)")
 
     if args.mode:
         print(json.dumps(run_mode(args.path, args.mode, args.dispatches, args.steps_per_dispatch,
