@@ -22,6 +22,7 @@ def get_config():
     config.data.update(
         source="anndata", perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
         delimiter="", counts_layer="", task="replogle", split_seed=0,
+        gene_symbols_key="gene_name",  # var_names are Ensembl IDs; prepare_replogle keeps the symbols here
     )
     config.model.update(n_latent=100, likelihood="library_nb")  # otherwise the defaults of base_config
     config.train.update(learning_rate=3e-4, batch_size=512, max_steps=150_000, eval_every=5_000)

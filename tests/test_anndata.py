@@ -672,8 +672,9 @@ def test_prepare_replogle_cli_reproduces_the_filter(tmp_path):
     assert f"{keep.sum()} cells x 7 genes" in result.stdout
     assert "warning: the result is not the paper's 118,641 x 1,187" in result.stderr  # a small file, as here
     data = from_anndata(out, perturbation_key="sgID_AB", control="non-targeting", control_match="contains",
-                        delimiter=None, counts_layer=None, task="replogle")
+                        delimiter=None, counts_layer=None, task="replogle", gene_symbols_key="gene_name")
     assert len(data.perturbation_names) == len(set(obs["gene"][keep]) - {"non-targeting"})
+    assert data.feature_symbols == filtered.var["gene_name"].tolist()  # as configs/replogle.py reads them
     assert (data.dosages.sum(1) == 0).sum() == 5
 
 

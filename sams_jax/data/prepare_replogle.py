@@ -118,6 +118,8 @@ def prepare_replogle(raw_path: str, out_path: str, spec: dict[str, Any] | None =
         counts = _read_rows(raw.X, rows, columns, chunk_size)
         obs = raw.obs.iloc[rows].copy()
         var = raw.var.iloc[columns].copy()
+        if GENE_NAME_COLUMN not in var.columns:  # configs/replogle.py reads the symbols from it
+            var[GENE_NAME_COLUMN] = var.index.astype(str)
     finally:
         if raw.isbacked:
             raw.file.close()
