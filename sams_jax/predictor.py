@@ -485,6 +485,11 @@ class Predictor:
         arrays = self._arrays(data, split)
         return np.asarray(self._encode(self.variables, arrays["x"], arrays["dosages"], keys))
 
+    def get_latent_representation(self, data, n_particles: int = 10, seed: int = 0,
+                                  split: str | None = None) -> np.ndarray:
+        """:meth:`latent` under scvi-tools' name."""
+        return self.latent(data, n_particles=n_particles, seed=seed, split=split)
+
     def _per_perturbation(self, method: str) -> pd.DataFrame:
         if not hasattr(self.model, method):
             from sams_jax.models import MODELS

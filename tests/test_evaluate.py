@@ -382,6 +382,8 @@ def test_predictor_api_on_trained_run(trained):
         with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
             predictor.expectations(["1"], n_particles=bad_count)
     assert predictor.ate(["1"], n_particles=16.0).uns["n_particles"] == 16  # an int, as computed
+    np.testing.assert_array_equal(predictor.get_latent_representation(data, n_particles=3, seed=1),
+                                  predictor.latent(data, n_particles=3, seed=1))  # scvi-tools' name
     for bad_count in (0, -1, 2.5):  # 0 particles gave NaN scores, the others a JAX shape error
         for call in (predictor.iwelbo, predictor.latent):
             with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
