@@ -271,14 +271,19 @@ def _check_distributed(config) -> None:
     # what the process count alone decides, checked before joining (a single process would otherwise wait for
     # its partners until the timeout, then abort; validate_against_data checks again with the joined count)
     n_processes = int(settings.num_processes)
-    if n_processes > 1 and config.train.data_shards and config.train.data_shards % n_processes:
-        raise ConfigError(f"train.data_shards={config.train.data_shards} must be a multiple of the number of "
-                          f"processes ({n_processes}), or 0 (one shard per process)")
+    if n_processes > 1 and config.train.data_shards:
+        _check_shards(config.train.data_shards, n_processes)
     if n_processes > 1 and config.train.get("data_placement") == "host":
         raise ConfigError(f"train.data_placement='host' streams the training cells from the host, which supports "
                           f"a single process only; this run has {n_processes} processes. Set "
                           "train.data_placement='device' (each process keeps its own shards on its devices), or run "
                           "one process")
+
+
+def _check_shards(n_shards: int, n_processes: int) -> None:
+    if n_shards % n_processes:
+        raise ConfigError(f"train.data_shards={n_shards} must be a multiple of the number of processes "
+                          f"({n_processes}), or 0 (one shard per process)")
 
 
 def validate_against_data(config, data) -> None:
@@ -308,9 +313,7 @@ def validate_against_data(config, data) -> None:
                           f"({n_devices}{', ' + where if where else ''}); choose a multiple of {n_devices} or set "
                           "train.num_devices")
     n_shards = config.train.data_shards or n_processes
-    if n_shards % n_processes:
-        raise ConfigError(f"train.data_shards={config.train.data_shards} must be a multiple of the number of "
-                          f"processes ({n_processes}), or 0 (one shard per process)")
+    _check_shards(n_shards, n_processes)
     if config.train.batch_size % n_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the number of data "
                           f"shards ({n_shards}); choose a multiple of {n_shards}")

@@ -69,8 +69,9 @@ def initialize(config) -> bool:
         kwargs["process_id"] = int(settings.process_id)
     if settings.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(settings.local_device_ids).split(",")]
-    if kwargs.get("process_id") == 0 and "coordinator_address" in kwargs:
-        _check_port_free(kwargs["coordinator_address"])
+    address = kwargs.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if kwargs.get("process_id") == 0 and address and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        _check_port_free(address)
     # one line before joining: a coordinator that never hears from every process (a wrong num_processes, two
     # processes with one process_id) ends in an abort inside JAX's runtime, which this line explains
     described = ", ".join(f"{key}={kwargs[key]}" for key in ("coordinator_address", "num_processes", "process_id")
@@ -95,19 +96,28 @@ def _check_port_free(address: str) -> None:
     """``ConfigError`` when the coordinator's port is taken on this host (process 0 runs
     the coordinator there; JAX's runtime crashes with a segmentation fault when it cannot
     listen)."""
+    import errno
     import socket
 
-    port = int(address.rpartition(":")[2])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    port = address.rpartition(":")[2]
+    if not port.isdigit():
+        return  # a malformed address: JAX's own error names it
+    port = int(port)
+    ipv6 = socket.has_ipv6  # the coordinator listens on [::]:port, IPv4 included where the host has both
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free
         try:
-            probe.bind(("", port))
+            if ipv6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::" if ipv6 else "", port))
         except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return  # e.g. no IPv6 on this host: nothing learnt, JAX tries for itself
             from sams_jax.config import ConfigError
 
-            raise ConfigError(f"train.distributed.coordinator_address={address!r}: port {port} is in use on this "
-                              f"host ({error.strerror}); process 0 runs the coordinator there, so choose a free port "
-                              "(the same for every process)") from None
+            raise ConfigError(f"coordinator address {address!r}: port {port} is in use on this host; process 0 runs "
+                              "the coordinator there, so choose a free port (the same for every process: "
+                              "train.distributed.coordinator_address)") from None
 
 
 # settings that may differ between the processes of one run

@@ -63,7 +63,8 @@ from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metada
 from sams_jax.data.anndata_io import DataWarning, read_uns, write_h5ad
 from sams_jax.data.splits import NO_SPLIT
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
-from sams_jax.predictor import InterventionError, InterventionWarning, Predictor, check_features, check_scale, load
+from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarning, Predictor, check_features,
+                                check_scale, load)
 
 TOP_K = 20
 TOP_GENES = 20  # top_genes.csv: genes per intervention
@@ -137,9 +138,10 @@ def check_ate_scale(likelihood: str, scale: str) -> None:
 
 
 def _registration_summary(data_config) -> str:
-    """The registration fields of a saved ``config.data`` that a file must agree with."""
-    fields = ("perturbation_key", "control", "control_match", "delimiter", "counts_layer", "split_key", "task")
-    return ", ".join(f"{field}={data_config.get(field)!r}" for field in fields if field in data_config)
+    """The registration fields of a saved ``config.data`` that a file must agree with (the
+    set ones)."""
+    fields = (*LAYOUT_KEYS, "split_key", "task", "use_highly_variable")
+    return ", ".join(f"{field}={data_config.get(field)!r}" for field in fields if data_config.get(field))
 
 
 def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationData:
@@ -151,6 +153,8 @@ def _rebuild_data(predictor: Predictor, data_path: str | None) -> PerturbationDa
             raise EvaluationError(f"--data-path (data_path=) replaces the path of a run trained on a file; this "
                                   f"run's data are data.source={data_config.source!r}, rebuilt from its config")
         data_config.path = str(data_path)
+    # display names come from the checkpoint (predictor.feature_symbols): a file without the column still registers
+    data_config.gene_symbols_key = ""
     if data_config.source == "anndata" and data_config.path and not os.path.exists(data_config.path):
         raise DataError(f"the run's data file {data_config.path!r} does not exist (moved or deleted?); pass its "
                         "new path with --data-path (data_path=)")
@@ -362,11 +366,11 @@ def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
     labels = metrics_lib.pathway_labels(predictor.perturbation_names, pathways,
                                         keep=predictor.learned(predictor.perturbation_names))
     if len(set(labels) - {""}) < 2:
-        known = set(predictor.perturbation_names) | {name.split("_")[0] for name in predictor.perturbation_names}
+        known = set(predictor.perturbation_names) | set(map(metrics_lib.perturbation_gene, predictor.perturbation_names))
         genes = list(dict.fromkeys(gene for members in pathways.values() for gene in members))
         unmatched = [gene for gene in genes if gene not in known]
         hint = (f" ({len(unmatched)} of the {len(genes)} genes in the sets name no perturbation of the model, e.g. "
-                f"{unmatched[:10]}: a typo, or other gene identifiers than the perturbations')") if unmatched else ""
+                f"{unmatched[:10]}: a typo, or other gene identifiers than the perturbations' names)") if unmatched else ""
         warnings.warn(f"fewer than two of the {len(pathways)} pathway gene sets have two or more trained perturbations "
                       f"among the model's{hint}; no pathway metrics", EvaluationWarning, stacklevel=3)
         return vectors, None

@@ -149,12 +149,18 @@ def pathway_labels(perturbation_names, pathways: dict, keep: np.ndarray | None =
     for name, genes in pathways.items():
         for gene in genes:
             pathway_of.setdefault(str(gene), str(name))
-    labels = np.asarray([pathway_of.get(str(p), pathway_of.get(str(p).split("_")[0], "")) for p in perturbation_names],
+    labels = np.asarray([pathway_of.get(str(p), pathway_of.get(perturbation_gene(p), "")) for p in perturbation_names],
                         dtype=object)
     if keep is not None:
         labels[~np.asarray(keep, bool)] = ""
     labels[~_in_groups(labels)] = ""
     return labels
+
+
+def perturbation_gene(name) -> str:
+    """The gene a perturbation name points to besides its own name (:func:`pathway_labels`):
+    the part before the first ``_`` of a guide-pair ID (``"AARS_+_70323216.23-P1P2|..."``)."""
+    return str(name).split("_")[0]
 
 
 def _in_groups(labels: np.ndarray) -> np.ndarray:  # [P] str -> [P] bool: in a pathway of two or more

@@ -10,7 +10,6 @@ unless it is itself a perturbation (as in the simulation, whose reference is ``"
 from __future__ import annotations
 
 import collections
-
 import difflib
 import os
 import warnings
@@ -336,7 +335,8 @@ class Predictor:
         """``n`` simulated cells per intervention (AnnData with ``obs["intervention"]``).
 
         ``library_size``: the library size of each generated cell under a ``library_nb``
-        likelihood (ignored by the others): the expected total count, around which the
+        likelihood (ignored by the others, but checked to be a positive number under any):
+        the expected total count, around which the
         drawn totals vary (negative-binomial noise). Default: the median library size of the
         training cells, as recorded in the checkpoint, so the cells look like the data's
         (checkpoints written before that was recorded: 10,000, the ATEs' fixed size)."""
@@ -455,9 +455,8 @@ class Predictor:
         scored ``chunk_size`` at a time (default :func:`iwelbo_chunk_size`); the local draws
         depend on the chunking, so compare numbers computed with the same chunk size."""
         n_particles = _whole_number(n_particles, "n_particles")
-        if chunk_size is not None:
-            chunk_size = _whole_number(chunk_size, "chunk_size")
-        chunk_size = chunk_size or iwelbo_chunk_size(n_particles, len(self.feature_names))
+        chunk_size = _whole_number(chunk_size, "chunk_size") if chunk_size else \
+            iwelbo_chunk_size(n_particles, len(self.feature_names))  # None or 0: the default
         data = self._data(data)
         key = jax.random.key(seed)
         cells = self._streamed(data, split)

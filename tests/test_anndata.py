@@ -12,8 +12,8 @@ import sys
 import warnings
 
 import anndata
-import numpy as np
 import jax
+import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
@@ -328,9 +328,15 @@ def test_bad_count_values_name_the_cells(value, kind):
 
 def test_counts_with_rounding_noise_get_a_rounding_hint():
     adata = make_screen(sparse=False)
-    adata.layers["counts"] = adata.layers["counts"] * np.float32(1.0000001) + np.float32(1e-5)
-    with pytest.raises(DataError, match=r"non-integer values .* whole number up to rounding noise.*np.rint"):
+    counts = adata.layers["counts"]
+    adata.layers["counts"] = counts * np.float32(1.0000001) + np.float32(1e-5) * (counts > 0)  # zeros stay 0
+    with pytest.raises(DataError, match=r"non-integer values .* within 0.001 of a non-zero whole number.*np.rint"):
         from_anndata(adata, likelihood="library_nb")
+    for other in (counts_of(make_screen()) / 1e4, counts_of(make_screen()) + 0.5 * (np.arange(12) == 3)):
+        adata.layers["counts"] = (other * np.float32(1.0000001)).astype(np.float32)  # normalised; one real 0.5
+        with pytest.raises(DataError, match="non-integer") as error:
+            from_anndata(adata, likelihood="library_nb")
+        assert "0.001" not in str(error.value)  # judged on every value, not on one example
 
 
 def test_real_values_are_fine_with_the_normal_likelihood():
@@ -749,9 +755,11 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     path = tmp_path / "screen.h5ad"
     adata = make_screen()
     adata.obs["split"] = np.array(["train", "train", "val", "test"])[np.arange(adata.n_obs) % 4]
+    adata.var["symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
     write_h5ad(adata, path)
     config = _config("anndata")
-    config.data.update(path=str(path), split_key="split")  # equal val / test sizes: one IWELBO compile
+    config.data.update(path=str(path), split_key="split",  # equal val / test sizes: one IWELBO compile
+                       gene_symbols_key="symbol")
     config.model.update(n_latent=3, decoder_n_hidden=8, basal_encoder_n_hidden=8, embedding_encoder_n_hidden=8)
     config.objective.n_particles = 2
     config.train.update(batch_size=32, max_steps=20, eval_every=10, steps_per_dispatch=10, eval_batch_size=64,
@@ -785,6 +793,16 @@ def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
         evaluate(str(workdir), **options)
     results = evaluate(str(workdir), data_path=str(moved), **options)
     assert np.isfinite(results["IWELBO-test"]) and "ATE_pearsonr-all" in results
+    # the run's gene symbols (data.gene_symbols_key) name the genes of the outputs
+    ate = anndata.read_h5ad(workdir / "eval" / "ate.h5ad")
+    assert ate.var["gene_symbol"].tolist() == [f"SYM{i}" for i in range(ate.n_vars)]
+    top = pd.read_csv(workdir / "eval" / "top_genes.csv")
+    assert (top["gene_symbol"] == "SYM" + top["gene"].str.removeprefix("gene")).all()
+    without = anndata.read_h5ad(moved)  # symbols are display only: a file without the column still evaluates
+    del without.var["symbol"]
+    write_h5ad(without, path)
+    assert evaluate(str(workdir), data_path=str(path), **{**options, "write": False}) == \
+        {key: value for key, value in results.items()}
     reversed_genes = anndata.read_h5ad(moved)[:, ::-1].copy()
     write_h5ad(reversed_genes, path)
     with pytest.raises(DataError, match=r"feature_names \(the same 12 names in another order\); "
@@ -905,6 +923,8 @@ def test_an_unused_split_column_is_pointed_out():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         from_anndata(adata, split_key="split")  # used: nothing to say
+        from_anndata(adata, task="replogle")  # a task's split: split_key would be refused beside it
+        from_anndata(adata, for_training=False)  # scoring data (Predictor.register): the split is not used
         adata.obs["split"] = np.where(np.arange(adata.n_obs) % 2, "train", "holdout")  # not split labels only
         from_anndata(adata)
 

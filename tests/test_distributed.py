@@ -138,6 +138,12 @@ def test_coordinator_port_in_use_is_a_config_error(tiny_config, monkeypatch):
         tiny_config.train.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2, process_id=0)
         with pytest.raises(ConfigError, match=rf"port {port} is in use on this host"):
             distributed.initialize(tiny_config)
+        joined = []  # process 1 runs no coordinator: no probe, it joins
+        monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kwargs: joined.append(kwargs))
+        tiny_config.train.distributed.process_id = 1
+        assert distributed.initialize(tiny_config) and joined[-1]["process_id"] == 1
+    tiny_config.train.distributed.process_id = 0  # the port is free now: process 0 joins too
+    assert distributed.initialize(tiny_config) and joined[-1]["coordinator_address"] == f"localhost:{port}"
 
 
 def test_single_process_is_a_no_op(tiny_config, monkeypatch):

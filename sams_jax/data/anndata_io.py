@@ -238,16 +238,17 @@ def check_genes(expected: Sequence[str], found: Sequence[str], model: bool = Tru
             "genes")
 
 
-def select_genes(adata, use_highly_variable: bool = False,
-                 feature_names: Sequence[str] | None = None) -> np.ndarray:  # [G] int positions in var
+def select_genes(adata, use_highly_variable: bool = False, feature_names: Sequence[str] | None = None,
+                 model: bool = False) -> np.ndarray:  # [G] int positions in var
     """Gene columns to use: all, or ``var["highly_variable"]`` ones; reordered to
-    ``feature_names`` (a trained model's genes) when given, after checking the sets match.
+    ``feature_names`` (a trained model's genes) when given, after checking the sets match
+    (``model``: the error says they are a trained model's).
     With both, the model's genes are taken by name from all of var (other genes are left
     out, as the flags left them out in training; this AnnData's own flags are not read)."""
     if use_highly_variable and feature_names is not None:
         names = adata.var_names.astype(str)
         model_genes = set(map(str, feature_names))
-        check_genes(list(feature_names), [g for g in names if g in model_genes], model=False)
+        check_genes(list(feature_names), [g for g in names if g in model_genes], model=model)
         return pd.Index(names).get_indexer(list(map(str, feature_names)))
     columns = np.arange(adata.n_vars)
     if use_highly_variable:
@@ -257,7 +258,7 @@ def select_genes(adata, use_highly_variable: bool = False,
                             "use_highly_variable=False")
     names = adata.var_names[columns].astype(str)
     if feature_names is not None:
-        check_genes(list(feature_names), names.tolist(), model=False)
+        check_genes(list(feature_names), names.tolist(), model=model)
         columns = columns[pd.Index(names).get_indexer(list(feature_names))]
     return columns
 
@@ -619,12 +620,17 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
     except ValueError as error:
         raise DataError(f"task {task!r}: {error}; it needs cells with pairs (labels 'A+B', or two guide "
                         "columns set)") from None
+    return splits_lib.random_split(len(obs), split_seed)
+
+
+def warn_unused_split_column(obs: pd.DataFrame) -> None:
+    """:class:`DataWarning` naming obs columns of train / val / test labels, for a training
+    registration that splits the cells at random (no ``split_key``, no task)."""
     split_like = [str(name) for name in obs.columns if _holds_splits(obs[name])]
     if split_like:
         warnings.warn(f"obs column(s) {split_like} hold train / val / test labels but split_key is not set, so the cells "
                       f"get a random 64/16/20 split instead; to use the column, pass split_key={split_like[0]!r} "
                       f"(--config.data.split_key={split_like[0]})", DataWarning, stacklevel=3)
-    return splits_lib.random_split(len(obs), split_seed)
 
 
 def _holds_splits(column: pd.Series) -> bool:
@@ -672,6 +678,16 @@ def _gene_columns(matrix, columns: np.ndarray):
     return np.asarray(matrix)[:, columns]
 
 
+def _far_from_whole(matrix) -> bool:
+    """Whether some value is not a count even up to rounding noise: more than 0.001 from a
+    whole number, or a non-zero value within it of 0 (a second pass, on the error path only)."""
+    def far(v):
+        nearest = np.round(v)
+        return np.isfinite(v) & ((np.abs(v - nearest) > 1e-3) | ((nearest == 0) & (v != 0)))
+
+    return bool(matrix_lib.value_problems(matrix, {"far": far}))
+
+
 def check_values(matrix, likelihood: str | None, cell_names: pd.Index,
                  what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """No NaN / inf; for count likelihoods no negative and no non-integer values.
@@ -692,10 +708,10 @@ def check_values(matrix, likelihood: str | None, cell_names: pd.Index,
             n_values, n_cells, cells, example = found[kind]
             more = f" ... (+{n_cells - len(cells)} more)" if n_cells > len(cells) else ""
             fix = fixes[kind]
-            if kind == "non-integer" and abs(float(example) - round(float(example))) < 1e-3:
-                fix += (f" (values such as {float(example)!r} are a whole number up to rounding noise: if all are, "
-                        "these are counts that went through a float conversion; round them before registering, "
-                        "e.g. np.rint(...) on the array, or .data of a sparse matrix)")
+            if kind == "non-integer" and not _far_from_whole(matrix):
+                fix += (" (every one of them is within 0.001 of a non-zero whole number: counts that went through "
+                        "a float conversion? round them before registering, e.g. np.rint(...) on the array, or on "
+                        ".data of a sparse matrix)")
             raise DataError(f"{what} has {n_values} {kind} values (e.g. {example!r}) in {n_cells} cells, "
                             f"e.g. {[str(name) for name in cell_names[cells]]}{more}; {fix}")
     return sums, cell_nonzero, gene_nonzero
@@ -832,6 +848,8 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
                      encode_combinations)
     split = assign_splits(adata.obs, conditions, split_key, task, split_seed, frac_combinations_train,
                           frac_combinations_test, frac_combination_cells_train)
+    if for_training and not split_key and task == "none":
+        warn_unused_split_column(adata.obs)
     # cells in no split of the task (Norman's left-out pair cells) stay, with split "": no training or
     # scoring uses them, the data ATEs do (SPEC 5: the mean over all cells that received an intervention)
     obs = adata.obs
@@ -923,7 +941,7 @@ def check_compatible(metadata: dict[str, Any], adata_or_path) -> None:
     adata = read_anndata(adata_or_path)
     check_names(adata)
     registration = metadata.get("registration") or {}
-    select_genes(adata, registration.get("use_highly_variable", False), metadata["feature_names"])
+    select_genes(adata, registration.get("use_highly_variable", False), metadata["feature_names"], model=True)
     if registration:
         conditions = parse_conditions(adata.obs, registration["perturbation_key"], registration["control"],
                                       registration["control_match"], registration["delimiter"],
