@@ -45,7 +45,11 @@ def make_grid(name: str, task: str, fraction_field: str, args: argparse.Namespac
     """``task``: ``norman_ood`` or ``norman_data_efficiency`` (the config suffix). Each
     split seed is both ``data.split_seed`` and the model's ``seed``. ``--smoke``: a tiny
     Norman-like file written to ``<out>/data/``, tiny networks, 2 seeds, fractions 0 and 1."""
-    grid_variants = variants(task, getattr(args, "layers", None) or list(LAYERS))
+    layers = getattr(args, "layers", None) or list(LAYERS)
+    # the tables keep the one-layer models, the relative IWELBO's reference, whatever depths run now
+    grid_variants = variants(task, [1, *layers])
+    if getattr(args, "models", None) is None and 1 not in layers:
+        args.models = [variant.name for variant in variants(task, layers)]  # run the depths asked for
     common = dict(seed_fields=("seed", "data.split_seed"), fraction_field=fraction_field, reference="sams_vae")
     if args.smoke:
         path = args.out / "data" / "norman_like.h5ad"

@@ -315,18 +315,41 @@ def _runner_message(error: Exception) -> str:
     return re.sub(r"--config\.([\w.]+)=", r"--set \1=", str(message))
 
 
-def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True) -> bool:
-    """True when the cell's ``done.json`` records this very config and (unless
-    ``evaluation=False``: the tables, which gather runs evaluated with any options) evaluation."""
-    path = cell_dir(out, cell) / "done.json"
-    if not path.is_file():
+def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True, config: bool = True) -> bool:
+    """True when the cell's ``done.json`` records this very run: the same config (unless
+    ``config=False``: the tables, which gather a cell's finished run whatever ``--set``
+    values it was trained with) and evaluation options (unless ``evaluation=False``: the
+    tables gather runs evaluated with any options)."""
+    done = _done(out, cell)
+    if done is None:
         return False
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    keys = [k for k in cell.spec() if evaluation or k != "evaluation"]
+    keys = [k for k in cell.spec() if (evaluation or k != "evaluation") and (config or k != "config")]
     return {k: done.get(k) for k in keys} == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
+
+
+def _done(out: pathlib.Path, cell: Cell) -> dict | None:
+    """The cell's ``done.json`` (None when missing or unreadable)."""
+    path = cell_dir(out, cell) / "done.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def config_differences(done_config: Mapping[str, Any], asked: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.max_steps": 50, ...}``: the fields of a finished run's config (``done_config``)
+    whose value differs from ``asked`` (the config the grid asks for now), with the run's value."""
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    run, now = flat(done_config), flat(_roundtrip(dict(asked)))
+    return {field: run.get(field) for field in sorted({*run, *now}) if run.get(field) != now.get(field)}
 
 
 def _roundtrip(value):
@@ -488,21 +511,42 @@ def run_cell(directory: str) -> None:
 
 def collect(cells: Sequence[Cell], out: pathlib.Path):
     """One row per finished cell: ``variant, fraction, seed, seconds``, the evaluation's
-    particle counts and method (a cell finished with other ``--iwelbo-particles``,
-    ``--ate-particles`` or ``--ate-method`` than asked for now counts, with its own), and every
-    metric of ``eval/metrics.json`` (a pandas DataFrame; empty when nothing has finished)."""
+    particle counts and method, ``settings`` (the config fields in which the run differs from
+    the config asked for now, as JSON: ``{}`` for none) and every metric of
+    ``eval/metrics.json`` (a pandas DataFrame; empty when nothing has finished). A cell's
+    finished run counts whatever ``--set`` values or evaluation options it had (a run of
+    some models with other settings does not drop the others' runs from the tables; the
+    columns say which differ)."""
     import pandas as pd
 
     rows = []
     for cell in cells:
-        if is_done(out, cell, evaluation=False):
-            done = json.loads((cell_dir(out, cell) / "done.json").read_text())
+        if is_done(out, cell, evaluation=False, config=False):
+            done = _done(out, cell)
             evaluation = done.get("evaluation") or {}
             rows.append({"variant": cell.variant, "fraction": cell.fraction, "seed": cell.seed,
                          "seconds": done.get("seconds"),
                          **{key: evaluation.get(key) for key in ("iwelbo_particles", "ate_particles", "ate_method")},
+                         "settings": json.dumps(config_differences(done.get("config") or {}, cell.config),
+                                                sort_keys=True, default=str),
                          **done["metrics"]})
     return pd.DataFrame(rows)
+
+
+def _mixed_runs_note(runs) -> str:
+    """A line for ``table.md`` when its runs were trained or evaluated differently."""
+    notes = []
+    if not runs.empty:
+        other = runs[runs["settings"] != "{}"]
+        if len(other):
+            fields = sorted({field for text in other["settings"] for field in json.loads(text)})
+            notes.append(f"{len(other)} of {len(runs)} runs were trained with other settings than asked for now "
+                         f"({', '.join(fields[:6])}{' ...' if len(fields) > 6 else ''}: runs.csv, column `settings`)")
+        options = runs[["iwelbo_particles", "ate_particles", "ate_method"]].astype(str).drop_duplicates()
+        if len(options) > 1:
+            notes.append("the runs were evaluated with different particle counts or ATE methods (runs.csv, columns "
+                         "`iwelbo_particles`, `ate_particles`, `ate_method`)")
+    return "".join(f"**Note:** {note}.\n\n" for note in notes)
 
 
 def add_relative_iwelbo(runs, reference: str, iwelbo: str = "IWELBO-test", fraction: float | None = None):
@@ -623,7 +667,7 @@ def aggregate(grid: Grid, out: pathlib.Path, echo: Callable[[str], None] = print
     has_fraction = bool(grid.fractions)
     reference = f"{grid.reference} at fraction {min(grid.fractions):g}" if has_fraction else grid.reference
     text = (f"# {grid.name}\n\n{len(runs)} of {len(cells)} runs finished. Mean ± std over seeds; "
-            f"{RELATIVE}: test IWELBO minus {reference} on the same seed.\n\n"
+            f"{RELATIVE}: test IWELBO minus {reference} on the same seed.\n\n" + _mixed_runs_note(runs)
             + markdown_table(table, grid.metrics, has_fraction))
     (out / "table.md").write_text(text)
     xlabel = (grid.fraction_field or "").split(".")[-1]
@@ -753,8 +797,12 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         parser.error(_runner_message(error))
     out = args.out.resolve()
     if args.list:
-        for cell in cells:
-            print(f"{'done' if is_done(out, cell) else 'todo'}  {cell.id}")
+        try:
+            for cell in cells:
+                print(f"{'done' if is_done(out, cell) else 'todo'}  {cell.id}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     failures = []
     if not args.aggregate_only:

@@ -376,6 +376,16 @@ def test_norman_layers_option_adds_deeper_models(tmp_path, capsys):
         norman_ood.main(["--smoke", "--layers", "1,2", "--out", str(tmp_path / "o2"), "--list",
                          "--set", "model.decoder_n_layers=3"])
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    # deeper models added to a one-layer sweep: only they run; the tables keep the one-layer reference
+    assert norman_ood.main(["--smoke", "--layers", "2", "--seeds", "0", "--out", str(tmp_path / "o3"), "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {name for name in listed if name not in ("todo", "done")} == \
+        {f"{model}_L2-f{f:g}-s0" for model in norman.MODELS for f in (0, 1)}
+    args = _args(layers=[2], models=None)
+    grid = norman_ood.make_grid(args)
+    assert [v.name for v in grid.variants][:4] == list(norman.MODELS) and grid.reference == "sams_vae"
+    assert args.models == [f"{model}_L2" for model in norman.MODELS]
 
 
 def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
@@ -391,3 +401,14 @@ def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
     assert not runner.is_done(tmp_path, asked) and runner.is_done(tmp_path, asked, evaluation=False)
     runs = runner.collect(other.cells(), tmp_path)
     assert runs["IWELBO-test"].tolist() == [-1.0] and runs["ate_particles"].tolist() == [2_500]
+    # trained with other --set values than asked for now (a subset re-run, or a refused one): still gathered,
+    # the difference named per run and in table.md
+    changed = dataclasses.replace(grid, settings={"train.max_steps": 75})
+    runs = runner.collect(changed.cells(), tmp_path)
+    assert runs["IWELBO-test"].tolist() == [-1.0]
+    assert json.loads(runs["settings"].iloc[0]) == {"train.max_steps": cell.config["train"]["max_steps"]}
+    assert not runner.is_done(tmp_path, changed.cells()[0], evaluation=False)  # to run: the config differs
+    runner.aggregate(changed, tmp_path, echo=lambda text: None)
+    text = (tmp_path / "table.md").read_text()
+    assert "1 of 1 runs finished" in text and "trained with other settings than asked for now (train.max_steps" in text
+    assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # as asked: nothing noted

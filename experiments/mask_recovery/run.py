@@ -91,7 +91,7 @@ def mask_report(grid: runner.Grid, out: pathlib.Path) -> None:
     rows, panels, truth = [], [], None
     for cell in grid.cells():
         directory = runner.cell_dir(out, cell)
-        if not runner.is_done(out, cell, evaluation=False):  # the masks alone: any evaluation options
+        if not runner.is_done(out, cell, evaluation=False, config=False):  # the masks alone: as the tables
             continue
         predictor = sams_jax.load(str(directory))
         truth = _true_mask(cell.config) if truth is None else truth
