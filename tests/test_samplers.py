@@ -18,6 +18,25 @@ def test_uniform_and_normal_equal_jax_random():
         np.testing.assert_array_equal(samplers.normal(key, shape), jax.random.normal(key, shape))
 
 
+def test_normal_sample_equals_numpyros_rsample():
+    """The flat draw reshaped is the shaped draw bit for bit (the Threefry counters are flat
+    positions), so the sample is rsample's (up to XLA's rounding of ``loc + eps * scale``
+    within a fused program), also batched over particle keys as the objective draws them."""
+    import numpyro.distributions as dist
+
+    loc = jax.random.normal(jax.random.key(1), (6, 15))
+    scale = jnp.exp(jax.random.normal(jax.random.key(2), (6, 15)))
+    keys = jax.random.split(jax.random.key(3), 4)
+    ours = jax.jit(jax.vmap(lambda key: samplers.normal_sample(key, loc, scale)))(keys)
+    theirs = jax.jit(jax.vmap(lambda key: dist.Normal(loc, scale).rsample(key)))(keys)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(jax.random.normal(keys[0], (90,)).reshape(6, 15), jax.random.normal(keys[0], (6, 15)))
+    zero = jnp.zeros((6, 15))
+    np.testing.assert_array_equal(samplers.normal_sample(keys[0], zero, 1.0), jax.random.normal(keys[0], (6, 15)))
+    np.testing.assert_allclose(samplers.normal_sample(keys[0], loc[0], 2.0), dist.Normal(loc[0], 2.0).rsample(keys[0]),
+                               rtol=1e-6, atol=1e-6)  # broadcast scale
+
+
 def _chi_square_pvalue(draws, pmf, sf, kmax):
     counts = np.bincount(draws.astype(np.int64))
     observed = np.r_[np.pad(counts, (0, max(0, kmax + 1 - counts.size)))[:kmax + 1], (draws > kmax).sum()]
