@@ -185,6 +185,9 @@ class Grid:
             if field == self.fraction_field:
                 raise ValueError(f"--set {field}: the grid sets it from each cell's fraction; use --fractions")
             values = {name: _field(config, field) for name, config in configs.items()}
+            if field == "model.name" and any(value != settings[field] for value in values.values()):
+                raise ValueError(f"--set model.name: the models' names define them ({values}); choose models with "
+                                 "--models")
             defining = [v.name for v in self.variants if field in v.overrides]
             if defining or len({json.dumps(value, sort_keys=True, default=str) for value in values.values()}) > 1:
                 raise ValueError(f"--set {field}: the models differ in it ({values}), it defines them; leave those "

@@ -413,12 +413,13 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learn
 
 
 def top_genes(ate, n: int = TOP_GENES) -> pd.DataFrame:
-    """The ``n`` genes of largest |model ATE| per intervention, in that order, from an
-    ``ate.h5ad``-like AnnData (layers ``model`` and ``data``): one row per intervention and
-    gene with ``rank`` (1 = largest), ``gene`` (and ``gene_symbol`` where the data had
-    them), ``model_ate``, ``data_ate`` (NaN where the intervention was not observed) and
-    ``learned``."""
-    model, data = np.asarray(ate.layers["model"]), np.asarray(ate.layers["data"])
+    """The ``n`` genes of largest |model ATE| per intervention, in that order: one row per
+    intervention and gene with ``rank`` (1 = largest), ``gene`` (and ``gene_symbol`` where
+    the data had them), ``model_ate``, ``data_ate`` (NaN where the intervention was not
+    observed) and ``learned``. ``ate``: an ``ate.h5ad`` (layers ``model`` and ``data``) or
+    what ``Predictor.ate`` returns (the model's ATEs in ``X``; no data ATEs)."""
+    model = np.asarray(ate.layers["model"] if "model" in ate.layers else ate.X)
+    data = np.asarray(ate.layers["data"]) if "data" in ate.layers else np.full(model.shape, np.nan, np.float32)
     n = min(n, model.shape[1])
     order = np.argsort(-np.abs(model), axis=1, kind="stable")[:, :n]  # [I, n]
     rows = np.repeat(np.arange(model.shape[0]), n)

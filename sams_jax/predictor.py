@@ -283,12 +283,20 @@ class Predictor:
         control = control or self.control
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
-        repeated = [name for name, count in collections.Counter(interventions).items() if count > 1]
-        if repeated:  # one row per name: AnnData's obs names must be unique
-            warnings.warn(f"{repeated[:10]} given more than once ({len(repeated)} names); each intervention is one row "
-                          "of the result (for several independent estimates, call ate() with other seeds)",
-                          InterventionWarning, stacklevel=2)
-            interventions = list(dict.fromkeys(interventions))
+        with warnings.catch_warnings():  # expectations() warns about these names
+            warnings.simplefilter("ignore", InterventionWarning)
+            rows = self.dosages(interventions) if interventions else np.zeros((0, len(self._index)))
+        canonical = [self.intervention_name(row) for row in rows]  # "C+B" is "B+C": one dosage row
+        repeated = [name for name, count in collections.Counter(canonical).items() if count > 1]
+        if repeated:  # one row per intervention, named as first given: AnnData's obs names must be unique
+            warnings.warn(f"{repeated[:10]} given more than once ({len(repeated)} intervention"
+                          f"{'s' if len(repeated) > 1 else ''}, members in any order); each intervention is one row "
+                          "of the result, named as first given (for several independent estimates, call ate() with "
+                          "other seeds)", InterventionWarning, stacklevel=2)
+            first = {}
+            for name, key in zip(interventions, canonical):
+                first.setdefault(key, name)
+            interventions = list(first.values())
         self.control_dosage(control)
         scale = scale or self.default_scale
         n_particles = _whole_number(n_particles, "n_particles")

@@ -510,10 +510,15 @@ def test_intervention_names_in_any_order_each_member_once():
     with pytest.raises(InterventionError, match="names"):
         predictor.dosages([1])
     assert predictor.ate("b+c", n_particles=4).obs_names.tolist() == ["b+c"]  # not 'b', '+', 'c'
-    with pytest.warns(InterventionWarning, match=r"\['a'\] given more than once"):
-        repeated = predictor.ate(["a", "b", "a"], n_particles=4)
-    assert repeated.obs_names.tolist() == ["a", "b"]  # unique rows, first occurrences in order
-    np.testing.assert_array_equal(repeated.X, predictor.ate(["a", "b"], n_particles=4).X)
+    with pytest.warns(InterventionWarning, match=r"\['a', 'b\+c'\] given more than once \(2 interventions"):
+        repeated = predictor.ate(["a", "b+c", "a", "c+b"], n_particles=4)
+    assert repeated.obs_names.tolist() == ["a", "b+c"]  # unique rows, first occurrences in order, named as given
+    np.testing.assert_array_equal(repeated.X, predictor.ate(["a", "b+c"], n_particles=4).X)
+    from sams_jax.evaluate import top_genes
+
+    top = top_genes(repeated, n=3)  # Predictor.ate's layout: the model's ATEs in X, no data ATEs
+    assert top["intervention"].tolist() == ["a"] * 3 + ["b+c"] * 3 and top["data_ate"].isna().all()
+    np.testing.assert_allclose(np.abs(top["model_ate"][:3]), np.sort(np.abs(repeated.X[0]))[::-1][:3])
 
     unique = _unique_predictor()
     np.testing.assert_array_equal(unique.dosages(["b+a", "a+b", "a"]), [[0, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
@@ -806,6 +811,12 @@ def test_a_wrong_control_is_named_as_the_control():
     with pytest.raises(InterventionError, match=r"control='contrl' is neither the data's control label \('control'\)"):
         predictor.ate(["a"], control="contrl")
     assert predictor.ate(["b"], control="a", n_particles=8).uns["control"] == "a"  # another intervention: allowed
+
+
+def test_perturbation_data_repr_gives_sizes_not_arrays():
+    data = simulate(n_latent=3, n_perturbations=4, n_genes=5, cells_per_perturbation=(4, 1, 1))
+    assert repr(data) == ("PerturbationData(name='simulation_normal', cells=24, genes=5, perturbations=4, "
+                          "control='0', splits={'train': 16, 'val': 4, 'test': 4}, x=ndarray)")
 
 
 def test_heatmap_size_is_bounded_for_many_latent_dimensions(tmp_path):

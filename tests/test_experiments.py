@@ -376,6 +376,10 @@ def test_norman_layers_option_adds_deeper_models(tmp_path, capsys):
         norman_ood.main(["--smoke", "--layers", "1,2", "--out", str(tmp_path / "o2"), "--list",
                          "--set", "model.decoder_n_layers=3"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:  # one model run alone: its name still defines it
+        norman_ood.main(["--smoke", "--models", "cpa_vae", "--out", str(tmp_path / "o2"), "--list",
+                         "--set", "model.name=sams_vae"])
+    assert exit_info.value.code == 2 and "the models' names define them" in capsys.readouterr().err
     capsys.readouterr()
     # deeper models added to a one-layer sweep: only they run; the tables keep the one-layer reference
     assert norman_ood.main(["--smoke", "--layers", "2", "--seeds", "0", "--out", str(tmp_path / "o3"), "--list"]) == 0

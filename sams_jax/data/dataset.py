@@ -47,7 +47,7 @@ def _count_error(likelihood: str, needed: str, found: str) -> DataError:
                      "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class PerturbationData:
     # [n_cells, n_genes] float32 (raw counts for count likelihoods): np.ndarray, scipy.sparse.csr_matrix or
     # BackedMatrix (rows read from an .h5ad on demand); non-dense x is only ever read in row blocks
@@ -63,6 +63,12 @@ class PerturbationData:
     registration: dict[str, Any] | None = None  # how an AnnData was read (sams_jax.data.anndata_io)
     # [n_genes] display names (gene symbols where var_names are e.g. Ensembl IDs); None: the feature names
     feature_symbols: list[str] | None = None
+
+    def __repr__(self) -> str:  # sizes, not the arrays
+        splits = {s: int((self.split == s).sum()) for s in (*SPLITS, NO_SPLIT) if (self.split == s).any()}
+        return (f"PerturbationData(name={self.name!r}, cells={self.x.shape[0]:,}, genes={self.n_genes:,}, "
+                f"perturbations={self.n_perturbations:,}, control={self.control!r}, splits={splits}, "
+                f"x={type(self.x).__name__})")
 
     @classmethod
     def from_anndata(cls, adata_or_path, **kwargs) -> "PerturbationData":
