@@ -321,13 +321,16 @@ def _runner_message(error: Exception) -> str:
 def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True, config: bool = True) -> bool:
     """True when the cell's ``done.json`` records this very run: the same config (unless
     ``config=False``: the tables, which gather a cell's finished run whatever ``--set``
-    values it was trained with) and evaluation options (unless ``evaluation=False``: the
+    values it was trained with; a field the run's config lacks counts as its default) and
+    evaluation options (unless ``evaluation=False``: the
     tables gather runs evaluated with any options)."""
     done = _done(out, cell)
     if done is None:
         return False
-    keys = [k for k in cell.spec() if (evaluation or k != "evaluation") and (config or k != "config")]
-    return {k: done.get(k) for k in keys} == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
+    keys = [k for k in cell.spec() if (evaluation or k != "evaluation") and k != "config"]
+    same = {k: done.get(k) for k in keys} == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
+    # the config compared field by field: one the run lacks (added in a later version) counts as its default
+    return same and (not config or not config_differences(done.get("config") or {}, cell.config))
 
 
 def _done(out: pathlib.Path, cell: Cell) -> dict | None:
@@ -351,7 +354,12 @@ def config_differences(done_config: Mapping[str, Any], asked: Mapping[str, Any])
                 out[f"{prefix}{key}"] = value
         return out
 
+    from sams_jax.config import base_config
+
     run, now = flat(done_config), flat(_roundtrip(dict(asked)))
+    # a field the run's config lacks was added in a later version: it ran with the field's default
+    defaults = flat(_roundtrip(base_config().to_dict()))
+    run.update({field: defaults[field] for field in now if field not in run and field in defaults})
     return {field: run.get(field) for field in sorted({*run, *now}) if run.get(field) != now.get(field)}
 
 

@@ -227,8 +227,11 @@ def test_set_may_not_name_what_the_grid_sets_itself():
     # a field that the config files make differ (the model's name) defines the models too
     two_models = runner.Grid("g", (runner.Variant("sams_vae", "simulation"),
                                    runner.Variant("cpa_vae", "cpa_vae_simulation")), seeds=(0,))
-    with pytest.raises(ValueError, match="model.name: the models differ in it"):
+    with pytest.raises(ValueError, match="model.name: the models' names define them"):
         two_models.check_settings({"model.name": "svae_plus"})
+    with pytest.raises(ValueError, match="model.name: the models' names define them"):  # also one model alone
+        two_models.subset(["cpa_vae"]).check_settings({"model.name": "sams_vae"})
+    two_models.subset(["cpa_vae"]).check_settings({"model.name": "cpa_vae"})  # its own name: a no-op
 
 
 # ------------------------------------------------------------------------ end to end
@@ -416,3 +419,8 @@ def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "1 of 1 runs finished" in text and "trained with other settings than asked for now (train.max_steps" in text
     assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # as asked: nothing noted
+    older = dict(cell.spec(), metrics={"IWELBO-test": -1.0}, seconds=1.0)  # written before a field existed
+    del older["config"]["data"]["gene_symbols_key"]
+    (directory / "done.json").write_text(json.dumps(older))
+    assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # it ran with the default
+    assert runner.is_done(tmp_path, cell)  # finished: not run again because a later version added a field
