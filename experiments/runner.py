@@ -344,23 +344,14 @@ def _done(out: pathlib.Path, cell: Cell) -> dict | None:
 
 def config_differences(done_config: Mapping[str, Any], asked: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train.max_steps": 50, ...}``: the fields of a finished run's config (``done_config``)
-    whose value differs from ``asked`` (the config the grid asks for now), with the run's value."""
-    def flat(tree, prefix=""):
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
+    whose value differs from ``asked`` (the config the grid asks for now), with the run's value;
+    a field the run's config lacks (added in a later version) counts as its default, as when
+    ``sams_jax.train`` resumes a run (:func:`sams_jax.train.config_changes`)."""
+    import ml_collections
 
-    from sams_jax.config import base_config
+    from sams_jax.train import config_changes
 
-    run, now = flat(done_config), flat(_roundtrip(dict(asked)))
-    # a field the run's config lacks was added in a later version: it ran with the field's default
-    defaults = flat(_roundtrip(base_config().to_dict()))
-    run.update({field: defaults[field] for field in now if field not in run and field in defaults})
-    return {field: run.get(field) for field in sorted({*run, *now}) if run.get(field) != now.get(field)}
+    return {field: old for field, old, _ in config_changes(dict(done_config), ml_collections.ConfigDict(dict(asked)))}
 
 
 def _roundtrip(value):

@@ -302,7 +302,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
+def config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
     """``(field, saved value, current value)`` of every field (``"model.n_latent"``) that
     differs from a saved run, in the current config's order. A field the saved run does
     not have (added in a later version) counts as its default."""
@@ -332,7 +332,7 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params,
     change. ``shards``: the data shards in effect in the saved run (``None`` if it did not
     record them) and now: ``train.data_shards=0`` means one per process, so the batches
     change with the process count, not with the field's value."""
-    changes = _config_changes(saved, config)
+    changes = config_changes(saved, config)
     if shards is not None and shards[0] is not None:
         changes = [change for change in changes if change[0] != "train.data_shards"]
         if shards[0] != shards[1]:
