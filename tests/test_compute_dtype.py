@@ -94,10 +94,10 @@ def test_unknown_compute_dtype_is_a_clear_error(tiny_config):
 def test_runs_saved_before_the_field_resume_with_the_default(tiny_config):
     import json
 
-    from sams_jax.train import _config_changes
+    from sams_jax.train import config_changes
 
     saved = json.loads(tiny_config.to_json_best_effort())
     del saved["model"]["compute_dtype"]
-    assert _config_changes(saved, tiny_config) == []
+    assert config_changes(saved, tiny_config) == []
     tiny_config.model.compute_dtype = "bfloat16"
-    assert _config_changes(saved, tiny_config) == [("model.compute_dtype", "float32", "bfloat16")]
+    assert config_changes(saved, tiny_config) == [("model.compute_dtype", "float32", "bfloat16")]
