@@ -942,6 +942,8 @@ def test_gene_symbols_are_carried_to_the_outputs():
     assert reordered.feature_symbols == data.feature_symbols[::-1]  # follow the genes' order
     with pytest.raises(DataError, match=r"var has no column 'symbols'.*var columns: \['symbol'\].*gene_symbols_key"):
         from_anndata(adata, gene_symbols_key="symbols")
+    adata.var["entrez"] = [np.nan if i == 1 else 1000.0 + i for i in range(adata.n_vars)]  # float for the NaN
+    assert from_anndata(adata, gene_symbols_key="entrez").feature_symbols[:3] == ["1000", "gene1", "1002"]
     metadata = data.metadata("log_standardize")
     assert metadata["feature_symbols"][3] == "gene3"
     assert metadata_differences(metadata, from_anndata(adata).metadata("log_standardize")) == []  # display only

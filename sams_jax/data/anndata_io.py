@@ -904,7 +904,15 @@ def _gene_symbols(var: pd.DataFrame, key: str | None, columns: np.ndarray,
                         f"{_show(var.columns, 40)}; pass gene_symbols_key=<column> (--config.data.gene_symbols_key="
                         "<column>), or leave it unset to use var_names")
     values = var[key].iloc[columns]
-    return [name if pd.isna(value) or str(value) == "" else str(value) for value, name in zip(values, gene_names)]
+    return [name if pd.isna(value) or str(value) == "" else _symbol_text(value) for value, name in zip(values, gene_names)]
+
+
+def _symbol_text(value) -> str:
+    """A display name as text; a whole float (a numeric ID column that pandas stored as
+    float because of missing entries, e.g. Entrez IDs) without its ``.0``."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 FEW_TRAINING_CELLS = 5  # _check_training_coverage: fewer training cells than this are warned about
