@@ -138,11 +138,16 @@ def test_data_in_another_layout_is_refused_before_any_cell_starts(capsys, tmp_pa
                           (tmp_path / "replogle.h5ad", replogle_problems),
                           (tmp_path / "replogle.h5ad", "(--set data.use_highly_variable=False)"),
                           (tmp_path / "replogle.h5ad", "- obs has no column 'guide_identity'"),
+                          (tmp_path / "replogle.h5ad", "obs has the column 'sgID_AB' of the Replogle et al. 2022 "
+                                                       "file, whose settings are in configs/replogle.py"),
                           (tmp_path / "replogle.h5ad", "- the AnnData has no layer 'counts'")]:
         with pytest.raises(SystemExit) as exit_info:
             norman_ood.main(["--data", str(path), "--out", str(tmp_path / "out"), "--workers", "1"])
         error = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in error and "--config." not in error  # the runner's flags
+    with pytest.raises(SystemExit):  # and the other way round
+        replogle.main(["--data", str(tmp_path / "norman.h5ad"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert "obs has the column 'guide_identity' of the curated Norman et al. 2019 file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no cell started
     assert norman_ood.main(["--data", str(tmp_path / "norman.h5ad"), "--out", str(tmp_path / "out"), "--list"]) == 0
 

@@ -355,10 +355,20 @@ def _parse_label(label: str, is_control, delimiter: str | None, perturbation_key
     return tuple(sorted(members))
 
 
+# obs columns that mark the papers' files: (column, which file, its configs)
+PAPER_FILE_COLUMNS = (
+    ("sgID_AB", "the Replogle et al. 2022 file", "configs/replogle.py, experiments/replogle"),
+    ("guide_identity", "the curated Norman et al. 2019 file",
+     "configs/norman_ood.py or configs/norman_data_efficiency.py, experiments/norman_ood"),
+)
+
+
 def _require_column(obs: pd.DataFrame, key: str, what: str, flag: str) -> pd.Series:
     if key not in obs.columns:
+        looks_like = [f"; obs has the column {column!r} of {paper}, whose settings are in {where}"
+                      for column, paper, where in PAPER_FILE_COLUMNS if column != key and column in obs.columns]
         raise DataError(f"obs has no column {key!r} ({what}); obs columns: {_show(obs.columns, 40)}; "
-                        f"pass {flag.split('.')[-1]}=<column> (--config.{flag}=<column>)")
+                        f"pass {flag.split('.')[-1]}=<column> (--config.{flag}=<column>){''.join(looks_like[:1])}")
     column = obs[key]
     if column.isna().any():
         cells = obs.index[column.isna().to_numpy()]
