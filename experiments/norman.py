@@ -19,7 +19,7 @@ LAYERS = (1,)  # encoder and decoder depths of the grid; the paper's sweep (SPEC
 
 
 def add_layers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=runner._int_list, default=list(LAYERS),
+    parser.add_argument("--layers", type=runner.int_list, default=list(LAYERS),
                         help="encoder and decoder depths (x 400 units) to run, e.g. 1,2,4 for the paper's sweep; "
                              "each depth d > 1 adds the models <model>_L<d> (default: 1, the configs' depth)")
 

@@ -698,8 +698,8 @@ def _number_list(cast: Callable[[str], Any], what: str, example: str) -> Callabl
     return parse
 
 
-_int_list = _number_list(int, "whole numbers", "0,1,2")
-_float_list = _number_list(float, "numbers", "0,0.5,1")
+int_list = _number_list(int, "whole numbers", "0,1,2")  # argparse types, also for the experiments' own flags
+float_list = _number_list(float, "numbers", "0,0.5,1")
 
 
 def _str_list(text: str) -> list[str]:
@@ -732,9 +732,9 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help=f"output directory (default: runs/experiments/{name}[_smoke])")
     parser.add_argument("--models", type=_str_list, default=None, help="comma-separated subset of the models")
-    parser.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds, e.g. 0,1,2")
     if fractions:
-        parser.add_argument("--fractions", type=_float_list, default=None, help="comma-separated fractions")
+        parser.add_argument("--fractions", type=float_list, default=None, help="comma-separated fractions")
     parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
     from sams_jax.ate import METHODS
