@@ -81,8 +81,21 @@ class Evaluation:
     iwelbo_particles: int = 100
     ate_particles: int = 2_500
     ate_method: str = "paper"
+    ate_metrics_over: str = "observed"  # sams_jax.evaluate.ATE_METRICS_OVER
     plots: bool = True
     seed: int = 0
+
+
+# what a run recorded before an option existed was evaluated with (ATE metrics over learned interventions only
+# until 2026-11-27): such a run counts as evaluated with these, and is evaluated again under the new default
+LEGACY_EVALUATION = {"ate_metrics_over": "learned"}
+EVALUATION_COLUMNS = ("iwelbo_particles", "ate_particles", "ate_method", "ate_metrics_over")  # runs.csv
+
+
+def recorded_evaluation(done: Mapping[str, Any]) -> dict:
+    """The evaluation options of a ``done.json``, with :data:`LEGACY_EVALUATION` for those
+    it predates."""
+    return {**LEGACY_EVALUATION, **(done.get("evaluation") or {})}
 
 
 SMOKE_EVALUATION = Evaluation(iwelbo_particles=8, ate_particles=32, plots=False)
@@ -328,7 +341,8 @@ def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True, config: bool
     if done is None:
         return False
     keys = [k for k in cell.spec() if (evaluation or k != "evaluation") and k != "config"]
-    same = {k: done.get(k) for k in keys} == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
+    recorded = {k: recorded_evaluation(done) if k == "evaluation" else done.get(k) for k in keys}
+    same = recorded == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
     # the config compared field by field: one the run lacks (added in a later version) counts as its default
     return same and (not config or not config_differences(done.get("config") or {}, cell.config))
 
@@ -499,6 +513,7 @@ def run_cell(directory: str) -> None:
     train_seconds = time.perf_counter() - start
     metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],
                        ate_particles=options["ate_particles"], ate_method=options["ate_method"],
+                       ate_metrics_over=options.get("ate_metrics_over", "observed"),
                        seed=options["seed"], plots=options["plots"], data=data)
     print("eval:", json.dumps(metrics, sort_keys=True), flush=True)
     done = dict(spec, metrics=metrics, train_metrics=train_metrics, train_seconds=train_seconds,
@@ -525,10 +540,10 @@ def collect(cells: Sequence[Cell], out: pathlib.Path):
     for cell in cells:
         if is_done(out, cell, evaluation=False, config=False):
             done = _done(out, cell)
-            evaluation = done.get("evaluation") or {}
+            evaluation = recorded_evaluation(done)
             rows.append({"variant": cell.variant, "fraction": cell.fraction, "seed": cell.seed,
                          "seconds": done.get("seconds"),
-                         **{key: evaluation.get(key) for key in ("iwelbo_particles", "ate_particles", "ate_method")},
+                         **{key: evaluation.get(key) for key in EVALUATION_COLUMNS},
                          "settings": json.dumps(config_differences(done.get("config") or {}, cell.config),
                                                 sort_keys=True, default=str),
                          **done["metrics"]})
@@ -544,10 +559,10 @@ def _mixed_runs_note(runs) -> str:
             fields = sorted({field for text in other["settings"] for field in json.loads(text)})
             notes.append(f"{len(other)} of {len(runs)} runs were trained with other settings than asked for now "
                          f"({', '.join(fields[:6])}{' ...' if len(fields) > 6 else ''}: runs.csv, column `settings`)")
-        options = runs[["iwelbo_particles", "ate_particles", "ate_method"]].astype(str).drop_duplicates()
+        options = runs[list(EVALUATION_COLUMNS)].astype(str).drop_duplicates()
         if len(options) > 1:
-            notes.append("the runs were evaluated with different particle counts or ATE methods (runs.csv, columns "
-                         "`iwelbo_particles`, `ate_particles`, `ate_method`)")
+            notes.append("the runs were evaluated with different particle counts, ATE methods or ATE metric "
+                         f"interventions (runs.csv, columns {', '.join(f'`{c}`' for c in EVALUATION_COLUMNS)})")
     return "".join(f"**Note:** {note}.\n\n" for note in notes)
 
 
@@ -738,6 +753,7 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every cell, e.g. --set train.max_steps=5000")
     from sams_jax.ate import METHODS
+    from sams_jax.evaluate import ATE_METRICS_OVER
 
     parser.add_argument("--iwelbo-particles", type=int, default=None,
                         help="particles of each cell's held-out IWELBO (default: 100, the paper's; --smoke: 8)")
@@ -747,6 +763,10 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     parser.add_argument("--ate-method", choices=METHODS, default=None,
                         help="the model ATE estimator (default: paper; crn needs about 10x fewer particles for the "
                              "same Monte-Carlo error)")
+    parser.add_argument("--ate-metrics-over", choices=ATE_METRICS_OVER, default=None,
+                        help="the interventions of the ATE metrics (default: observed, the paper's: every "
+                             "intervention observed in the split; learned: only those whose every member had "
+                             "training cells)")
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are finished")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     if add_arguments is not None:
@@ -772,7 +792,9 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         grid = make_grid(args)
         evaluation = {field: value for field, value in (("iwelbo_particles", args.iwelbo_particles),
                                                         ("ate_particles", args.ate_particles),
-                                                        ("ate_method", args.ate_method)) if value is not None}
+                                                        ("ate_method", args.ate_method),
+                                                        ("ate_metrics_over", args.ate_metrics_over))
+                      if value is not None}
         for field in ("iwelbo_particles", "ate_particles"):
             if evaluation.get(field, 1) < 1:
                 raise ValueError(f"--{field.replace('_', '-')} must be at least 1; got {evaluation[field]}")

@@ -37,8 +37,11 @@ cells, which registration keeps with split ``""`` for this alone);
 the metrics of a split are computed over the interventions observed in that split, so
 under a random split of cells (every intervention in every split) the four splits give
 the same ATE metrics; they differ with intervention-level (out-of-distribution) splits.
-Interventions with a member that has no training cells are left out of the ATE metrics
-(its effect was never learned; ``ate.h5ad``'s ``learned`` column). Without a control
+An intervention with a member that has no training cells (its effect is the prior's, never
+learned; ``ate.h5ad``'s ``learned`` column) counts in the ATE metrics like any other, as
+SPEC 5 and the paper's code count every observed intervention, with a warning;
+``ate_metrics_over="learned"`` (``--ate-metrics-over learned``) leaves such interventions
+out of the ATE metrics and the scatter plot. Without a control
 label (a screen trained with ``control=None``) the ATE outputs are skipped unless
 ``control`` names one.
 """
@@ -76,6 +79,9 @@ OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "top_genes.csv", "sparse_e
 
 class EvaluationError(ValueError):
     """Settings under which the evaluation's comparisons would be meaningless."""
+
+
+ATE_METRICS_OVER = ("observed", "learned")  # evaluate(ate_metrics_over=...): the interventions of the ATE metrics
 
 
 class EvaluationWarning(UserWarning):
@@ -182,7 +188,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
              sparse_basis_restarts: int = 8,
              data: PerturbationData | None = None, data_path: str | None = None,
-             write: bool = True, pathways: dict[str, list[str]] | str | None = None) -> dict[str, float]:
+             write: bool = True, pathways: dict[str, list[str]] | str | None = None,
+             ate_metrics_over: str = "observed") -> dict[str, float]:
     """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring);
     ``write=False`` returns the metrics and writes nothing (comparing runs from Python).
 
@@ -190,7 +197,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     replaces its file's path there (a run trained on a file that has moved since). Rebuilt
     data must be those the run was trained on (:func:`check_trained_data`). ``pathways``:
     pathway gene sets (``{name: [genes]}``, or a JSON file of them) for the pathway
-    metrics; default: the data file's ``uns["pathways"]`` where it has them."""
+    metrics; default: the data file's ``uns["pathways"]`` where it has them.
+    ``ate_metrics_over``: the interventions of each split's ATE metrics, ``"observed"``
+    (default; SPEC 5, the paper's: every intervention observed in the split) or
+    ``"learned"`` (only those whose every member had training cells)."""
+    if ate_metrics_over not in ATE_METRICS_OVER:
+        raise EvaluationError(f"ate_metrics_over={ate_metrics_over!r} is not allowed; choose one of "
+                              f"{list(ATE_METRICS_OVER)}")
     predictor = load(workdir, checkpoint)
     if data is None:
         try:
@@ -246,8 +259,17 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         data_means = data_expectations(data.x, data.dosages, np.concatenate([control_row[None], rows]), scale)
         data_ate = data_means[1:] - data_means[0]
         n_observed = len(names)
+        scored = membership["learned"] if ate_metrics_over == "learned" else np.ones(n_observed, bool)
+        if ate_metrics_over == "observed" and not membership["learned"].all():
+            unlearned_observed = [name for name, learned in zip(names, membership["learned"]) if not learned]
+            more = " ..." if len(unlearned_observed) > 10 else ""
+            warnings.warn(f"observed interventions {unlearned_observed[:10]}{more} ({len(unlearned_observed)} in all) "
+                          "have members without training "
+                          "cells: their model ATEs are the prior's, and they count in the ATE metrics as in the "
+                          "paper (SPEC 5); --ate-metrics-over learned (ate_metrics_over='learned') leaves them out",
+                          EvaluationWarning, stacklevel=2)
         for split in ("all", *SPLITS):
-            member = membership["learned"] & membership.get(split, np.ones(n_observed, bool))
+            member = scored & membership.get(split, np.ones(n_observed, bool))
             if not member.any():
                 continue
             agreement = metrics_lib.ate_agreement(data_ate[member], model_ate[:n_observed][member], TOP_K)
@@ -265,7 +287,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         if unlearned:
             warnings.warn(f"interventions {unlearned} have members without training cells; their effects are the "
                           "prior's, not learned (learned=False in ate.h5ad)", EvaluationWarning, stacklevel=2)
-        ate = (all_names[1:], n_observed, membership, n_cells, is_learned, seen, model_ate, data_ate)
+        ate = (all_names[1:], n_observed, membership, n_cells, is_learned, seen, model_ate, data_ate, scored)
 
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "mask_probs"):
         results.update(metrics_lib.mask_scores(data.truth["mask"], predictor.mask_probs().to_numpy() > 0.5))
@@ -300,11 +322,10 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     metrics_lib.write_json(os.path.join(out_dir, "metrics.json"), results)
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:
-        _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles)
+        _write_ate(out_dir, predictor, *ate[:-1], control, scale, ate_method, ate_particles)
     if plots:
-        no_ate = ([], 0, {}, [], np.zeros(0, bool), None, [], [])
-        _, n_observed, _, _, is_learned, _, model_ate, data_ate = ate or no_ate
-        scored = is_learned[:n_observed]  # the interventions of the ATE metrics
+        no_ate = ([], 0, {}, [], np.zeros(0, bool), None, [], [], np.zeros(0, bool))
+        _, n_observed, _, _, _, _, model_ate, data_ate, scored = ate or no_ate  # scored: those of the ATE metrics
         _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
                      np.asarray(model_ate)[:n_observed][scored], basis,
                      f"control {control!r}, {scale} scale, Pearson r {results.get('ATE_pearsonr-all', np.nan):.3f}")
@@ -473,6 +494,10 @@ def main(argv=None) -> None:
                         help="default: perturbseq for count likelihoods, mean otherwise")
     parser.add_argument("--ate-method", choices=["paper", "crn"], default="paper",
                         help="paper (default): independent draws per intervention; crn: common random numbers")
+    parser.add_argument("--ate-metrics-over", choices=ATE_METRICS_OVER, default="observed",
+                        help="the interventions of each split's ATE metrics: observed (default; SPEC 5, the "
+                             "paper's: every intervention observed in the split) or learned (only those whose every "
+                             "member had training cells; the others' model ATEs are the prior's)")
     parser.add_argument("--control", default=None, help="control label (default: the data's)")
     parser.add_argument("--interventions", default="",
                         help="extra interventions to predict, comma-separated, e.g. 'A,B+C'")
@@ -501,7 +526,7 @@ def main(argv=None) -> None:
         results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
                            args.ate_method, args.control, extra, args.seed, plots=not args.no_plots,
                            sparse_basis_restarts=args.sparse_basis_restarts, data_path=args.data_path,
-                           pathways=args.pathways)
+                           pathways=args.pathways, ate_metrics_over=args.ate_metrics_over)
     except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

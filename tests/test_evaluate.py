@@ -560,10 +560,12 @@ def test_mean_scale_is_refused_for_library_size_likelihoods():
         check_ate_scale(likelihood, scale)
 
 
-def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(trained, monkeypatch):
-    """A perturbation without training cells is left out of the ATE metrics (``learned``
-    in ate.h5ad); without a control label evaluate scores the IWELBO, writes no ATE
-    outputs and leaves no file of an earlier evaluation behind."""
+def test_evaluate_unlearned_perturbations_and_runs_without_control(trained, monkeypatch):
+    """A perturbation without training cells counts in the ATE metrics as SPEC 5 says
+    (every observed intervention), with a warning, and is left out with
+    ``ate_metrics_over="learned"`` (``learned`` in ate.h5ad); without a control label
+    evaluate scores the IWELBO, writes no ATE outputs and leaves no file of an earlier
+    evaluation behind."""
     import ml_collections
     from sams_jax import evaluate as evaluate_lib
     from sams_jax.data import load_data
@@ -574,12 +576,20 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     trained_cells = predictor.metadata["cells_per_perturbation"]["train"]
     trained_cells[predictor.perturbation_names.index("5")] = 0  # as if "5" had had no training cells
     monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
+    with pytest.warns(evaluate_lib.EvaluationWarning, match=r"observed interventions \['5'\] \(1 in all\) have "
+                      r"members without training cells.*count in the ATE metrics.*--ate-metrics-over learned"):
+        paper = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data, plots=False,
+                                      sparse_basis_restarts=0, write=False)
     with pytest.warns(evaluate_lib.EvaluationWarning, match=r"interventions \['4\+5'\] have members without "
                                                              "training cells"):
         results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data,
-                                        sparse_basis_restarts=0, interventions=["4+5", "3+4"])
+                                        sparse_basis_restarts=0, interventions=["4+5", "3+4"],
+                                        ate_metrics_over="learned")
     out = workdir / "eval"
     ate = anndata.read_h5ad(out / "ate.h5ad")
+    observed = ate.obs["observed"].to_numpy()  # the paper's rule: every observed intervention
+    assert paper["ATE_pearsonr-all"] == pytest.approx(metrics.ate_agreement(
+        ate.layers["data"][observed], ate.layers["model"][observed], 20)["ATE_pearsonr"])
     assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712
     assert ate.obs.loc["4+5", "learned"] == False and ate.obs.loc["3+4", "learned"] == True  # noqa: E712
     assert ate.obs.loc["3+4", "observed"] == False  # noqa: E712
@@ -587,14 +597,14 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     np.testing.assert_array_equal(ate.obs["seen_in_training"], ate.obs["observed"])
     kept = ate.obs["learned"].to_numpy()
     expected = metrics.ate_agreement(ate.layers["data"][kept], ate.layers["model"][kept], 20)["ATE_pearsonr"]
-    assert results["ATE_pearsonr-all"] == pytest.approx(expected)
+    assert results["ATE_pearsonr-all"] == pytest.approx(expected) and expected != paper["ATE_pearsonr-all"]
     assert (out / "ate_scatter.png").exists()
     # the extra interventions are predicted apart: the observed interventions' scores are the same without them
     extra = predictor.expectations(["0", "4+5", "3+4"], n_particles=32, seed=0, stream=1)  # their own control
     np.testing.assert_allclose(ate[["4+5", "3+4"]].layers["model"], extra[1:] - extra[0], rtol=1e-5, atol=1e-6)
     written = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
     alone = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, ate_particles=32, data=data, plots=False,
-                                  sparse_basis_restarts=0, write=False)
+                                  sparse_basis_restarts=0, write=False, ate_metrics_over="learned")
     assert {k: v for k, v in alone.items() if k.startswith("ATE")} == \
         {k: v for k, v in results.items() if k.startswith("ATE")}
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == written  # write=False: nothing touched
@@ -617,6 +627,9 @@ def test_evaluate_leaves_out_unlearned_perturbations_and_runs_without_control(tr
     predictor.config.model.likelihood = "library_nb"  # evaluate refuses the mean scale for it
     with pytest.raises(evaluate_lib.EvaluationError, match="perturbseq"):
         evaluate_lib.evaluate(str(workdir), ate_scale="mean", data=data)
+    with pytest.raises(evaluate_lib.EvaluationError, match=r"ate_metrics_over='all' is not allowed.*'observed', "
+                       "'learned'"):
+        evaluate_lib.evaluate(str(workdir), data=data, ate_metrics_over="all")
 
 
 def test_evaluate_refuses_data_other_than_the_trained_runs(trained, monkeypatch):

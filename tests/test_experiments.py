@@ -358,9 +358,9 @@ def test_evaluation_options_reach_every_cell(tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(runner, "run_grid", lambda cells, out, workers: started.extend(cells) or [])
     assert simulation.main(["--smoke", "--models", "sams_vae", "--seeds", "0,1", "--out", str(tmp_path / "out"),
-                            "--ate-particles", "64", "--ate-method", "crn"]) == 0
-    assert [cell.evaluation for cell in started] == [runner.Evaluation(iwelbo_particles=8, ate_particles=64,
-                                                                       ate_method="crn", plots=False)] * 2
+                            "--ate-particles", "64", "--ate-method", "crn", "--ate-metrics-over", "learned"]) == 0
+    assert [cell.evaluation for cell in started] == [runner.Evaluation(
+        iwelbo_particles=8, ate_particles=64, ate_method="crn", ate_metrics_over="learned", plots=False)] * 2
     assert started[0].spec()["evaluation"]["ate_particles"] == 64  # recorded in cell.json: changed, a cell re-runs
     with pytest.raises(SystemExit) as exit_info:
         simulation.main(["--smoke", "--out", str(tmp_path / "out"), "--iwelbo-particles", "0"])
@@ -429,3 +429,11 @@ def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
     (directory / "done.json").write_text(json.dumps(older))
     assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # it ran with the default
     assert runner.is_done(tmp_path, cell)  # finished: not run again because a later version added a field
+    # evaluated before evaluate() counted every observed intervention in the ATE metrics (no ate_metrics_over
+    # recorded): it was evaluated over the learned ones, so under the default it is evaluated again
+    del older["evaluation"]["ate_metrics_over"]
+    (directory / "done.json").write_text(json.dumps(older))
+    assert not runner.is_done(tmp_path, cell) and runner.is_done(tmp_path, cell, evaluation=False)
+    assert runner.is_done(tmp_path, dataclasses.replace(grid, evaluation=runner.Evaluation(
+        ate_metrics_over="learned")).cells()[0])
+    assert runner.collect(grid.cells(), tmp_path)["ate_metrics_over"].tolist() == ["learned"]
