@@ -622,6 +622,7 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
         return column.to_numpy(dtype=object)
     try:
         if task == "norman_ood":
+            _warn_pairs_in_both_orders(conditions)
             return splits_lib.norman_ood_split(conditions.labels, conditions.n_members, frac_combinations_train,
                                                frac_combinations_test, split_seed)
         if task == "norman_data_efficiency":
@@ -631,6 +632,25 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
         raise DataError(f"task {task!r}: {error}; it needs cells with pairs (labels 'A+B', or two guide "
                         "columns set)") from None
     return splits_lib.random_split(len(obs), split_seed)
+
+
+def _warn_pairs_in_both_orders(conditions: Conditions) -> None:
+    """:class:`DataWarning` for pairs named by several ``guide_identity`` strings (guide
+    columns; e.g. both orders of the guides): the OOD split draws pairs by their members,
+    so such a pair counts once and its cells stay on one side; a split drawn over the
+    distinct strings (as the paper's code may have done: SPEC 6 counts 132 distinct pairs)
+    would count it once per string, which changes which pairs a seed holds out."""
+    if conditions.identity_labels is None:
+        return
+    pair_cells = np.asarray(conditions.n_members) >= 2
+    strings = pd.Series(conditions.identity_labels[pair_cells]).groupby(conditions.labels[pair_cells]).unique()
+    several = [sorted(map(str, names)) for names in strings if len(names) > 1]
+    if several:
+        n_strings = len(strings) + sum(len(names) - 1 for names in several)
+        warnings.warn(f"{len(several)} pairs are named by several guide_identity strings (e.g. {several[0]}); the "
+                      f"OOD split counts each pair once ({len(strings)} pairs), so all its cells are held out or "
+                      f"none; a split over the distinct strings would count {n_strings} pairs and hold out other "
+                      "pairs for the same split_seed", DataWarning, stacklevel=4)
 
 
 def warn_unused_split_column(obs: pd.DataFrame) -> None:
