@@ -413,6 +413,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     stats = data.normalization_stats(config.model.normalization)
     metadata = {**data.metadata(config.model.normalization, stats), "data_source": data_source}
     config_dict = json.loads(config.to_json_best_effort())
+    if data_source == "config" and config.data.get("path"):  # evaluation may run from another directory
+        config_dict["data"]["path"] = os.path.abspath(config.data.path)
     init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(model, optimizer, stats, init_key)
     try:

@@ -750,7 +750,7 @@ def test_every_config_validates_and_the_scale_configs_follow_the_paper_ones():
     assert (replogle.n_perturbations, replogle.n_genes, sum(replogle.cells_per_perturbation)) == (681, 1_187, 174)
 
 
-def test_train_end_to_end_on_an_h5ad_file(tmp_path):
+def test_train_end_to_end_on_an_h5ad_file(tmp_path, monkeypatch):
     from sams_jax.checkpoint import Checkpointer
     from sams_jax.train import train_and_evaluate
 
@@ -760,7 +760,8 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
     adata.var["symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
     write_h5ad(adata, path)
     config = _config("anndata")
-    config.data.update(path=str(path), split_key="split",  # equal val / test sizes: one IWELBO compile
+    monkeypatch.chdir(tmp_path)
+    config.data.update(path="screen.h5ad", split_key="split",  # equal val / test sizes: one IWELBO compile
                        gene_symbols_key="symbol")
     config.model.update(n_latent=3, decoder_n_hidden=8, basal_encoder_n_hidden=8, embedding_encoder_n_hidden=8)
     config.objective.n_particles = 2
@@ -768,13 +769,15 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path):
                         progress=False)
     config.eval.iwelbo_n_particles = 4
     metrics = train_and_evaluate(config, str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path / "run")  # evaluated from elsewhere: the checkpoint holds the file's absolute path
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(saved["test/IWELBO"]) and saved["test/IWELBO"] < 0 and saved == metrics
     checkpoints = Checkpointer(str(tmp_path / "run"), read_only=True)
     try:
-        _, metadata = checkpoints.restore_json(checkpoints.best_step())
+        saved_config, metadata = checkpoints.restore_json(checkpoints.best_step())
     finally:
         checkpoints.close()
+    assert saved_config["data"]["path"] == str(path) and config.data.path == "screen.h5ad"  # the caller's: as given
     assert metadata["perturbation_names"] == SINGLES
     assert metadata["registration"]["control"] == "control"
     check_compatible(metadata, path)  # the training file fits its own checkpoint
