@@ -67,7 +67,7 @@ from sams_jax.data.anndata_io import DataWarning, read_uns, write_h5ad
 from sams_jax.data.splits import NO_SPLIT
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarning, Predictor, check_features,
-                                check_scale, load)
+                                check_perturbations, check_scale, load)
 
 TOP_K = 20
 TOP_GENES = 20  # top_genes.csv: genes per intervention
@@ -91,14 +91,15 @@ class EvaluationWarning(UserWarning):
 
 
 def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
-    """Unique non-zero dosage rows of the cells in a split, other than the control: ``(names,
+    """Unique dosage rows of the cells in a split, other than the control (the data's
+    control cells, all-zero rows, are an intervention when ``control_row`` is another): ``(names,
     rows [I, T], membership {split: [I] bool}, n_cells [I])``; ``n_cells``: all cells of the
     data with the row (those of no split too: the data ATE's cells);
     ``membership["learned"]``: every member has training cells."""
     rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != NO_SPLIT])
-    keep = in_a_split & ~np.all(rows == control_row, axis=1) & np.any(rows != 0, axis=1)
+    keep = in_a_split & ~np.all(rows == control_row, axis=1)  # with another control, the data's control cells too
     # singles before pairs, each in vocabulary order
     keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
     keep = np.asarray(keep, dtype=np.int64)
@@ -108,13 +109,20 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     return names, rows[keep], membership, counts[keep]
 
 
-def check_trained_data(predictor: Predictor, data: PerturbationData) -> None:
-    """:class:`DataError` when the data rebuilt from a run's saved ``config.data`` are not
-    the data it was trained on, judged by the metadata saved with the checkpoint
-    (perturbations, cells per split and perturbation, normalisation statistics): e.g. a run
-    trained on data passed from Python, whose ``config.data`` describes other data."""
+def check_trained_data(predictor: Predictor, data: PerturbationData, given: bool = False) -> None:
+    """:class:`DataError` when the data rebuilt from a run's saved ``config.data`` (or, with
+    ``given``, passed as ``evaluate(data=...)``) are not the data it was trained on, judged
+    by the metadata saved with the checkpoint (perturbations, cells per split and
+    perturbation, normalisation statistics): e.g. a run trained on data passed from Python,
+    whose ``config.data`` describes other data, or the right cells split otherwise."""
     saved = predictor.metadata
     differ = metadata_differences(saved, data.metadata(saved["normalization"]))
+    if differ and given:
+        raise DataError(f"the data passed to evaluate (data=) are not the data the run was trained on: "
+                        f"{'; '.join(differ)} differ from the checkpoint's metadata. Its split metrics need the "
+                        "training data with their split (the same PerturbationData, or the training file, which "
+                        "evaluate registers as at training); to score other cells use "
+                        "sams_jax.load(workdir).iwelbo(data) and .ate(...)")
     if differ:
         registration = saved.get("registration") or {}
         random_split = registration and not registration.get("split_key")  # every task's split shuffles cells
@@ -205,19 +213,30 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         raise EvaluationError(f"ate_metrics_over={ate_metrics_over!r} is not allowed; choose one of "
                               f"{list(ATE_METRICS_OVER)}")
     predictor = load(workdir, checkpoint)
-    if data is None:
+    from_python = predictor.metadata.get("data_source") == "python"
+    registered = bool(predictor.metadata.get("registration"))  # the Python data were registered from an AnnData
+    if data is None and from_python and registered and data_path is not None:
+        data = predictor.register_training_data(data_path)  # its saved config.data does not describe it
+    elif data is None:
         try:
             data = _rebuild_data(predictor, data_path)
-        except DataError as error:
-            if predictor.metadata.get("data_source") != "python":
+        except (DataError, EvaluationError):
+            if not from_python:
                 raise
             source = predictor.config.data.get("source")
+            file = " or the .h5ad file they were registered from: --data-path FILE (evaluate(workdir, data_path=" \
+                "FILE))" if registered else ""
             raise EvaluationError(f"{workdir} was trained on data passed from Python (train_and_evaluate(config, "
                                   "workdir, data=data)); its saved config.data (data.source="
-                                  f"{source!r}) describes other data, not those; evaluate it from Python with the "
-                                  "same data: sams_jax.evaluate.evaluate(workdir, data=data)") from None
+                                  f"{source!r}) describes other data, not those; evaluate it with the same data: "
+                                  f"sams_jax.evaluate.evaluate(workdir, data=data){file}") from None
     elif data_path is not None:
         raise EvaluationError("pass data= or data_path=, not both")
+    elif not isinstance(data, PerturbationData):  # an AnnData or .h5ad path: registered as the training data were
+        data = predictor.register_training_data(data)
+    else:
+        check_perturbations(predictor.perturbation_names, data.perturbation_names)
+        check_trained_data(predictor, data, given=True)
     check_features(predictor.feature_names, data.feature_names)
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
@@ -235,6 +254,11 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         if not np.all(data.dosages == control_row, axis=1).any():
             raise DataError(f"no cells of the control {control!r} in the data; ATEs need control cells "
                             "(pass --control with a label present in the data)")
+        as_control = [name for name in extra if np.array_equal(predictor.control_dosage(name), control_row)]
+        if as_control:
+            warnings.warn(f"--interventions {as_control} is the control {control!r}, whose ATE is 0 by definition; "
+                          "left out", EvaluationWarning, stacklevel=2)
+            extra = [name for name in extra if name not in as_control]
 
     results: dict[str, float] = {}
     per_cell = {split: predictor.iwelbo(data, iwelbo_particles, seed, split=split)

@@ -36,6 +36,9 @@ from sams_jax.train import create_optimizer, create_train_state
 # registration fields that describe how an AnnData stores the screen (not what the model is)
 LAYOUT_KEYS = ("perturbation_key", "control", "control_match", "delimiter", "guide_column_pattern", "counts_layer",
                "library_size_key")
+# how the training cells were split (with the layout: Predictor.register_training_data)
+SPLIT_KEYS = ("split_key", "task", "split_seed", "frac_combinations_train", "frac_combinations_test",
+              "frac_combination_cells_train")
 
 
 class InterventionError(KeyError):
@@ -305,6 +308,11 @@ class Predictor:
         with warnings.catch_warnings():  # expectations() has warned about these names already
             warnings.simplefilter("ignore", InterventionWarning)
             rows = self.dosages([control, *interventions])
+        as_control = [name for name, row in zip(interventions, rows[1:]) if np.array_equal(row, rows[0])]
+        if as_control:
+            exact = " (exactly 0 with method='crn')" if method != "crn" else ""
+            warnings.warn(f"{as_control} is the control {control!r}: its ATE is 0 by definition; its row shows only "
+                          f"the estimator's Monte-Carlo noise{exact}", InterventionWarning, stacklevel=2)
         learned, seen = self.learned(rows), self.seen_in_training(rows[1:])  # [1 + I]; [I] or None
         if not learned.all():
             unlearned = [name for name, ok in zip([control, *interventions], learned) if not ok]
@@ -421,17 +429,60 @@ class Predictor:
             how = f"the registration {used}: the model's, with any overrides given" if saved else \
                 "from_anndata's default registration (the model was not trained on an AnnData)" + \
                 (f" with {used}" if used else "")
-            raise type(error)(f"{str(error).rstrip('.')} (this AnnData was read with {how}; where it stores things "
+            hint = _symbols_hint(self.feature_names, _var_names(adata_or_path), self.feature_symbols) \
+                if "the genes of this AnnData differ" in str(error) else ""
+            raise type(error)(f"{str(error).rstrip('.')}{hint} (this AnnData was read with {how}; where it stores things "
                               "differently, pass those keys to predictor.register(adata, ...) and score its "
                               "result)") from None
 
-    def _data(self, data):
-        """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be, genes
-        checked) or a dict of arrays."""
+    def register_training_data(self, adata_or_path, backed: bool = False) -> PerturbationData:
+        """The run's training data from an AnnData (or ``.h5ad`` path): registered as at
+        training, cell split included (the checkpoint's registration: layout, ``split_key`` /
+        ``task``, ``split_seed``, ...), and checked against the checkpoint's metadata
+        (:meth:`training_data_differences`). A random or task split follows the order of
+        the cells, so only the training file, cells in the same order, gives the run's
+        splits; anything else is a :class:`DataError` naming what differs."""
+        from sams_jax.data.anndata_io import from_anndata
+
+        saved = self.metadata.get("registration")
+        if not saved:
+            raise DataError(f"the run was not trained on an AnnData (its data: {self.metadata.get('name')!r}), so no "
+                            "AnnData gives its split of the cells; score an AnnData's cells without split= "
+                            "(predictor.iwelbo(adata)), or pass the PerturbationData the run was trained on")
+        registration = {k: saved[k] for k in (*LAYOUT_KEYS, *SPLIT_KEYS, "encode_combinations", "use_highly_variable")
+                        if k in saved}
+        with warnings.catch_warnings():  # the registration's warnings about these data were given at training
+            warnings.simplefilter("ignore", UserWarning)
+            data = from_anndata(adata_or_path, **registration, likelihood=self.config.model.likelihood,
+                                perturbations=self.perturbation_names, feature_names=self.feature_names,
+                                backed=backed, for_training=False)
+        differ = self.training_data_differences(data)
+        if differ:
+            raise DataError(f"this AnnData is not the run's training data as registered then: {'; '.join(differ)} "
+                            "differ from the checkpoint's metadata (a random or task split follows the order of the "
+                            "cells: the same cells in another order are split otherwise). The run's splits need its "
+                            "training file, cells in the same order; to score other cells, leave split= out (every "
+                            "cell) or subset the AnnData to the cells wanted")
+        return data
+
+    def training_data_differences(self, data: PerturbationData) -> list[str]:
+        """The fields of the checkpoint's data metadata that ``data`` do not match
+        (:func:`sams_jax.data.metadata_differences`: names, cells per split and
+        perturbation, the training cells' normalisation statistics, ...); empty for the
+        data the run was trained on."""
+        from sams_jax.data import metadata_differences
+
+        return metadata_differences(self.metadata, data.metadata(self.metadata["normalization"]))
+
+    def _data(self, data, split: str | None = None):
+        """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be: with
+        ``split``, as the training data were, see :meth:`register_training_data`; genes and
+        perturbations checked) or a dict of arrays."""
         if not isinstance(data, (PerturbationData, dict)):
-            data = self.register(data)
+            data = self.register_training_data(data) if split else self.register(data)
         if isinstance(data, PerturbationData):
-            check_features(self.feature_names, data.feature_names)
+            check_features(self.feature_names, data.feature_names, self.feature_symbols)
+            check_perturbations(self.perturbation_names, data.perturbation_names)
         return data
 
     def _streamed(self, data, split: str | None):
@@ -457,15 +508,16 @@ class Predictor:
     def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int | None = None,
                split: str | None = None) -> np.ndarray:
         """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data`` (of its
-        ``split`` only, for a PerturbationData; ``split=None``: every cell, also those a task
-        leaves out of every split, split ``""``). A sparse or backed ``x`` is read and scored
+        ``split`` only: a PerturbationData's own split; for an AnnData or path the run's,
+        which needs the training file itself, see :meth:`register_training_data`;
+        ``split=None``: every cell, also those a task leaves out of every split, split ``""``). A sparse or backed ``x`` is read and scored
         in blocks of cells, with the same result as scoring all cells at once. Cells are
         scored ``chunk_size`` at a time (default :func:`iwelbo_chunk_size`); the local draws
         depend on the chunking, so compare numbers computed with the same chunk size."""
         n_particles = _whole_number(n_particles, "n_particles")
         chunk_size = _whole_number(chunk_size, "chunk_size") if chunk_size else \
             iwelbo_chunk_size(n_particles, len(self.feature_names))  # None or 0: the default
-        data = self._data(data)
+        data = self._data(data, split)
         key = jax.random.key(seed)
         cells = self._streamed(data, split)
         if cells is not None:
@@ -483,7 +535,7 @@ class Predictor:
         PerturbationData, else every cell, as for :meth:`iwelbo`; a sparse or backed ``x``
         is read in blocks of cells)."""
         n_particles = _whole_number(n_particles, "n_particles")
-        data = self._data(data)
+        data = self._data(data, split)
         keys = jax.random.split(jax.random.key(seed), n_particles)
         cells = self._streamed(data, split)
         if cells is not None:
@@ -567,15 +619,61 @@ def _positive_number(value, name: str) -> float:
     return number
 
 
-def check_features(expected: Sequence[str], given: Sequence[str]) -> None:
-    """Raise :class:`DataError` naming missing and extra genes when the sets differ, or
-    when the genes are in another order than the model's."""
+def check_features(expected: Sequence[str], given: Sequence[str], symbols: Sequence[str] | None = None) -> None:
+    """Raise :class:`DataError` naming missing and extra genes when the sets differ (with a
+    hint when the given names are the model's display names, ``symbols``), or when the
+    genes are in another order than the model's."""
     from sams_jax.data.anndata_io import check_genes
 
-    check_genes(expected, given)
+    try:
+        check_genes(expected, given)
+    except DataError as error:
+        raise DataError(f"{error}{_symbols_hint(expected, given, symbols)}") from None
     if list(expected) != list(given):
         raise DataError("the data has the model's genes in a different order; reorder them to the training order "
                         "(e.g. adata[:, predictor.feature_names])")
+
+
+def _var_names(adata_or_path) -> list[str]:
+    """The gene names of an AnnData or ``.h5ad`` path (read backed; ``[]`` if unreadable)."""
+    if hasattr(adata_or_path, "var_names"):
+        return list(map(str, adata_or_path.var_names))
+    try:
+        import anndata
+
+        adata = anndata.read_h5ad(adata_or_path, backed="r")
+        try:
+            return list(map(str, adata.var_names))
+        finally:
+            adata.file.close()
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+
+
+def _symbols_hint(expected: Sequence[str], given: Sequence[str], symbols: Sequence[str] | None) -> str:
+    """A sentence for a gene-set error when most of the ``given`` gene names are the
+    model's display names (``symbols``) rather than its gene names; else ``""``."""
+    as_symbols = (set(map(str, given)) & set(symbols or ())) - set(expected)
+    if len(as_symbols) < max(1, len(set(given)) // 2):
+        return ""
+    return (f". {len(as_symbols)} of the data's gene names are the model's gene symbols (predictor.feature_symbols), "
+            "not the names it was trained with (predictor.feature_names): name the genes as at training, e.g. "
+            "adata.var_names = adata.var[<column of those names>] (predictor.gene_table() maps the two)")
+
+
+def check_perturbations(expected: Sequence[str], given: Sequence[str]) -> None:
+    """Raise :class:`DataError` when a PerturbationData's dosage columns (``given``) are not
+    the model's perturbations in the model's order: dosages meet the model column by
+    column, so other columns would give cells other perturbations' effects."""
+    if list(expected) == list(given):
+        return
+    missing, extra = [n for n in expected if n not in set(given)], [n for n in given if n not in set(expected)]
+    how = f"the model's {len(expected)} in another order" if not missing and not extra else \
+        f"{len(given)} columns for the model's {len(expected)}; the model's not among them: {missing[:10]}" \
+        f"{' ...' if len(missing) > 10 else ''}; not the model's: {extra[:10]}{' ...' if len(extra) > 10 else ''}"
+    raise DataError(f"the data's dosage columns are not the model's perturbations ({how}); register the AnnData "
+                    "against the model's vocabulary: predictor.register(adata) (or from_anndata(adata, "
+                    "perturbations=predictor.perturbation_names, ...))")
 
 
 def load(workdir: str, checkpoint: str | int = "best") -> Predictor:

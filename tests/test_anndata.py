@@ -783,6 +783,42 @@ def test_train_end_to_end_on_an_h5ad_file(tmp_path, monkeypatch):
     check_compatible(metadata, path)  # the training file fits its own checkpoint
     _predict_from_another_layout(tmp_path / "run", adata)
     _evaluate_after_the_file_moved(tmp_path / "run", path, tmp_path / "moved.h5ad", metrics)
+    _evaluate_given_data(tmp_path / "run", tmp_path / "moved.h5ad", monkeypatch)
+
+
+def _evaluate_given_data(workdir, path, monkeypatch):
+    """evaluate(data=...) takes an AnnData (registered as at training) and checks a
+    PerturbationData against the checkpoint; a run trained on data passed from Python is
+    evaluated from the file they were registered from (--data-path)."""
+    import sams_jax
+    from sams_jax import evaluate as evaluate_lib
+
+    options = dict(iwelbo_particles=4, ate_particles=8, plots=False, sparse_basis_restarts=0, write=False)
+    expected = evaluate_lib.evaluate(str(workdir), data_path=str(path), **options)
+    assert evaluate_lib.evaluate(str(workdir), data=anndata.read_h5ad(path), **options) == expected
+    predictor = sams_jax.load(str(workdir))
+    data = predictor.register_training_data(path)
+    data.split = np.roll(data.split, 1)  # the right cells, split otherwise
+    with pytest.raises(DataError, match=r"the data passed to evaluate \(data=\) are not the data the run was trained "
+                                        r"on: .*cells_per_perturbation"):
+        evaluate_lib.evaluate(str(workdir), data=data, **options)
+    predictor.metadata["data_source"] = "python"  # as if trained with train_and_evaluate(config, workdir, data=...)
+    predictor.config.data.source = "simulation"  # whose config.data then describes other data
+    monkeypatch.setattr(evaluate_lib, "load", lambda *args: predictor)
+    assert evaluate_lib.evaluate(str(workdir), data_path=str(path), **options) == expected
+    with pytest.raises(evaluate_lib.EvaluationError, match=r"trained on data passed from Python.*or the .h5ad file "
+                                                           r"they were registered from: --data-path FILE"):
+        evaluate_lib.evaluate(str(workdir), **options)
+    # measured against a perturbation, the data's control cells are an intervention like the others; the
+    # control itself asked for is left out, with a warning
+    options.update(write=True)
+    evaluate_lib.evaluate(str(workdir), data_path=str(path), control="A", **options)
+    ate = anndata.read_h5ad(workdir / "eval" / "ate.h5ad")
+    assert ate.uns["control"] == "A" and "A" not in ate.obs_names and ate.obs.loc["control", "observed"]
+    with pytest.warns(evaluate_lib.EvaluationWarning, match=r"--interventions \['control'\] is the control "
+                                                             r"'control', whose ATE is 0 by definition; left out"):
+        evaluate_lib.evaluate(str(workdir), data_path=str(path), interventions=["control", "A+B"], **options)
+    assert "control" not in anndata.read_h5ad(workdir / "eval" / "ate.h5ad").obs_names
 
 
 def _evaluate_after_the_file_moved(workdir, path, moved, metrics):
@@ -953,17 +989,86 @@ def test_gene_symbols_are_carried_to_the_outputs():
     assert metadata["feature_symbols"][3] == "gene3"
     assert metadata_differences(metadata, from_anndata(adata).metadata("log_standardize")) == []  # display only
 
-    from sams_jax.models import create_model
-    from sams_jax.config import base_config
-    from sams_jax.predictor import Predictor
-
-    config = base_config()
-    config.model.update(n_latent=2, decoder_n_hidden=4, basal_encoder_n_hidden=4, embedding_encoder_n_hidden=4)
-    model = create_model(config.model, data.n_genes, data.n_perturbations)
-    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
-                           np.zeros((2, data.n_genes), np.float32), np.zeros((2, data.n_perturbations), np.float32),
-                           np.ones(2, np.float32))
-    predictor = Predictor(model, variables, config, metadata, 0, "")
+    predictor = _untrained_predictor(metadata)
     ate = predictor.ate([data.perturbation_names[0]], n_particles=4)
     assert ate.var["gene_symbol"].tolist() == metadata["feature_symbols"] and ate.var_names[3] == "gene3"
     assert predictor.sample(data.perturbation_names[0], n=2).var["gene_symbol"].iloc[0] == "SYM0"
+
+
+def _untrained_predictor(metadata):
+    """A freshly initialised small SAMS-VAE for data with this ``metadata`` (no training)."""
+    from sams_jax.config import base_config
+    from sams_jax.models import create_model
+    from sams_jax.predictor import Predictor
+
+    n_genes, n_perturbations = len(metadata["feature_names"]), len(metadata["perturbation_names"])
+    config = base_config()
+    config.model.update(n_latent=2, decoder_n_hidden=4, basal_encoder_n_hidden=4, embedding_encoder_n_hidden=4)
+    model = create_model(config.model, n_genes, n_perturbations)
+    variables = model.init({"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+                           np.zeros((2, n_genes), np.float32), np.zeros((2, n_perturbations), np.float32),
+                           np.ones(2, np.float32))
+    return Predictor(model, variables, config, metadata, 0, "")
+
+
+def test_scored_data_must_fit_the_model_and_its_split():
+    """Registered data meet the model by name: a PerturbationData with other dosage columns
+    is refused, not matched by position; ``split=`` on an AnnData takes the run's split,
+    which needs the training file (a shuffled copy splits otherwise); gene symbols given as
+    gene names get a hint."""
+    adata = make_screen()
+    adata.var["symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
+    data = from_anndata(adata, gene_symbols_key="symbol")  # a random split
+    predictor = _untrained_predictor(data.metadata("log_standardize"))
+    renamed = adata.copy()  # "A" called "AAA": the columns would shift by one
+    renamed.obs["perturbation"] = renamed.obs["perturbation"].astype(str).str.replace(r"\bA\b", "AAA",
+                                                                                       regex=True).to_numpy()
+    shifted = from_anndata(renamed)
+    with pytest.raises(DataError, match=r"dosage columns are not the model's perturbations \(6 columns for the "
+                                        r"model's 6; the model's not among them: \['A'\]; not the model's: \['AAA'\]\)"
+                                        r".*predictor.register\(adata\)"):
+        predictor.iwelbo(shifted, n_particles=2)
+    with pytest.raises(DataError, match="dosage columns are not the model's perturbations"):
+        predictor.latent(PerturbationData(**{**vars(data), "x": sp.csr_matrix(data.x),  # the streamed path too
+                                             "perturbation_names": data.perturbation_names[::-1]}))
+    # split= on an AnnData: the run's split, registered as at training (here: the file itself)
+    np.testing.assert_array_equal(predictor.iwelbo(adata, n_particles=2, split="test"),
+                                  predictor.iwelbo(data, n_particles=2, split="test"))
+    shuffled = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()
+    with pytest.raises(DataError, match=r"not the run's training data as registered then: .*differ from the "
+                                        r"checkpoint's metadata.*leave split= out"):
+        predictor.latent(shuffled, split="test")
+    assert predictor.iwelbo(shuffled, n_particles=2).shape == (adata.n_obs,)  # every cell: no split needed
+    by_symbol = adata.copy()
+    by_symbol.var_names = by_symbol.var["symbol"].to_numpy()
+    with pytest.raises(DataError, match=r"12 of the data's gene names are the model's gene symbols"):
+        predictor.iwelbo(by_symbol, n_particles=2)
+    # the control asked for as an intervention: said; common random numbers give exactly 0
+    from sams_jax.predictor import InterventionWarning
+
+    with pytest.warns(InterventionWarning, match=r"\['control'\] is the control 'control': its ATE is 0 by definition"):
+        effects = predictor.ate(["A", "control"], n_particles=4, method="crn")
+    assert np.all(effects["control"].X == 0) and np.any(effects["A"].X != 0)
+
+
+def test_registration_refuses_an_unknown_likelihood_and_reads_a_backed_anndata(tmp_path):
+    from sams_jax.data.anndata_io import KNOWN_LIKELIHOODS
+    from sams_jax.likelihoods import LIKELIHOODS
+
+    assert KNOWN_LIKELIHOODS == LIKELIHOODS  # the data layer's copy of the model's list
+    adata = make_screen()
+    with pytest.raises(DataError, match=r"likelihood='nb' is not allowed; choose one of \['normal', 'poisson', "
+                                        r"'library_nb'\]"):
+        from_anndata(adata, likelihood="nb")
+    path = tmp_path / "screen.h5ad"
+    write_h5ad(adata, path)
+    opened = anndata.read_h5ad(path, backed="r")  # an AnnData opened backed: its file is read backed
+    try:
+        from_object = from_anndata(opened, backed=True)
+    finally:
+        opened.file.close()
+    from_path = from_anndata(str(path), backed=True)
+    assert type(from_object.x).__name__ == "BackedMatrix"
+    np.testing.assert_array_equal(from_object.x[np.arange(5)].toarray(), from_path.x[np.arange(5)].toarray())
+    with pytest.raises(DataError, match="backed reading needs the path of a .h5ad file"):
+        from_anndata(adata, backed=True)

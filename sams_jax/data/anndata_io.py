@@ -56,6 +56,8 @@ from sams_jax.data.matrix import BackedMatrix
 ENCODINGS = ("additive", "unique")
 CONTROL_MATCHES = ("exact", "contains")
 COUNT_LIKELIHOODS = ("poisson", "library_nb")
+# sams_jax.likelihoods.LIKELIHOODS, which the data layer does not import (tested equal)
+KNOWN_LIKELIHOODS = ("normal", *COUNT_LIKELIHOODS)
 # obs columns that contain "guide_" in the curated Norman file but are not indicators
 NON_INDICATOR_COLUMNS = ("guide_identity", "guide_ids")
 _SHOW = 10  # names shown in an error message
@@ -192,6 +194,8 @@ def read_anndata(adata_or_path, backed: bool = False):
                             "pass an AnnData written with adata.write_h5ad(...), and if it was downloaded "
                             "check that the download is complete") from None
     if backed:
+        if getattr(adata_or_path, "isbacked", False) and getattr(adata_or_path, "filename", None):
+            return read_anndata(adata_or_path.filename, backed=True)  # read_h5ad(path, backed="r"): its file
         raise DataError("backed reading needs the path of a .h5ad file, not an in-memory AnnData; pass the path "
                         "(or backed=False)")
     if not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
@@ -862,6 +866,9 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     to the outputs (``var["gene_symbol"]`` of ATEs and generated cells); missing entries
     fall back to the gene's name.
     """
+    if likelihood is not None and likelihood not in KNOWN_LIKELIHOODS:
+        raise DataError(f"likelihood={likelihood!r} is not allowed; choose one of {list(KNOWN_LIKELIHOODS)} (it selects "
+                        "the value checks: counts for the count likelihoods), or None to check finiteness only")
     control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
     if control is not None and perturbations is not None and control in perturbations and not guide_column_pattern:
         raise DataError(f"the control label {control!r} is a perturbation of the vocabulary (a model measured against "
