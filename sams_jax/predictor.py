@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import difflib
 import os
+import re
 import warnings
 from functools import partial
 from typing import Iterable, Sequence
@@ -431,7 +432,8 @@ class Predictor:
                 (f" with {used}" if used else "")
             hint = _symbols_hint(self.feature_names, _var_names(adata_or_path), self.feature_symbols) \
                 if "the genes of this AnnData differ" in str(error) else ""
-            raise type(error)(f"{str(error).rstrip('.')}{hint} (this AnnData was read with {how}; where it stores things "
+            advice = re.sub(r" \(--config\.data\.[^()]*\)", "", str(error).rstrip("."))  # training flags: not here
+            raise type(error)(f"{advice}{hint} (this AnnData was read with {how}; where it stores things "
                               "differently, pass those keys to predictor.register(adata, ...) and score its "
                               "result)") from None
 
