@@ -86,16 +86,38 @@ class Evaluation:
     seed: int = 0
 
 
-# what a run recorded before an option existed was evaluated with (ATE metrics over learned interventions only
-# until 2026-11-27): such a run counts as evaluated with these, and is evaluated again under the new default
-LEGACY_EVALUATION = {"ate_metrics_over": "learned"}
 EVALUATION_COLUMNS = ("iwelbo_particles", "ate_particles", "ate_method", "ate_metrics_over")  # runs.csv
 
 
-def recorded_evaluation(done: Mapping[str, Any]) -> dict:
-    """The evaluation options of a ``done.json``, with :data:`LEGACY_EVALUATION` for those
-    it predates."""
-    return {**LEGACY_EVALUATION, **(done.get("evaluation") or {})}
+def recorded_evaluation(done: Mapping[str, Any], directory: pathlib.Path) -> dict:
+    """The evaluation options of the ``done.json`` of the cell in ``directory``. A run
+    evaluated before ``ate_metrics_over`` existed had its ATE metrics over the learned
+    interventions only: where its ``eval/ate.h5ad`` has an observed intervention that was
+    not learned it counts as ``"learned"`` (so the default evaluates it again), else as
+    ``"observed"`` (the same metrics: nothing to redo)."""
+    recorded = dict(done.get("evaluation") or {})
+    if "ate_metrics_over" not in recorded:
+        recorded["ate_metrics_over"] = "learned" if _has_unlearned_observed(directory / "eval" / "ate.h5ad") \
+            else "observed"
+    return recorded
+
+
+def _has_unlearned_observed(path: pathlib.Path) -> bool:
+    """Whether the ``ate.h5ad`` at ``path`` has an observed intervention whose ``learned``
+    is False (False without the file or the columns)."""
+    if not path.is_file():
+        return False
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as handle:
+            obs = read_elem(handle["obs"])
+    except (OSError, KeyError):
+        return False
+    if not {"observed", "learned"} <= set(obs.columns):
+        return False
+    return bool((obs["observed"].astype(bool) & ~obs["learned"].astype(bool)).any())
 
 
 SMOKE_EVALUATION = Evaluation(iwelbo_particles=8, ate_particles=32, plots=False)
@@ -341,7 +363,8 @@ def is_done(out: pathlib.Path, cell: Cell, evaluation: bool = True, config: bool
     if done is None:
         return False
     keys = [k for k in cell.spec() if (evaluation or k != "evaluation") and k != "config"]
-    recorded = {k: recorded_evaluation(done) if k == "evaluation" else done.get(k) for k in keys}
+    recorded = {k: recorded_evaluation(done, cell_dir(out, cell)) if k == "evaluation" else done.get(k)
+                for k in keys}
     same = recorded == {k: v for k, v in _roundtrip(cell.spec()).items() if k in keys}
     # the config compared field by field: one the run lacks (added in a later version) counts as its default
     return same and (not config or not config_differences(done.get("config") or {}, cell.config))
@@ -540,7 +563,7 @@ def collect(cells: Sequence[Cell], out: pathlib.Path):
     for cell in cells:
         if is_done(out, cell, evaluation=False, config=False):
             done = _done(out, cell)
-            evaluation = recorded_evaluation(done)
+            evaluation = recorded_evaluation(done, cell_dir(out, cell))
             rows.append({"variant": cell.variant, "fraction": cell.fraction, "seed": cell.seed,
                          "seconds": done.get("seconds"),
                          **{key: evaluation.get(key) for key in EVALUATION_COLUMNS},

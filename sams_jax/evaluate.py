@@ -92,14 +92,16 @@ class EvaluationWarning(UserWarning):
 
 def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
     """Unique dosage rows of the cells in a split, other than the control (the data's
-    control cells, all-zero rows, are an intervention when ``control_row`` is another): ``(names,
+    control cells, all-zero rows, are an intervention when ``control_row`` is another and
+    the data have a control label): ``(names,
     rows [I, T], membership {split: [I] bool}, n_cells [I])``; ``n_cells``: all cells of the
     data with the row (those of no split too: the data ATE's cells);
     ``membership["learned"]``: every member has training cells."""
     rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != NO_SPLIT])
-    keep = in_a_split & ~np.all(rows == control_row, axis=1)  # with another control, the data's control cells too
+    # with another control, the data's control cells (all-zero rows) too, where the data name them (a control label)
+    keep = in_a_split & ~np.all(rows == control_row, axis=1) & (np.any(rows != 0, axis=1) | (predictor.control is not None))
     # singles before pairs, each in vocabulary order
     keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
     keep = np.asarray(keep, dtype=np.int64)
@@ -195,13 +197,14 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              ate_scale: str | None = None, ate_method: str = "paper", control: str | None = None,
              interventions: list[str] | None = None, seed: int = 0, plots: bool = True,
              sparse_basis_restarts: int = 8,
-             data: PerturbationData | None = None, data_path: str | None = None,
+             data=None, data_path: str | None = None,
              write: bool = True, pathways: dict[str, list[str]] | str | None = None,
              ate_metrics_over: str = "observed") -> dict[str, float]:
     """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring);
     ``write=False`` returns the metrics and writes nothing (comparing runs from Python).
 
-    The data are ``data``, or rebuilt from the run's saved ``config.data``; ``data_path``
+    The data are ``data`` (a PerturbationData, or an AnnData or ``.h5ad`` path registered as
+    the training data were), or rebuilt from the run's saved ``config.data``; ``data_path``
     replaces its file's path there (a run trained on a file that has moved since). Rebuilt
     data must be those the run was trained on (:func:`check_trained_data`). ``pathways``:
     pathway gene sets (``{name: [genes]}``, or a JSON file of them) for the pathway
@@ -215,8 +218,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     predictor = load(workdir, checkpoint)
     from_python = predictor.metadata.get("data_source") == "python"
     registered = bool(predictor.metadata.get("registration"))  # the Python data were registered from an AnnData
+    backed = bool(predictor.config.data.get("backed"))  # a file read backed at training is read backed here too
     if data is None and from_python and registered and data_path is not None:
-        data = predictor.register_training_data(data_path)  # its saved config.data does not describe it
+        data = predictor.register_training_data(data_path, backed=backed)  # not in its config.data: registered
     elif data is None:
         try:
             data = _rebuild_data(predictor, data_path)
@@ -233,7 +237,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     elif data_path is not None:
         raise EvaluationError("pass data= or data_path=, not both")
     elif not isinstance(data, PerturbationData):  # an AnnData or .h5ad path: registered as the training data were
-        data = predictor.register_training_data(data)
+        data = predictor.register_training_data(data, backed=backed and isinstance(data, (str, os.PathLike)))
     else:
         check_perturbations(predictor.perturbation_names, data.perturbation_names)
         check_trained_data(predictor, data, given=True)
@@ -346,7 +350,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     metrics_lib.write_json(os.path.join(out_dir, "metrics.json"), results)
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:
-        _write_ate(out_dir, predictor, *ate[:-1], control, scale, ate_method, ate_particles)
+        _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles, ate_metrics_over)
     if plots:
         no_ate = ([], 0, {}, [], np.zeros(0, bool), None, [], [], np.zeros(0, bool))
         _, n_observed, _, _, _, _, model_ate, data_ate, scored = ate or no_ate  # scored: those of the ATE metrics
@@ -436,7 +440,7 @@ def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
 
 
 def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learned, seen, model_ate, data_ate,
-               control, scale, method, n_particles) -> None:
+               scored, control, scale, method, n_particles, metrics_over) -> None:
     import anndata
 
     n = len(names)
@@ -444,7 +448,8 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learn
     obs = pd.DataFrame({"observed": pad(np.ones(n_observed, bool), False), "n_cells": pad(n_cells, 0),
                         **{f"in_{split}": pad(membership[split], False) for split in SPLITS},
                         "learned": learned,
-                        **({} if seen is None else {"seen_in_training": seen})},
+                        **({} if seen is None else {"seen_in_training": seen}),
+                        "in_metrics": pad(np.asarray(scored, bool), False)},
                        index=pd.Index(names, name="intervention", dtype=object))
     data_layer = np.full(model_ate.shape, np.nan, np.float32)
     data_layer[:n_observed] = data_ate
@@ -452,7 +457,7 @@ def _write_ate(out_dir, predictor, names, n_observed, membership, n_cells, learn
                              var=predictor.gene_table(),
                              layers={"model": model_ate.astype(np.float32), "data": data_layer})
     result.uns.update(control=control, scale=scale, method=method, n_particles=n_particles,
-                      checkpoint_step=predictor.step)
+                      ate_metrics_over=metrics_over, checkpoint_step=predictor.step)
     write_h5ad(result, os.path.join(out_dir, "ate.h5ad"))
     top_genes(result).to_csv(os.path.join(out_dir, "top_genes.csv"), index=False)
 

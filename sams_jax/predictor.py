@@ -311,9 +311,10 @@ class Predictor:
             rows = self.dosages([control, *interventions])
         as_control = [name for name, row in zip(interventions, rows[1:]) if np.array_equal(row, rows[0])]
         if as_control:
-            exact = " (exactly 0 with method='crn')" if method != "crn" else ""
-            warnings.warn(f"{as_control} is the control {control!r}: its ATE is 0 by definition; its row shows only "
-                          f"the estimator's Monte-Carlo noise{exact}", InterventionWarning, stacklevel=2)
+            row = "exactly 0 here (common random numbers)" if method == "crn" else \
+                "its row shows only the estimator's Monte-Carlo noise (exactly 0 with method='crn')"
+            warnings.warn(f"{as_control} is the control {control!r}: its ATE is 0 by definition; {row}",
+                          InterventionWarning, stacklevel=2)
         learned, seen = self.learned(rows), self.seen_in_training(rows[1:])  # [1 + I]; [I] or None
         if not learned.all():
             unlearned = [name for name, ok in zip([control, *interventions], learned) if not ok]
@@ -430,12 +431,18 @@ class Predictor:
             how = f"the registration {used}: the model's, with any overrides given" if saved else \
                 "from_anndata's default registration (the model was not trained on an AnnData)" + \
                 (f" with {used}" if used else "")
-            hint = _symbols_hint(self.feature_names, _var_names(adata_or_path), self.feature_symbols) \
-                if "the genes of this AnnData differ" in str(error) else ""
-            advice = re.sub(r" \(--config\.data\.[^()]*\)", "", str(error).rstrip("."))  # training flags: not here
-            raise type(error)(f"{advice}{hint} (this AnnData was read with {how}; where it stores things "
-                              "differently, pass those keys to predictor.register(adata, ...) and score its "
-                              "result)") from None
+            raise self._registration_error(error, adata_or_path, f"this AnnData was read with {how}; where it "
+                                           "stores things differently, pass those keys to predictor.register("
+                                           "adata, ...) and score its result") from None
+
+    def _registration_error(self, error: DataError, adata_or_path, how: str) -> DataError:
+        """``error`` of registering data for this model, without the registration's training
+        flags (``--config.data...``, which do not apply to a trained model's data), with the
+        gene-symbol hint where it applies and ``how`` the data were read."""
+        hint = _symbols_hint(self.feature_names, _var_names(adata_or_path), self.feature_symbols) \
+            if "the genes of this AnnData differ" in str(error) else ""
+        advice = re.sub(r" \(--config\.data\.[^()]*\)", "", str(error).rstrip("."))
+        return type(error)(f"{advice}{hint} ({how})")
 
     def register_training_data(self, adata_or_path, backed: bool = False) -> PerturbationData:
         """The run's training data from an AnnData (or ``.h5ad`` path): registered as at
@@ -449,15 +456,22 @@ class Predictor:
         saved = self.metadata.get("registration")
         if not saved:
             raise DataError(f"the run was not trained on an AnnData (its data: {self.metadata.get('name')!r}), so no "
-                            "AnnData gives its split of the cells; score an AnnData's cells without split= "
-                            "(predictor.iwelbo(adata)), or pass the PerturbationData the run was trained on")
+                            "AnnData reproduces its data and splits; pass the PerturbationData the run was trained "
+                            "on (evaluate(workdir, data=data)), or score an AnnData's cells without split= "
+                            "(predictor.iwelbo(adata))")
         registration = {k: saved[k] for k in (*LAYOUT_KEYS, *SPLIT_KEYS, "encode_combinations", "use_highly_variable")
                         if k in saved}
-        with warnings.catch_warnings():  # the registration's warnings about these data were given at training
-            warnings.simplefilter("ignore", UserWarning)
-            data = from_anndata(adata_or_path, **registration, likelihood=self.config.model.likelihood,
-                                perturbations=self.perturbation_names, feature_names=self.feature_names,
-                                backed=backed, for_training=False)
+        try:
+            with warnings.catch_warnings():  # the registration's warnings about these data were given at training
+                warnings.simplefilter("ignore", UserWarning)
+                data = from_anndata(adata_or_path, **registration, likelihood=self.config.model.likelihood,
+                                    perturbations=self.perturbation_names, feature_names=self.feature_names,
+                                    backed=backed, for_training=False)
+        except DataError as error:
+            used = ", ".join(f"{k}={registration[k]!r}" for k in (*LAYOUT_KEYS, *SPLIT_KEYS) if registration.get(k))
+            raise self._registration_error(error, adata_or_path, f"this AnnData was read as the run's training data "
+                                           f"were, {used}: the run's splits need its training file as it was "
+                                           "then") from None
         differ = self.training_data_differences(data)
         if differ:
             raise DataError(f"this AnnData is not the run's training data as registered then: {'; '.join(differ)} "

@@ -114,7 +114,7 @@ def test_unique_encoding_makes_each_pair_a_perturbation():
     half = norman.obs_names[(norman.obs["guide_identity"] == "B_A__B_A").to_numpy()][:5]
     norman.obs.loc[half, "guide_identity"] = "A_B__A_B"
     for seed in range(4):
-        with pytest.warns(DataWarning, match=r"1 pairs are named by several guide_identity strings \(e.g. "
+        with pytest.warns(DataWarning, match=r"1 pair is named by several labels of the condition column \(e.g. "
                           r"\['A_B__A_B', 'B_A__B_A'\]\); the OOD split counts each pair once \(\d+ pairs\)"):
             ood = from_anndata(norman, guide_column_pattern="guide_", perturbation_key="guide_identity",
                                counts_layer="counts", task="norman_ood", frac_combinations_train=0.5, split_seed=seed)
@@ -1040,6 +1040,12 @@ def test_scored_data_must_fit_the_model_and_its_split():
                                         r"checkpoint's metadata.*leave split= out"):
         predictor.latent(shuffled, split="test")
     assert predictor.iwelbo(shuffled, n_particles=2).shape == (adata.n_obs,)  # every cell: no split needed
+    elsewhere = adata.copy()
+    elsewhere.obs = elsewhere.obs.rename(columns={"perturbation": "gene"})
+    with pytest.raises(DataError, match=r"obs has no column 'perturbation'.*\(this AnnData was read as the run's "
+                                        r"training data were, perturbation_key='perturbation'") as caught:
+        predictor.iwelbo(elsewhere, n_particles=2, split="test")
+    assert "--config" not in str(caught.value)
     by_symbol = adata.copy()
     by_symbol.var_names = by_symbol.var["symbol"].to_numpy()
     with pytest.raises(DataError, match=r"12 of the data's gene names are the model's gene symbols"):
@@ -1066,10 +1072,33 @@ def test_registration_refuses_an_unknown_likelihood_and_reads_a_backed_anndata(t
     opened = anndata.read_h5ad(path, backed="r")  # an AnnData opened backed: its file is read backed
     try:
         from_object = from_anndata(opened, backed=True)
+        with pytest.raises(DataError, match=r"a view of a backed AnnData \(e.g. adata\[:40\]\) cannot be registered "
+                                            "backed"):
+            from_anndata(opened[:40], backed=True)
+        opened.obs["perturbation"] = opened.obs["perturbation"].astype(str).replace("control", "ctrl")
+        relabelled = from_anndata(opened, backed=True, control="ctrl")  # obs as edited in memory, not the file's
     finally:
         opened.file.close()
     from_path = from_anndata(str(path), backed=True)
-    assert type(from_object.x).__name__ == "BackedMatrix"
+    assert type(from_object.x).__name__ == "BackedMatrix" and relabelled.control == "ctrl"
+    np.testing.assert_array_equal(relabelled.dosages, from_path.dosages)
     np.testing.assert_array_equal(from_object.x[np.arange(5)].toarray(), from_path.x[np.arange(5)].toarray())
     with pytest.raises(DataError, match="backed reading needs the path of a .h5ad file"):
         from_anndata(adata, backed=True)
+
+
+def test_measured_against_a_perturbation_the_control_cells_are_an_intervention_where_labelled():
+    """evaluate --control A: the data's control cells (all-zero dosages) are scored against
+    A where the data name them; data registered with control=None leave them out (they have
+    no name to ask the model for)."""
+    from sams_jax.evaluate import observed_interventions
+
+    norman = make_norman_like(make_screen())
+    for control, expected in (("control", ["control", "B"]), (None, ["B", "C"])):
+        data = from_anndata(norman, guide_column_pattern="guide_", perturbation_key="guide_identity",
+                            counts_layer="counts", control=control)
+        predictor = _untrained_predictor(data.metadata("log_standardize"))
+        assert (data.dosages.sum(1) == 0).sum() == 30
+        names, rows, _, n_cells = observed_interventions(predictor, data, predictor.control_dosage("A"))
+        assert names[:2] == expected and "A" not in names
+        assert predictor.expectations(names[:1], n_particles=2).shape == (1, data.n_genes)  # each name resolves

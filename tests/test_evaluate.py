@@ -594,6 +594,8 @@ def test_evaluate_unlearned_perturbations_and_runs_without_control(trained, monk
     out = workdir / "eval"
     ate = anndata.read_h5ad(out / "ate.h5ad")
     observed = ate.obs["observed"].to_numpy()  # the paper's rule: every observed intervention
+    assert ate.uns["ate_metrics_over"] == "learned"  # the last evaluation's rule, and which rows it counted
+    np.testing.assert_array_equal(ate.obs["in_metrics"], ate.obs["observed"] & ate.obs["learned"])
     assert paper["ATE_pearsonr-all"] == pytest.approx(metrics.ate_agreement(
         ate.layers["data"][observed], ate.layers["model"][observed], 20)["ATE_pearsonr"])
     assert ate.obs.loc["5", "learned"] == False and ate.obs["learned"].sum() == 5  # noqa: E712

@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -430,9 +431,18 @@ def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
     assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # it ran with the default
     assert runner.is_done(tmp_path, cell)  # finished: not run again because a later version added a field
     # evaluated before evaluate() counted every observed intervention in the ATE metrics (no ate_metrics_over
-    # recorded): it was evaluated over the learned ones, so under the default it is evaluated again
+    # recorded): where every observed intervention was learned, the metrics are the same (nothing to redo) ...
     del older["evaluation"]["ate_metrics_over"]
     (directory / "done.json").write_text(json.dumps(older))
+    assert runner.is_done(tmp_path, cell)
+    (directory / "eval").mkdir()
+    ate = anndata.AnnData(np.zeros((2, 3), np.float32), obs=pd.DataFrame(
+        {"observed": [True, False], "learned": [True, False]}, index=["A", "B+C"]))  # B+C: asked, not observed
+    ate.write_h5ad(directory / "eval" / "ate.h5ad")
+    assert runner.is_done(tmp_path, cell)
+    # ... and where one was not, it was scored over the learned ones only: under the default it is evaluated again
+    ate.obs["observed"] = True
+    ate.write_h5ad(directory / "eval" / "ate.h5ad")
     assert not runner.is_done(tmp_path, cell) and runner.is_done(tmp_path, cell, evaluation=False)
     assert runner.is_done(tmp_path, dataclasses.replace(grid, evaluation=runner.Evaluation(
         ate_metrics_over="learned")).cells()[0])

@@ -195,7 +195,14 @@ def read_anndata(adata_or_path, backed: bool = False):
                             "check that the download is complete") from None
     if backed:
         if getattr(adata_or_path, "isbacked", False) and getattr(adata_or_path, "filename", None):
-            return read_anndata(adata_or_path.filename, backed=True)  # read_h5ad(path, backed="r"): its file
+            # read_h5ad(path, backed="r"): the counts from its file, obs and var as they are in memory now
+            if getattr(adata_or_path, "is_view", False):
+                raise DataError("a view of a backed AnnData (e.g. adata[:40]) cannot be registered backed: its "
+                                "rows are not the file's; pass the whole backed AnnData (or its path) and select "
+                                "cells afterwards, or load the view into memory (view.to_memory(), backed=False)")
+            backed_file = read_anndata(adata_or_path.filename, backed=True)
+            backed_file.obs, backed_file.var = adata_or_path.obs, adata_or_path.var
+            return backed_file
         raise DataError("backed reading needs the path of a .h5ad file, not an in-memory AnnData; pass the path "
                         "(or backed=False)")
     if not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
@@ -651,9 +658,10 @@ def _warn_pairs_in_both_orders(conditions: Conditions) -> None:
     several = [sorted(map(str, names)) for names in strings if len(names) > 1]
     if several:
         n_strings = len(strings) + sum(len(names) - 1 for names in several)
-        warnings.warn(f"{len(several)} pairs are named by several guide_identity strings (e.g. {several[0]}); the "
+        are = "pair is" if len(several) == 1 else "pairs are"
+        warnings.warn(f"{len(several)} {are} named by several labels of the condition column (e.g. {several[0]}); the "
                       f"OOD split counts each pair once ({len(strings)} pairs), so all its cells are held out or "
-                      f"none; a split over the distinct strings would count {n_strings} pairs and hold out other "
+                      f"none; a split over the distinct labels would count {n_strings} pairs and hold out other "
                       "pairs for the same split_seed", DataWarning, stacklevel=4)
 
 
@@ -845,8 +853,9 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
 
     Cells: ``x`` ``[n_cells, n_genes]`` float32 from ``layers[counts_layer]`` (or ``X``):
     a CSR matrix when stored sparse, a dense array when stored dense, and with ``backed``
-    (a path only) a :class:`~sams_jax.data.matrix.BackedMatrix` read from the file on
-    demand; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
+    (a path, or an AnnData opened with ``read_h5ad(path, backed="r")``: its ``obs`` and
+    ``var`` as they are in memory, not a view) a :class:`~sams_jax.data.matrix.BackedMatrix`
+    read from the file on demand; ``dosages`` ``[n_cells, n_perturbations]`` (see the module docstring);
     ``split`` from ``obs[split_key]`` or the ``task`` (cells outside every split of the
     task are kept with split ``""``: no training or scoring uses them, the data ATEs do);
     ``library_size`` ``[n_cells]`` = row sums unless
