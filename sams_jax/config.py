@@ -3,7 +3,8 @@
 Config files in ``configs/`` start from :func:`base_config` and change what they need;
 ``python -m sams_jax.train --config configs/x.py --config.<field>=<value>`` overrides
 single fields (an unknown field is an error naming the closest known field, or the known
-fields of its section: :func:`sams_jax.train.unknown_field_message`).
+fields of its section: :func:`unknown_field_message`); so is a field a config file sets
+that :func:`base_config` does not have (a misspelling would otherwise be ignored).
 """
 
 from __future__ import annotations
@@ -170,8 +171,29 @@ def _check_number(config, path: str, low=None, high=None, integer=False, low_ope
         raise ConfigError(f"{path}={value!r} is out of range; it must be {kind} in {bracket}{lo}, {hi}]")
 
 
+def unknown_fields(config) -> list[str]:
+    """The fields of ``config`` (``"model.likelihod"``) that :func:`base_config` does not
+    have: misspellings in a config file, which nothing would read."""
+    def names(node, prefix: str = "") -> list[str]:
+        found = []
+        for key in node.keys():
+            value = node[key]
+            found += names(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict) else \
+                [f"{prefix}{key}"]
+        return found
+
+    known = set(names(base_config()))
+    return [name for name in names(config) if name not in known]
+
+
 def validate_config(config) -> None:
     """Check every field that does not need the data; raise :class:`ConfigError`."""
+    unknown = unknown_fields(config)
+    if unknown:
+        messages = [unknown_field_message(base_config(), field, flag="") for field in unknown[:5]]
+        raise ConfigError(f"{'; '.join(messages)}{' ...' if len(unknown) > 5 else ''} (the config sets fields "
+                          "that sams_jax does not have, so nothing would read them; every field and its default: "
+                          "sams_jax.config.base_config())")
     _check_number(config, "seed", 0, integer=True)
     _check_choice(config, "data.source", DATA_SOURCES)
     if config.data.source == "simulation":
@@ -325,3 +347,27 @@ def validate_against_data(config, data) -> None:
         raise ConfigError(f"train.batch_size / data shards = {config.train.batch_size // n_shards} is larger than "
                           f"the smallest shard of the training set ({smallest} cells); use a smaller batch or "
                           "fewer shards")
+
+
+def unknown_field_message(config, field: str, flag: str = "--config.") -> str | None:
+    """The error for ``--config.<field>`` if ``field`` (``"model.likelihod"``) is not in
+    ``config``: the unknown part named, with the closest known field, or the known fields
+    of its section where none is close; ``None`` if the field exists."""
+    import difflib
+
+    node, path = config, []
+    for key in field.split("."):
+        if not hasattr(node, "keys"):
+            return (f"config field {'.'.join(path)!r} is a value, not a section, so {field!r} does not exist; "
+                    f"set it with {flag}{'.'.join(path)}=<value>")
+        if key not in node:
+            section = ".".join(path)
+            unknown = ".".join(path + [key])
+            where = "" if unknown == field else f" (in {flag}{field})"
+            close = difflib.get_close_matches(key, list(node.keys()), n=1)
+            if close:
+                return f"unknown config field {unknown!r}{where}; did you mean {'.'.join(path + close)!r}?"
+            return f"unknown config field {unknown!r}{where}; fields of {section or 'config'}: {sorted(node.keys())}"
+        node = node[key]
+        path.append(key)
+    return None

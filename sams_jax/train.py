@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from sams_jax import distributed, metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
-from sams_jax.config import ConfigError, base_config, validate_against_data, validate_config
+from sams_jax.config import (ConfigError, base_config, unknown_field_message, validate_against_data,
+                             validate_config)
 from sams_jax.data import DataError, PerturbationData, load_data, metadata_differences, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
@@ -698,30 +699,6 @@ def _parse_flags(argv):
             message = f"bad --config override: {'; '.join(filter(None, text.splitlines()))}"
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def unknown_field_message(config, field: str, flag: str = "--config.") -> str | None:
-    """The error for ``--config.<field>`` if ``field`` (``"model.likelihod"``) is not in
-    ``config``: the unknown part named, with the closest known field, or the known fields
-    of its section where none is close; ``None`` if the field exists."""
-    import difflib
-
-    node, path = config, []
-    for key in field.split("."):
-        if not hasattr(node, "keys"):
-            return (f"config field {'.'.join(path)!r} is a value, not a section, so {field!r} does not exist; "
-                    f"set it with {flag}{'.'.join(path)}=<value>")
-        if key not in node:
-            section = ".".join(path)
-            unknown = ".".join(path + [key])
-            where = "" if unknown == field else f" (in {flag}{field})"
-            close = difflib.get_close_matches(key, list(node.keys()), n=1)
-            if close:
-                return f"unknown config field {unknown!r}{where}; did you mean {'.'.join(path + close)!r}?"
-            return f"unknown config field {unknown!r}{where}; fields of {section or 'config'}: {sorted(node.keys())}"
-        node = node[key]
-        path.append(key)
-    return None
 
 
 def cli() -> None:

@@ -137,6 +137,18 @@ def test_unknown_field_message_names_the_field_and_a_suggestion(tiny_config, fie
     assert got is None if message is None else message in got
 
 
+def test_a_config_file_setting_an_unknown_field_is_refused(tiny_config, tmp_path):
+    """A misspelling in a config file (not locked like --config overrides) would add a field
+    nothing reads; validation names it, with the closest known field."""
+    tiny_config.model.likelihod = "poisson"  # what `config.model.likelihod = ...` in a config file does
+    with pytest.raises(ConfigError, match=r"unknown config field 'model.likelihod'; did you mean "
+                                          r"'model.likelihood'\?.*nothing would read them"):
+        validate_config(tiny_config)
+    with pytest.raises(ConfigError, match="model.likelihod"):
+        train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("model.normalization", "log", "model.normalization='log' is not allowed"),
     ("model.name", "vae", "model.name='vae' is not allowed"),
