@@ -34,6 +34,7 @@ validation, model selection and evaluation use the final ``c_v``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -57,6 +58,12 @@ class ObjectiveConfig:
     weight_anneal_steps: int = 0
 
     def __post_init__(self):
+        if bool(self.initial_variable_weights) != (self.weight_anneal_steps > 0):
+            given, missing = ("initial_variable_weights", "weight_anneal_steps") if self.initial_variable_weights \
+                else ("weight_anneal_steps", "initial_variable_weights")
+            raise ValueError(f"objective.{given} is set but objective.{missing} is not, so nothing would be "
+                             "annealed; set both (e.g. initial_variable_weights='mask=500', weight_anneal_steps="
+                             "5000), or neither")
         if self.analytic_kl and self.kind != "elbo":
             raise ValueError(f"objective.analytic_kl={','.join(self.analytic_kl)!r} needs objective.kind='elbo' "
                              f"(got {self.kind!r}): importance weights need sampled densities")
@@ -124,8 +131,12 @@ def _parse_weights(spec: str, field: str) -> tuple[tuple[str, float], ...]:
         except ValueError:
             raise ValueError(f"objective.{field}: cannot parse {item!r}; expected 'name=number,...', "
                              "e.g. 'mask=0.5'") from None
-    if any(value < 0 for _, value in weights):
-        raise ValueError(f"objective.{field}={spec!r}: multipliers must be >= 0")
+    if any(not math.isfinite(value) or value < 0 for _, value in weights):
+        raise ValueError(f"objective.{field}={spec!r}: multipliers must be finite and >= 0")
+    repeated = sorted({name for name, _ in weights if [n for n, _ in weights].count(name) > 1})
+    if repeated:
+        raise ValueError(f"objective.{field}={spec!r} names {repeated} more than once; give each variable one "
+                         "multiplier")
     return tuple(sorted(weights))
 
 

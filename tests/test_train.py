@@ -159,6 +159,13 @@ def test_a_config_file_setting_an_unknown_field_is_refused(tiny_config, tmp_path
     ("objective.variable_weights", "mask", "objective.variable_weights: cannot parse 'mask'"),
     ("model.mask_init_logits", float("nan"), "model.mask_init_logits=nan must be a number (finite)"),
     ("model.embedding_prior_scale", float("inf"), "model.embedding_prior_scale=inf must be a number (finite)"),
+    ("objective.variable_weights", "mask=nan", "objective.variable_weights='mask=nan': multipliers must be finite"),
+    ("objective.variable_weights", "mask=1,mask=2", "names ['mask'] more than once"),
+    # annealing needs both fields: either alone would silently anneal nothing
+    ("objective.initial_variable_weights", "mask=500", "objective.initial_variable_weights is set but "
+                                                       "objective.weight_anneal_steps is not"),
+    ("objective.weight_anneal_steps", 30, "objective.weight_anneal_steps is set but "
+                                          "objective.initial_variable_weights is not"),
 ])
 def test_validate_config_names_field_and_allowed_values(tiny_config, field, value, message):
     section, key = field.split(".")
@@ -179,6 +186,8 @@ def test_validate_config_names_field_and_allowed_values(tiny_config, field, valu
 def test_objective_options_naming_unknown_variables_are_config_errors(tiny_config, tmp_path, field, value,
                                                                       message):
     tiny_config.objective[field] = value
+    if field == "initial_variable_weights":
+        tiny_config.objective.weight_anneal_steps = 10
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
         train_and_evaluate(tiny_config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()  # nothing written
@@ -190,7 +199,7 @@ def test_objective_options_naming_the_models_variables_pass(tiny_config):
     state = create_train_state(model, create_optimizer(tiny_config.train), data.normalization_stats(
         tiny_config.model.normalization), jax.random.key(0))
     tiny_config.objective.update(variable_weights="mask=0.5,z_basal=2", initial_variable_weights="mask=10",
-                                 per_cell_variables="mask,embedding", analytic_kl="mask")
+                                 weight_anneal_steps=10, per_cell_variables="mask,embedding", analytic_kl="mask")
     check_objective_variables(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]),
                               ObjectiveConfig.from_config(tiny_config.objective))
 
