@@ -365,6 +365,22 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params,
                       stacklevel=3)
 
 
+def _make_workdir(workdir: str) -> None:
+    """Create ``workdir`` (and its parents); :class:`ConfigError` where that is impossible
+    (a file in the way, no permission), instead of an OS traceback."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot use --workdir {workdir!r} as the run's directory ({reason}: "
+                          f"{error.filename or workdir!r}); give a writable directory, new or holding this run") \
+            from None
+
+
 def _progress(train_loss: float, val_loss: float, cells_per_s: float) -> dict[str, str]:
     """The progress bar's figures; "-" for one not measured yet (NaN)."""
     figures = {"loss": f"{train_loss:.3f}", "val": f"{val_loss:.3f}", "cells_s": f"{cells_per_s:,.0f}"}
@@ -423,7 +439,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if main_process:
-        os.makedirs(workdir, exist_ok=True)
+        _make_workdir(workdir)
 
     # data parallelism over every device of every process (sams_jax.distributed):
     # parameters, optimizer state and keys replicated; each step's batch split across all
@@ -627,6 +643,12 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     return results
 
 
+def _saved_steps(workdir: str) -> list[int]:
+    """The steps of the finished checkpoints in ``workdir`` (from the folder names)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.isdigit())
+
+
 def main(argv) -> None:
     from absl import flags, logging
 
@@ -642,6 +664,12 @@ def main(argv) -> None:
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        saved = _saved_steps(workdir)
+        kept = f"its checkpoints (last: step {saved[-1]}) are kept" if saved else "no checkpoint had been written"
+        print(f"\ninterrupted: {kept}; run the same command again to resume from the last checkpoint (the resumed "
+              "run ends with the same parameters as an uninterrupted one)", file=sys.stderr)
+        sys.exit(130)
     if distributed.is_main_process():
         print(json.dumps(metrics_lib.json_safe(results), indent=2, sort_keys=True))
 
@@ -698,7 +726,23 @@ def _parse_flags(argv):
             text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
             message = f"bad --config override: {'; '.join(filter(None, text.splitlines()))}"
         print(f"error: {message}", file=sys.stderr)
+    except Exception as error:  # the config file itself failed: a syntax error, a failing import, get_config
+        print(f"error: {_config_file_failure(error, _config_path(argv))}", file=sys.stderr)
     sys.exit(2)
+
+
+def _config_file_failure(error: BaseException, path: str | None) -> str:
+    """One line for a config file that raised while loading: the error and where in the file."""
+    import traceback
+
+    what = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if path and os.path.abspath(frame.filename) == os.path.abspath(path)]
+    if isinstance(error, SyntaxError) and error.lineno:
+        lines.append(error.lineno)
+    where = f", line {lines[-1]}" if lines else ""
+    return f"the config file {path!r} failed to load ({what}{where}); it must define get_config() returning an " \
+        "ml_collections.ConfigDict, as configs/*.py do"
 
 
 def cli() -> None:

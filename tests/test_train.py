@@ -124,6 +124,32 @@ def test_cli_unknown_field_is_rejected_on_one_line(tmp_path, override, message):
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_config_file_that_fails_to_load_or_unusable_workdir_is_one_line(tmp_path):
+    """A config file with a syntax error (or one that raises) and a --workdir that cannot
+    be a directory are one-line errors, exit code 2, without a traceback."""
+    from sams_jax.train import _config_file_failure, _make_workdir
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("from sams_jax.config import base_config\n\ndef get_config(:\n    pass\n")
+    result = _run_cli("--config", str(broken), "--workdir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: the config file {str(broken)!r} failed to load (SyntaxError: invalid "
+                                     "syntax, line 3); it must define get_config() returning an "
+                                     "ml_collections.ConfigDict, as configs/*.py do")
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise RuntimeError('no such screen')\n")
+    try:
+        exec(compile(raising.read_text(), str(raising), "exec"), namespace := {})
+        namespace["get_config"]()
+    except RuntimeError as error:
+        assert _config_file_failure(error, str(raising)).startswith(
+            f"the config file {str(raising)!r} failed to load (RuntimeError: no such screen, line 2)")
+    (tmp_path / "afile").write_text("")
+    for workdir, reason in ((tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")):
+        with pytest.raises(ConfigError, match=rf"cannot use --workdir '{workdir}' as the run's directory \({reason}"):
+            _make_workdir(str(workdir))
+
+
 @pytest.mark.parametrize("field, message", [
     ("model.likelihod", "unknown config field 'model.likelihod'; did you mean 'model.likelihood'?"),
     ("train.distributed.num_processs", "did you mean 'train.distributed.num_processes'?"),
