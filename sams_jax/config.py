@@ -121,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 1_000  # validation loss, history row and checkpoint
     config.train.steps_per_dispatch = 100  # training steps per jitted lax.scan call
     config.train.eval_batch_size = 2_048  # cells per chunk of the validation loss (the final IWELBO: iwelbo_chunk_size)
-    config.train.progress = True  # tqdm bar
+    config.train.progress = True  # a tqdm bar on a terminal; one line per evaluation when stderr is not one
     config.train.num_devices = 0  # data-parallel devices per process; 0 = all local devices
     # shards of the training cells (sams_jax.distributed); 0 = one per process. A multiple of the
     # number of processes; fixing it gives the same mini-batches on any process count dividing it
@@ -308,9 +308,36 @@ def _check_shards(n_shards: int, n_processes: int) -> None:
                           f"({n_processes}), or 0 (one shard per process)")
 
 
+RAW_COUNT_MIN_MAX = 20  # _warn_normal_on_counts: whole numbers reaching this look like raw counts
+
+
+def _warn_normal_on_counts(config, data, n_cells: int = 1_000) -> None:
+    """A ``DataWarning`` when the ``normal`` likelihood is asked of data that look like raw
+    counts (the first ``n_cells`` training cells hold non-negative whole numbers reaching
+    ``RAW_COUNT_MIN_MAX``): a normal on raw counts fits poorly and can diverge."""
+    import warnings
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    from sams_jax.data.anndata_io import DataWarning
+
+    rows = data.rows("train")[:n_cells]
+    if config.model.likelihood != "normal" or not len(rows):
+        return
+    block = data.x[rows]
+    values = np.asarray(block.data if sp.issparse(block) else block)
+    if values.size and values.min() >= 0 and values.max() >= RAW_COUNT_MIN_MAX and np.all(values == np.round(values)):
+        warnings.warn(f"model.likelihood='normal', but x looks like raw counts (whole numbers up to "
+                      f"{values.max():g} in the first {len(rows):,} training cells); a normal likelihood on raw "
+                      "counts fits them poorly and can diverge: use model.likelihood='library_nb' (the paper's for "
+                      "counts) or 'poisson', or give log-normalised values", DataWarning, stacklevel=3)
+
+
 def validate_against_data(config, data) -> None:
     """Checks that need the data (sizes) or the devices, still before any compilation."""
     n_train = int((data.split == "train").sum())
+    _warn_normal_on_counts(config, data)
     import jax
 
     available = jax.local_device_count()

@@ -28,8 +28,10 @@ written to ``<workdir>/metrics.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import sys
 import time
 import warnings
@@ -440,164 +442,173 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         raise ConfigError(str(error)) from None
     if main_process:
         _make_workdir(workdir)
+    with _workdir_lock(workdir, main_process):  # one run at a time in a work directory
+        # data parallelism over every device of every process (sams_jax.distributed):
+        # parameters, optimizer state and keys replicated; each step's batch split across all
+        # devices (device placement: the training cells split into shards, each process holding its own)
+        parallel = DataParallel(config.train.num_devices)
+        n_shards = config.train.data_shards or parallel.n_processes
+        metadata["data_shards"] = n_shards  # in effect: decides the batches, recorded for resuming
+        state = parallel.replicate(state)
+        train_key = parallel.replicate(train_key)
 
-    # data parallelism over every device of every process (sams_jax.distributed):
-    # parameters, optimizer state and keys replicated; each step's batch split across all
-    # devices (device placement: the training cells split into shards, each process holding its own)
-    parallel = DataParallel(config.train.num_devices)
-    n_shards = config.train.data_shards or parallel.n_processes
-    metadata["data_shards"] = n_shards  # in effect: decides the batches, recorded for resuming
-    state = parallel.replicate(state)
-    train_key = parallel.replicate(train_key)
-
-    checkpointer = Checkpointer(workdir)
-    history_path = os.path.join(workdir, "history.csv")
-    history: list[dict] = []
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved_config, saved_metadata = checkpointer.restore_json(latest)
-        try:
-            _check_resume(saved_config, config, workdir, latest, state.params,
-                          shards=(saved_metadata.get("data_shards"), n_shards))
-            differ = metadata_differences(saved_metadata, metadata)
-            if differ:
-                raise ResumeError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
-                                  "the checkpoint's metadata); use a new --workdir or the original data")
-        except ConfigError:
-            checkpointer.close()
-            raise
-        state = checkpointer.restore_state(latest, state)
-        history = _read_history(history_path, latest)
-
-    train_scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
-    # validation (and the final test loss): every process on its first device, on the whole split, with
-    # the split's own N_t (SPEC 3)
-    def split_scale(split):
-        return jnp.asarray(plate_scale(data.cells_per_perturbation(split)))
-
-    chunk_size = config.train.eval_batch_size
-    schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed, n_shards)
-    max_steps, eval_every = config.train.max_steps, config.train.eval_every
-    step = int(state.step)
-    plan = partial(dispatch_plan, max_steps=max_steps, eval_every=eval_every,
-                   steps_per_dispatch=config.train.steps_per_dispatch)
-
-    placement = resolve_placement(config.train.data_placement, data)
-    where = f"{parallel.devices_per_process} {jax.default_backend()} device" \
-        f"{'s' if parallel.devices_per_process > 1 else ''}" \
-        f"{f' x {parallel.n_processes} processes' if parallel.n_processes > 1 else ''}, data on the {placement}"
-    bar = tqdm(total=max_steps, initial=step, desc=f"train ({where})", unit="step",
-               disable=not (config.train.progress and main_process), dynamic_ncols=True)
-    if placement == "device":
-        shards = parallel.shards_of_process(n_shards)
-        train_arrays = parallel.put_process_rows(_process_cells(data, n_shards, shards))
-        split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
-        train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
-        prefetcher = None
-
-        def run_dispatch(state, first_step, n_steps):
-            indices = parallel.put_batch_indices(schedule.local_indices(first_step, n_steps, shards))
-            return train_chunk(state, train_arrays, train_scale, train_key, indices)
-
-        @partial(jax.jit, compiler_options=compiler_options())
-        def validation_loss_fn(variables, arrays, scale):
-            return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
-
-        def split_loss(variables, split="val"):
-            if split not in split_arrays:
-                split_arrays[split] = jax.device_put(data.arrays(split))
-            return validation_loss_fn(parallel.local(variables), split_arrays[split], split_scale(split))
-    else:  # one process only (validate_against_data): the same global batches, densified on the host
-        train_chunk = make_batch_train_chunk(model.apply, objective, optimizer)
-        train_cells = data.rows("train")
-
-        def produce(dispatch):  # runs in the prefetch thread
-            first_step, n_steps = dispatch
-            batches = host_batches(data, train_cells, schedule.indices(first_step, n_steps))
-            return jax.device_put(batches, parallel.batch)
-
-        prefetcher = Prefetcher(produce, plan(step), depth=config.train.prefetch)
-
-        def run_dispatch(state, first_step, n_steps):
-            dispatch, batches = prefetcher.get()
-            assert dispatch == (first_step, n_steps), (dispatch, first_step, n_steps)
-            return train_chunk(state, batches, train_scale, train_key)
-
-        @partial(jax.jit, compiler_options=compiler_options())
-        def validation_block(variables, scale, arrays, first_chunk):
-            return split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size,
-                                   first_chunk)
-
-        def split_loss(variables, split="val"):
-            scores = host_cell_scores(partial(validation_block, parallel.local(variables), split_scale(split)),
-                                      data, data.rows(split), chunk_size, put=jax.device_put)
-            return -scores.mean()
-
-    def last_good_checkpoint() -> str:
+        checkpointer = Checkpointer(workdir)
+        history_path = os.path.join(workdir, "history.csv")
+        history: list[dict] = []
         latest = checkpointer.latest_step()
-        if latest is None:
-            return f"no checkpoint was written (the first would have been at step {min(eval_every, max_steps)})"
-        return f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+        if latest is not None:
+            saved_config, saved_metadata = checkpointer.restore_json(latest)
+            try:
+                _check_resume(saved_config, config, workdir, latest, state.params,
+                              shards=(saved_metadata.get("data_shards"), n_shards))
+                differ = metadata_differences(saved_metadata, metadata)
+                if differ:
+                    raise ResumeError(f"{workdir} holds a run trained on other data ({'; '.join(differ)} differ from "
+                                      "the checkpoint's metadata); use a new --workdir or the original data")
+            except ConfigError:
+                checkpointer.close()
+                raise
+            state = checkpointer.restore_state(latest, state)
+            history = _read_history(history_path, latest)
 
-    # cells_per_s: training cells per second of the window's dispatches, leaving out each dispatch that
-    # compiled (the first of each number of steps in this call); NaN when every dispatch of the window did
-    window_losses: list[np.ndarray] = []
-    window_seconds, window_cells, compiled_sizes = 0.0, 0, set()
-    run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # resumed: the time so far
-    last_val = history[-1]["val_loss"] if history else float("nan")
-    try:
-        for _, n_steps in plan(step):
-            dispatch_start = time.perf_counter()
-            new_state, losses = run_dispatch(state, step, n_steps)
-            losses = np.asarray(losses)
-            if not np.all(np.isfinite(losses)):
-                bad = step + int(np.argmax(~np.isfinite(losses)))
-                raise TrainingDiverged(f"non-finite training loss at step {bad}; {last_good_checkpoint()}. Try a "
-                                       "lower train.learning_rate or set train.grad_clip_norm")
-            if n_steps in compiled_sizes:
-                window_seconds += time.perf_counter() - dispatch_start
-                window_cells += n_steps * config.train.batch_size
-            compiled_sizes.add(n_steps)
-            state, step = new_state, step + n_steps
-            window_losses.append(losses)
-            bar.update(n_steps)
-            cells_per_s = window_cells / max(window_seconds, 1e-9) if window_cells else float("nan")
-            train_loss = float(np.concatenate(window_losses).mean())
-            bar.set_postfix(_progress(train_loss, last_val, cells_per_s))
-            if step % eval_every == 0 or step == max_steps:
-                last_val = float(split_loss(state.variables))
-                if not np.isfinite(last_val):
-                    raise TrainingDiverged(f"non-finite validation loss at step {step}; {last_good_checkpoint()}")
-                history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
-                                "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start,
-                                **mask_recovery(model, data, parallel.local(state.variables))})
-                checkpointer.save(step, state, last_val, config_dict, metadata)
-                if main_process:
-                    columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
-                    pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
+        train_scale = parallel.replicate(plate_scale(data.cells_per_perturbation("train")))
+        # validation (and the final test loss): every process on its first device, on the whole split, with
+        # the split's own N_t (SPEC 3)
+        def split_scale(split):
+            return jnp.asarray(plate_scale(data.cells_per_perturbation(split)))
+
+        chunk_size = config.train.eval_batch_size
+        schedule = BatchSchedule(int((data.split == "train").sum()), config.train.batch_size, config.seed, n_shards)
+        max_steps, eval_every = config.train.max_steps, config.train.eval_every
+        step = int(state.step)
+        plan = partial(dispatch_plan, max_steps=max_steps, eval_every=eval_every,
+                       steps_per_dispatch=config.train.steps_per_dispatch)
+
+        placement = resolve_placement(config.train.data_placement, data)
+        where = f"{parallel.devices_per_process} {jax.default_backend()} device" \
+            f"{'s' if parallel.devices_per_process > 1 else ''}" \
+            f"{f' x {parallel.n_processes} processes' if parallel.n_processes > 1 else ''}, data on the {placement}"
+        # a progress bar on a terminal; piped to a file (a batch job's log), one line per evaluation instead
+        show_bar = bool(config.train.progress and main_process and sys.stderr.isatty())
+        log_lines = bool(config.train.progress and main_process and not show_bar)
+        bar = tqdm(total=max_steps, initial=step, desc=f"train ({where})", unit="step", disable=not show_bar,
+                   dynamic_ncols=True)
+        if log_lines:
+            print(f"train ({where}): from step {step:,} to {max_steps:,}", file=sys.stderr, flush=True)
+        if placement == "device":
+            shards = parallel.shards_of_process(n_shards)
+            train_arrays = parallel.put_process_rows(_process_cells(data, n_shards, shards))
+            split_arrays = {"val": jax.device_put(data.arrays("val"))}  # the test split's when first needed
+            train_chunk = make_train_chunk(model.apply, objective, optimizer, parallel.gather)
+            prefetcher = None
+
+            def run_dispatch(state, first_step, n_steps):
+                indices = parallel.put_batch_indices(schedule.local_indices(first_step, n_steps, shards))
+                return train_chunk(state, train_arrays, train_scale, train_key, indices)
+
+            @partial(jax.jit, compiler_options=compiler_options())
+            def validation_loss_fn(variables, arrays, scale):
+                return -split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size).mean()
+
+            def split_loss(variables, split="val"):
+                if split not in split_arrays:
+                    split_arrays[split] = jax.device_put(data.arrays(split))
+                return validation_loss_fn(parallel.local(variables), split_arrays[split], split_scale(split))
+        else:  # one process only (validate_against_data): the same global batches, densified on the host
+            train_chunk = make_batch_train_chunk(model.apply, objective, optimizer)
+            train_cells = data.rows("train")
+
+            def produce(dispatch):  # runs in the prefetch thread
+                first_step, n_steps = dispatch
+                batches = host_batches(data, train_cells, schedule.indices(first_step, n_steps))
+                return jax.device_put(batches, parallel.batch)
+
+            prefetcher = Prefetcher(produce, plan(step), depth=config.train.prefetch)
+
+            def run_dispatch(state, first_step, n_steps):
+                dispatch, batches = prefetcher.get()
+                assert dispatch == (first_step, n_steps), (dispatch, first_step, n_steps)
+                return train_chunk(state, batches, train_scale, train_key)
+
+            @partial(jax.jit, compiler_options=compiler_options())
+            def validation_block(variables, scale, arrays, first_chunk):
+                return split_objective(model.apply, objective, variables, eval_key, arrays, scale, chunk_size,
+                                       first_chunk)
+
+            def split_loss(variables, split="val"):
+                scores = host_cell_scores(partial(validation_block, parallel.local(variables), split_scale(split)),
+                                          data, data.rows(split), chunk_size, put=jax.device_put)
+                return -scores.mean()
+
+        def last_good_checkpoint() -> str:
+            latest = checkpointer.latest_step()
+            if latest is None:
+                return f"no checkpoint was written (the first would have been at step {min(eval_every, max_steps)})"
+            return f"the last good checkpoint is step {latest} in {checkpointer.directory}"
+
+        # cells_per_s: training cells per second of the window's dispatches, leaving out each dispatch that
+        # compiled (the first of each number of steps in this call); NaN when every dispatch of the window did
+        window_losses: list[np.ndarray] = []
+        window_seconds, window_cells, compiled_sizes = 0.0, 0, set()
+        run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # resumed: the time so far
+        last_val = history[-1]["val_loss"] if history else float("nan")
+        try:
+            for _, n_steps in plan(step):
+                dispatch_start = time.perf_counter()
+                new_state, losses = run_dispatch(state, step, n_steps)
+                losses = np.asarray(losses)
+                if not np.all(np.isfinite(losses)):
+                    bad = step + int(np.argmax(~np.isfinite(losses)))
+                    raise TrainingDiverged(f"non-finite training loss at step {bad}; {last_good_checkpoint()}. Try a "
+                                           "lower train.learning_rate or set train.grad_clip_norm")
+                if n_steps in compiled_sizes:
+                    window_seconds += time.perf_counter() - dispatch_start
+                    window_cells += n_steps * config.train.batch_size
+                compiled_sizes.add(n_steps)
+                state, step = new_state, step + n_steps
+                window_losses.append(losses)
+                bar.update(n_steps)
+                cells_per_s = window_cells / max(window_seconds, 1e-9) if window_cells else float("nan")
+                train_loss = float(np.concatenate(window_losses).mean())
                 bar.set_postfix(_progress(train_loss, last_val, cells_per_s))
-                window_losses, window_seconds, window_cells = [], 0.0, 0
-        bar.close()
-        if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
-            checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
+                if step % eval_every == 0 or step == max_steps:
+                    last_val = float(split_loss(state.variables))
+                    if not np.isfinite(last_val):
+                        raise TrainingDiverged(f"non-finite validation loss at step {step}; {last_good_checkpoint()}")
+                    history.append({"step": step, "train_loss": train_loss, "val_loss": last_val,
+                                    "cells_per_s": cells_per_s, "elapsed_s": time.perf_counter() - run_start,
+                                    **mask_recovery(model, data, parallel.local(state.variables))})
+                    checkpointer.save(step, state, last_val, config_dict, metadata)
+                    if main_process:
+                        columns = HISTORY_COLUMNS + [c for c in MASK_COLUMNS if c in history[-1]]
+                        pd.DataFrame(history, columns=columns).to_csv(history_path, index=False)
+                    bar.set_postfix(_progress(train_loss, last_val, cells_per_s))
+                    if log_lines:
+                        figures = _progress(train_loss, last_val, cells_per_s)
+                        print(f"step {step:,}/{max_steps:,}: train loss {figures['loss']}, val loss {figures['val']}, "
+                              f"{figures['cells_s']} cells/s", file=sys.stderr, flush=True)
+                    window_losses, window_seconds, window_cells = [], 0.0, 0
+            bar.close()
+            if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
+                checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
 
-        best = checkpointer.best_step()
-        best_state = checkpointer.restore_state(best, state)
-        results = final_metrics(model, config, data, parallel.local(best_state.variables),
-                                jax.random.key(config.seed))
-        for split in ("val", "test"):  # the training objective's loss, each split with its own N_t (SPEC 3)
-            if data.mask(split).any():
-                results[f"{split}/loss"] = float(split_loss(best_state.variables, split))
-        results["best_step"] = int(best)
-        results["steps"] = int(step)
-    finally:
-        if prefetcher is not None:
-            prefetcher.close()
-        bar.close()
-        checkpointer.close()
-    if main_process:
-        metrics_lib.write_json(os.path.join(workdir, "metrics.json"), results)
-    return results
+            best = checkpointer.best_step()
+            best_state = checkpointer.restore_state(best, state)
+            results = final_metrics(model, config, data, parallel.local(best_state.variables),
+                                    jax.random.key(config.seed))
+            for split in ("val", "test"):  # the training objective's loss, each split with its own N_t (SPEC 3)
+                if data.mask(split).any():
+                    results[f"{split}/loss"] = float(split_loss(best_state.variables, split))
+            results["best_step"] = int(best)
+            results["steps"] = int(step)
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+            bar.close()
+            checkpointer.close()
+        if main_process:
+            metrics_lib.write_json(os.path.join(workdir, "metrics.json"), results)
+        return results
 
 
 def mask_recovery(model, data: PerturbationData, variables, full: bool = False) -> dict[str, float]:
@@ -641,6 +652,50 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
             results[f"{split}/IWELBO"] = float(scores.mean())
     results.update(mask_recovery(model, data, variables, full=True))
     return results
+
+
+LOCK_FILE = ".sams_jax.lock"  # in the work directory, while a run trains or evaluates there
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str, main_process: bool = True):
+    """Hold an exclusive lock on ``workdir`` (``LOCK_FILE``, ``fcntl.flock``) while a run
+    uses it: a second run started in the same directory would write the same checkpoints
+    and files, so it is a :class:`ConfigError` naming the process that holds it. Only the
+    main process locks; where locks are unsupported (no ``fcntl``, some network file
+    systems) nothing is locked."""
+    if not main_process:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(os.path.join(workdir, LOCK_FILE), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"--workdir {workdir!r} is in use by another run ({holder}); two runs in one work "
+                              "directory would overwrite each other's checkpoints: wait for it to finish, or use "
+                              "another --workdir") from None
+        except OSError:  # the file system does not lock: run unlocked
+            locked = False
+        if locked:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _saved_steps(workdir: str) -> list[int]:

@@ -69,8 +69,12 @@ def _split_loss(workdir, step, split, scale_of=None):
 
 def test_cli_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    result = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40")
+    result = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40",
+                      "--config.train.progress=True")
     assert result.returncode == 0, result.stderr[-3000:]
+    # stderr is a pipe here, not a terminal: one progress line per evaluation instead of a bar's redraws
+    progress = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in progress] == ["step 20/40", "step 40/40"] and "\r" not in result.stderr
     history = pd.read_csv(workdir / "history.csv")
     assert list(history.columns) == ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s", "mask_density",
                                      "mask_f1"]
@@ -122,6 +126,24 @@ def test_cli_unknown_field_is_rejected_on_one_line(tmp_path, override, message):
     result = _run_cli("--config", "configs/test.py", "--workdir", str(tmp_path / "x"), override)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_run_in_a_work_directory_in_use_is_refused(tiny_config, tmp_path):
+    """Two runs in one work directory would overwrite each other's checkpoints: while one
+    holds it, another is a ConfigError naming the holder; the lock goes with the run."""
+    from sams_jax.train import LOCK_FILE, _workdir_lock
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    with _workdir_lock(str(workdir)):
+        assert f"process {os.getpid()}" in (workdir / LOCK_FILE).read_text()
+        with pytest.raises(ConfigError, match=rf"--workdir '{workdir}' is in use by another run \(process "
+                                              rf"{os.getpid()} on .*\); two runs in one work directory"):
+            train_and_evaluate(tiny_config, str(workdir))
+    assert (workdir / LOCK_FILE).read_text() == ""  # released
+    with _workdir_lock(str(workdir)):
+        pass
+    assert sorted(path.name for path in workdir.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
 
 
 def test_cli_config_file_that_fails_to_load_or_unusable_workdir_is_one_line(tmp_path):
@@ -397,3 +419,23 @@ def test_mask_learning_rate_applies_to_mask_logits_only():
     np.testing.assert_allclose(updates["mask_logits"], -1e-3, rtol=1e-4)
     reference = optax.adam(1e-3)
     assert jax.tree.structure(plain.init(params)) == jax.tree.structure(optax.chain(reference).init(params))
+
+
+def test_normal_likelihood_on_raw_counts_is_warned_about(tiny_config):
+    """A normal likelihood asked of raw counts (it fits them poorly and can diverge) gets a
+    DataWarning naming the count likelihoods; normal-valued data get none."""
+    from sams_jax.config import validate_against_data
+    from sams_jax.data.anndata_io import DataWarning
+
+    data = load_data(tiny_config.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_against_data(tiny_config, data)
+    data.x = np.round(np.abs(data.x) * 30)  # whole numbers reaching 20 and beyond
+    with pytest.warns(DataWarning, match=r"model.likelihood='normal', but x looks like raw counts.*"
+                                         r"model.likelihood='library_nb'"):
+        validate_against_data(tiny_config, data)
+    tiny_config.model.likelihood = "poisson"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_against_data(tiny_config, data)
