@@ -489,7 +489,8 @@ def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, a
 
     history_path = os.path.join(workdir, "history.csv")
     if os.path.exists(history_path):
-        plots.plot_history(pd.read_csv(history_path), os.path.join(out_dir, "history.png"))
+        plots.plot_history(pd.read_csv(history_path), os.path.join(out_dir, "history.png"),
+                           predictor.config.objective.get("kind", "elbo"))
     if len(data_ate):
         plots.plot_ate_scatter(data_ate, model_ate, metrics_lib.top_k_genes(data_ate, TOP_K),
                                os.path.join(out_dir, "ate_scatter.png"),

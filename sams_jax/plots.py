@@ -28,13 +28,15 @@ def similarity_order(values: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(np.nan_to_num(values), method="average", metric="euclidean"))
 
 
-def plot_history(history: pd.DataFrame, path: str) -> None:
+def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo") -> None:
+    """Training and validation loss per step (``objective``: the run's ``objective.kind``,
+    which names the loss on the axis)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history["step"], history["train_loss"], label="train (window mean)")
     ax.plot(history["step"], history["val_loss"], label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (minus ELBO per cell)")
+    ax.set_ylabel(f"loss (minus {'IWELBO' if objective == 'iwelbo' else 'ELBO'} per cell)")
     ax.legend()
     ax.set_title("Training history")
     fig.tight_layout()
