@@ -28,20 +28,33 @@ def similarity_order(values: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(np.nan_to_num(values), method="average", metric="euclidean"))
 
 
-def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo") -> None:
+def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo"):
     """Training and validation loss per step (``objective``: the run's ``objective.kind``,
-    which names the loss on the axis)."""
+    which names the loss on the axis), and beside it, where ``history`` has them (simulations
+    of models with a mask), the learned mask's density and F1 against the truth. Returns
+    the figure's axes."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    mask_columns = [c for c in ("mask_density", "mask_f1") if c in history and history[c].notna().any()]
+    fig, axes = plt.subplots(1, 2 if mask_columns else 1, figsize=(11 if mask_columns else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(history["step"], history["train_loss"], label="train (window mean)")
     ax.plot(history["step"], history["val_loss"], label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss (minus {'IWELBO' if objective == 'iwelbo' else 'ELBO'} per cell)")
     ax.legend()
     ax.set_title("Training history")
+    if mask_columns:
+        masks = axes[0, 1]
+        for column in mask_columns:
+            masks.plot(history["step"], history[column], label=column.replace("_", " "))
+        masks.set_xlabel("step")
+        masks.set_ylim(0, 1)
+        masks.legend()
+        masks.set_title("Learned mask (q > 0.5) against the true mask")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return axes[0]
 
 
 def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarray, path: str,

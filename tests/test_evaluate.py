@@ -849,3 +849,15 @@ def test_heatmap_size_is_bounded_for_many_latent_dimensions(tmp_path):
     plots.plot_heatmap(frame, str(tmp_path / "wide.png"), "mask probabilities")
     height, width = matplotlib.image.imread(str(tmp_path / "wide.png")).shape[:2]
     assert width <= 16 * 120 and height >= 3.5 * 120  # K = 100 in at most 16 inches; a few rows still readable
+
+
+def test_history_plot_names_the_objective_and_shows_the_mask_where_recorded(tmp_path):
+    from sams_jax import plots
+
+    history = pd.DataFrame({"step": [10, 20], "train_loss": [5.0, 4.0], "val_loss": [5.5, 4.5],
+                            "mask_density": [0.9, 0.5], "mask_f1": [0.2, 0.4]})
+    loss, masks = plots.plot_history(history, str(tmp_path / "h.png"), "iwelbo")
+    assert loss.get_ylabel() == "loss (minus IWELBO per cell)"
+    assert [line.get_label() for line in masks.get_lines()] == ["mask density", "mask f1"]
+    (alone,) = plots.plot_history(history.drop(columns=["mask_density", "mask_f1"]), str(tmp_path / "h2.png"))
+    assert alone.get_ylabel() == "loss (minus ELBO per cell)"
