@@ -124,6 +124,16 @@ def _check_port_free(address: str) -> None:
 PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids")
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process of the run (every process calls it; one
+    process: ``flag`` itself)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def check_same_config(config, workdir: str = "") -> None:
     """``ConfigError`` unless every process of a multi-process run has the same config
     (but for :data:`PER_PROCESS_FIELDS`) and work directory: processes with another seed

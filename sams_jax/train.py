@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -440,9 +441,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         check_objective_variables(model.apply, state.variables, data.cell_arrays(data.rows("train")[:1]), objective)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if main_process:
-        _make_workdir(workdir)
-    with _workdir_lock(workdir, main_process):  # one run at a time in a work directory
+    with _claim_workdir(workdir, main_process):  # one run at a time in a work directory
         # data parallelism over every device of every process (sams_jax.distributed):
         # parameters, optimizer state and keys replicated; each step's batch split across all
         # devices (device placement: the training cells split into shards, each process holding its own)
@@ -489,7 +488,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             f"{'s' if parallel.devices_per_process > 1 else ''}" \
             f"{f' x {parallel.n_processes} processes' if parallel.n_processes > 1 else ''}, data on the {placement}"
         # a progress bar on a terminal; piped to a file (a batch job's log), one line per evaluation instead
-        show_bar = bool(config.train.progress and main_process and sys.stderr.isatty())
+        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules  # a terminal, or a notebook's widget
+        show_bar = bool(config.train.progress and main_process and interactive)
         log_lines = bool(config.train.progress and main_process and not show_bar)
         bar = tqdm(total=max_steps, initial=step, desc=f"train ({where})", unit="step", disable=not show_bar,
                    dynamic_ncols=True)
@@ -654,48 +654,70 @@ def final_metrics(model, config, data: PerturbationData, variables, rng) -> dict
     return results
 
 
-LOCK_FILE = ".sams_jax.lock"  # in the work directory, while a run trains or evaluates there
+LOCK_FILE = ".sams_jax.lock"  # in the work directory, while a run trains there
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: str, main_process: bool = True):
-    """Hold an exclusive lock on ``workdir`` (``LOCK_FILE``, ``fcntl.flock``) while a run
-    uses it: a second run started in the same directory would write the same checkpoints
-    and files, so it is a :class:`ConfigError` naming the process that holds it. Only the
-    main process locks; where locks are unsupported (no ``fcntl``, some network file
-    systems) nothing is locked."""
-    if not main_process:
+def _claim_workdir(workdir: str, main_process: bool = True):
+    """Create ``workdir`` (:func:`_make_workdir`) and hold an exclusive lock on it
+    (``LOCK_FILE``, ``fcntl.flock``) while the run trains: a second run started in the same
+    directory would write the same checkpoints and files, so it is a :class:`ConfigError`
+    naming the process that holds it. The main process creates and locks; every process of
+    a multi-process run learns the outcome, so all of them stop together. Where locks are
+    unsupported (no ``fcntl``, some network file systems) nothing is locked."""
+    handle, refusal = None, None
+    if main_process:
+        try:
+            _make_workdir(workdir)
+            handle = _lock(workdir)
+        except ConfigError as error:
+            refusal = str(error)
+    failed = distributed.any_process(refusal is not None)
+    if failed:
+        if handle is not None:
+            _unlock(handle)
+        raise ConfigError(refusal or f"the main process could not use --workdir {workdir!r} (its error says why)")
+    try:
         yield
-        return
+    finally:
+        if handle is not None:
+            _unlock(handle)
+
+
+def _lock(workdir: str):
+    """The open, locked ``LOCK_FILE`` of ``workdir`` (None where locks are unsupported);
+    :class:`ConfigError` when another run holds it."""
     try:
         import fcntl
     except ImportError:  # not POSIX
-        yield
-        return
-    with open(os.path.join(workdir, LOCK_FILE), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(f"--workdir {workdir!r} is in use by another run ({holder}); two runs in one work "
-                              "directory would overwrite each other's checkpoints: wait for it to finish, or use "
-                              "another --workdir") from None
-        except OSError:  # the file system does not lock: run unlocked
-            locked = False
-        if locked:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            handle.flush()
-        try:
-            yield
-        finally:
-            if locked:
-                handle.seek(0)
-                handle.truncate()
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+    handle = open(os.path.join(workdir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--workdir {workdir!r} is in use by another run ({holder}); two runs in one work "
+                          "directory would overwrite each other's checkpoints: wait for it to finish, or use "
+                          "another --workdir") from None
+    except OSError:  # the file system does not lock: run unlocked
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    return handle
+
+
+def _unlock(handle) -> None:
+    import fcntl
+
+    handle.seek(0)
+    handle.truncate()
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
 
 
 def _saved_steps(workdir: str) -> list[int]:
@@ -763,7 +785,10 @@ def _parse_flags(argv):
         flags.FLAGS.config.keys()  # raises if the config file failed to load
         return remaining
     except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
+        if "Error whilst parsing config file" in str(error) and error.__context__ is not None:
+            print(f"error: {_config_file_failure(error.__context__, _config_path(argv))}", file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
     except OSError as error:
         print(f"error: {str(error).splitlines()[0]}: {_config_path(argv)!r} (a path to a configs/*.py file)",
               file=sys.stderr)
@@ -774,8 +799,9 @@ def _parse_flags(argv):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             config = module.get_config()
-        except Exception:  # the config file itself failed: report the original error
-            config, overrides = None, []
+        except Exception as file_error:  # the config file itself failed, not an override
+            print(f"error: {_config_file_failure(file_error, _config_path(argv))}", file=sys.stderr)
+            sys.exit(2)
         message = next(filter(None, (unknown_field_message(config, o) for o in overrides)), None)
         if message is None:  # not an unknown field: ml_collections' message, on one line
             text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
@@ -790,9 +816,17 @@ def _config_file_failure(error: BaseException, path: str | None) -> str:
     """One line for a config file that raised while loading: the error and where in the file."""
     import traceback
 
-    what = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+    text = None  # ml_collections' unknown-field errors: a KeyError (maybe inside an AttributeError) with newlines
+    inner = error.args[0] if isinstance(error, AttributeError) and error.args else error
+    if isinstance(inner, KeyError) and inner.args and isinstance(inner.args[0], str):
+        text = inner.args[0].replace("'", "")
+    what = f"{type(error).__name__}: {'; '.join(text.strip(chr(39)).splitlines())}" if text is not None else \
+        "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
     lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
              if path and os.path.abspath(frame.filename) == os.path.abspath(path)]
+    # ml_collections re-raises a config file's error with the formatted traceback as its message
+    lines += [int(line) for file, line in re.findall(r'File "([^"]+)", line (\d+)', str(error))
+              if path and os.path.abspath(file) == os.path.abspath(path)]
     if isinstance(error, SyntaxError) and error.lineno:
         lines.append(error.lineno)
     where = f", line {lines[-1]}" if lines else ""

@@ -184,9 +184,10 @@ MISMATCH_DRIVER = textwrap.dedent("""
     from sams_jax.config import ConfigError
     from sams_jax.train import train_and_evaluate
 
-    workdir, address, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    workdir, address, process_id, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     config = test_config.get_config()
-    config.seed = process_id  # a mistake: the processes disagree
+    if mode == "mismatch":
+        config.seed = process_id  # a mistake: the processes disagree
     config.train.distributed.update(coordinator_address=address, num_processes=2, process_id=process_id)
     try:
         distributed.initialize(config)
@@ -196,21 +197,41 @@ MISMATCH_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_processes_with_different_configs_stop_with_a_config_error(tmp_path):
-    """Another seed in one process (other data, other parameters) is found before any work:
-    every process stops with a ConfigError, nothing is written."""
+def _two_processes_stopping(workdir, mode: str) -> list[str]:
+    """The stdout of two processes of MISMATCH_DRIVER (``mode``) that each stopped cleanly."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     env.pop(distributed.ENV_FLAG, None)
     script = MISMATCH_DRIVER.format(root=str(ROOT))
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run"), address, str(i)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(workdir), address, str(i), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+    return outputs
+
+
+def test_processes_with_different_configs_stop_with_a_config_error(tmp_path):
+    """Another seed in one process (other data, other parameters) is found before any work:
+    every process stops with a ConfigError, nothing is written."""
+    for stdout in _two_processes_stopping(tmp_path / "run", "mismatch"):
         assert "CONFIG ERROR: the processes of this run have different configs: processes [1] differ" in stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_of_a_run_into_a_work_directory_in_use_all_stop(tmp_path):
+    """Only the main process locks the work directory, but every process learns that another
+    run holds it and stops (process 1 used to wait in the collectives for ever)."""
+    from sams_jax.train import _claim_workdir
+
+    workdir = tmp_path / "run"
+    with _claim_workdir(str(workdir)):  # another run (this test's process) holds it
+        first, second = _two_processes_stopping(workdir, "same")
+    assert f"CONFIG ERROR: --workdir '{workdir}' is in use by another run (process {os.getpid()}" in first
+    assert f"CONFIG ERROR: the main process could not use --workdir '{workdir}'" in second
 
 
 def test_cluster_flag_outside_a_cluster_is_a_config_error():

@@ -131,17 +131,17 @@ def test_cli_unknown_field_is_rejected_on_one_line(tmp_path, override, message):
 def test_a_second_run_in_a_work_directory_in_use_is_refused(tiny_config, tmp_path):
     """Two runs in one work directory would overwrite each other's checkpoints: while one
     holds it, another is a ConfigError naming the holder; the lock goes with the run."""
-    from sams_jax.train import LOCK_FILE, _workdir_lock
+    from sams_jax.train import LOCK_FILE, _claim_workdir
 
     workdir = tmp_path / "w"
     workdir.mkdir()
-    with _workdir_lock(str(workdir)):
+    with _claim_workdir(str(workdir)):
         assert f"process {os.getpid()}" in (workdir / LOCK_FILE).read_text()
         with pytest.raises(ConfigError, match=rf"--workdir '{workdir}' is in use by another run \(process "
                                               rf"{os.getpid()} on .*\); two runs in one work directory"):
             train_and_evaluate(tiny_config, str(workdir))
     assert (workdir / LOCK_FILE).read_text() == ""  # released
-    with _workdir_lock(str(workdir)):
+    with _claim_workdir(str(workdir)):
         pass
     assert sorted(path.name for path in workdir.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
 
@@ -158,6 +158,14 @@ def test_cli_config_file_that_fails_to_load_or_unusable_workdir_is_one_line(tmp_
     assert result.stderr.strip() == (f"error: the config file {str(broken)!r} failed to load (SyntaxError: invalid "
                                      "syntax, line 3); it must define get_config() returning an "
                                      "ml_collections.ConfigDict, as configs/*.py do")
+    misspelt = tmp_path / "misspelt.py"  # reads a field that does not exist: not an override's fault
+    misspelt.write_text("from sams_jax.config import base_config\n\ndef get_config():\n    config = base_config()\n"
+                        "    config.train.max_stepz += 1\n    return config\n")
+    result = _run_cli("--config", str(misspelt), "--workdir", str(tmp_path / "x"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: the config file {str(misspelt)!r} failed to load (AttributeError: max_stepz; Did you mean "
+        "\"max_steps\" instead of \"max_stepz\"?, line 5); it must define get_config() returning an "
+        "ml_collections.ConfigDict, as configs/*.py do")
     raising = tmp_path / "raising.py"
     raising.write_text("def get_config():\n    raise RuntimeError('no such screen')\n")
     try:
