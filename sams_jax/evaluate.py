@@ -62,12 +62,12 @@ import pandas as pd
 from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
-from sams_jax.data import SPLITS, DataError, PerturbationData, load_data, metadata_differences
+from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
 from sams_jax.data.anndata_io import DataWarning, read_uns, write_h5ad
 from sams_jax.data.splits import NO_SPLIT
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarning, Predictor, check_features,
-                                check_perturbations, check_scale, load)
+                                check_perturbations, check_scale, load, training_data_differences)
 
 TOP_K = 20
 TOP_GENES = 20  # top_genes.csv: genes per intervention
@@ -101,7 +101,8 @@ def observed_interventions(predictor: Predictor, data: PerturbationData, control
     inverse = inverse.reshape(-1)
     in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != NO_SPLIT])
     # with another control, the data's control cells (all-zero rows) too, where the data name them (a control label)
-    keep = in_a_split & ~np.all(rows == control_row, axis=1) & (np.any(rows != 0, axis=1) | (predictor.control is not None))
+    named = np.any(rows != 0, axis=1) | (predictor.control is not None)
+    keep = in_a_split & ~np.all(rows == control_row, axis=1) & named
     # singles before pairs, each in vocabulary order
     keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
     keep = np.asarray(keep, dtype=np.int64)
@@ -118,7 +119,7 @@ def check_trained_data(predictor: Predictor, data: PerturbationData, given: bool
     perturbation, normalisation statistics): e.g. a run trained on data passed from Python,
     whose ``config.data`` describes other data, or the right cells split otherwise."""
     saved = predictor.metadata
-    differ = metadata_differences(saved, data.metadata(saved["normalization"]))
+    differ = training_data_differences(saved, data)
     if differ and given:
         raise DataError(f"the data passed to evaluate (data=) are not the data the run was trained on: "
                         f"{'; '.join(differ)} differ from the checkpoint's metadata. Its split metrics need the "

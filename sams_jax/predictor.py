@@ -418,9 +418,8 @@ class Predictor:
         unknown = sorted(set(layout) - set(LAYOUT_KEYS))
         if unknown:
             raise TypeError(f"register() got {unknown}; it accepts backed= and the layout keys {list(LAYOUT_KEYS)}")
-        saved = dict(self.metadata.get("registration") or {})
-        registration = {k: saved[k] for k in (*LAYOUT_KEYS, "encode_combinations", "use_highly_variable")
-                        if k in saved}
+        saved = self.metadata.get("registration")
+        registration = self._saved_registration(LAYOUT_KEYS)
         registration.update(layout)
         try:
             return from_anndata(adata_or_path, **registration, likelihood=self.config.model.likelihood,
@@ -459,8 +458,7 @@ class Predictor:
                             "AnnData reproduces its data and splits; pass the PerturbationData the run was trained "
                             "on (evaluate(workdir, data=data)), or score an AnnData's cells without split= "
                             "(predictor.iwelbo(adata))")
-        registration = {k: saved[k] for k in (*LAYOUT_KEYS, *SPLIT_KEYS, "encode_combinations", "use_highly_variable")
-                        if k in saved}
+        registration = self._saved_registration((*LAYOUT_KEYS, *SPLIT_KEYS))
         try:
             with warnings.catch_warnings():  # the registration's warnings about these data were given at training
                 warnings.simplefilter("ignore", UserWarning)
@@ -481,14 +479,15 @@ class Predictor:
                             "cell) or subset the AnnData to the cells wanted")
         return data
 
-    def training_data_differences(self, data: PerturbationData) -> list[str]:
-        """The fields of the checkpoint's data metadata that ``data`` do not match
-        (:func:`sams_jax.data.metadata_differences`: names, cells per split and
-        perturbation, the training cells' normalisation statistics, ...); empty for the
-        data the run was trained on."""
-        from sams_jax.data import metadata_differences
+    def _saved_registration(self, keys: Sequence[str]) -> dict:
+        """The checkpoint's registration settings among ``keys`` (with the encoding and the
+        gene selection, which fix the vocabulary and genes), those it recorded."""
+        saved = self.metadata.get("registration") or {}
+        return {k: saved[k] for k in (*keys, "encode_combinations", "use_highly_variable") if k in saved}
 
-        return metadata_differences(self.metadata, data.metadata(self.metadata["normalization"]))
+    def training_data_differences(self, data: PerturbationData) -> list[str]:
+        """:func:`training_data_differences` of this checkpoint's metadata."""
+        return training_data_differences(self.metadata, data)
 
     def _data(self, data, split: str | None = None):
         """A PerturbationData (registered from an AnnData / ``.h5ad`` path if need be: with
@@ -526,7 +525,8 @@ class Predictor:
         """Per-cell predictive IWELBO (``[n]``; SPEC 5) of the cells in ``data`` (of its
         ``split`` only: a PerturbationData's own split; for an AnnData or path the run's,
         which needs the training file itself, see :meth:`register_training_data`;
-        ``split=None``: every cell, also those a task leaves out of every split, split ``""``). A sparse or backed ``x`` is read and scored
+        ``split=None``: every cell, also those a task leaves out of every split, split
+        ``""``). A sparse or backed ``x`` is read and scored
         in blocks of cells, with the same result as scoring all cells at once. Cells are
         scored ``chunk_size`` at a time (default :func:`iwelbo_chunk_size`); the local draws
         depend on the chunking, so compare numbers computed with the same chunk size."""
@@ -675,6 +675,16 @@ def _symbols_hint(expected: Sequence[str], given: Sequence[str], symbols: Sequen
     return (f". {len(as_symbols)} of the data's gene names are the model's gene symbols (predictor.feature_symbols), "
             "not the names it was trained with (predictor.feature_names): name the genes as at training, e.g. "
             "adata.var_names = adata.var[<column of those names>] (predictor.gene_table() maps the two)")
+
+
+def training_data_differences(metadata: dict, data: PerturbationData) -> list[str]:
+    """The fields of a checkpoint's data ``metadata`` that ``data`` do not match
+    (:func:`sams_jax.data.metadata_differences`: names, cells per split and perturbation,
+    the training cells' normalisation statistics, ...); empty for the data the run was
+    trained on."""
+    from sams_jax.data import metadata_differences
+
+    return metadata_differences(metadata, data.metadata(metadata["normalization"]))
 
 
 def check_perturbations(expected: Sequence[str], given: Sequence[str]) -> None:

@@ -721,9 +721,14 @@ def _unlock(handle) -> None:
 
 
 def _saved_steps(workdir: str) -> list[int]:
-    """The steps of the finished checkpoints in ``workdir`` (from the folder names)."""
-    folder = os.path.join(workdir, "checkpoints")
-    return sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.isdigit())
+    """The steps of the finished checkpoints in ``workdir``."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return []
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        return sorted(checkpointer.steps())
+    finally:
+        checkpointer.close()
 
 
 def main(argv) -> None:

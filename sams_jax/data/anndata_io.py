@@ -876,8 +876,9 @@ def from_anndata(adata_or_path, perturbation_key: str = "perturbation", control:
     fall back to the gene's name.
     """
     if likelihood is not None and likelihood not in KNOWN_LIKELIHOODS:
-        raise DataError(f"likelihood={likelihood!r} is not allowed; choose one of {list(KNOWN_LIKELIHOODS)} (it selects "
-                        "the value checks: counts for the count likelihoods), or None to check finiteness only")
+        raise DataError(f"likelihood={likelihood!r} is not allowed; choose one of {list(KNOWN_LIKELIHOODS)} (it "
+                        "selects the value checks: counts for the count likelihoods), or None to check finiteness "
+                        "only")
     control, perturbations, feature_names = _label(control), _labels(perturbations), _labels(feature_names)
     if control is not None and perturbations is not None and control in perturbations and not guide_column_pattern:
         raise DataError(f"the control label {control!r} is a perturbation of the vocabulary (a model measured against "
@@ -950,7 +951,8 @@ def _gene_symbols(var: pd.DataFrame, key: str | None, columns: np.ndarray,
                         f"{_show(var.columns, 40)}; pass gene_symbols_key=<column> (--config.data.gene_symbols_key="
                         "<column>), or leave it unset to use var_names")
     values = var[key].iloc[columns]
-    return [name if pd.isna(value) or str(value) == "" else _symbol_text(value) for value, name in zip(values, gene_names)]
+    return [name if pd.isna(value) or str(value) == "" else _symbol_text(value)
+            for value, name in zip(values, gene_names)]
 
 
 def _symbol_text(value) -> str:
