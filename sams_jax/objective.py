@@ -61,9 +61,11 @@ class ObjectiveConfig:
         if bool(self.initial_variable_weights) != (self.weight_anneal_steps > 0):
             given, missing = ("initial_variable_weights", "weight_anneal_steps") if self.initial_variable_weights \
                 else ("weight_anneal_steps", "initial_variable_weights")
+            legacy = "" if self.initial_variable_weights else \
+                " (a run saved with weight_anneal_steps alone, which annealed nothing, resumes with weight_anneal_steps=0)"
             raise ValueError(f"objective.{given} is set but objective.{missing} is not, so nothing would be "
                              "annealed; set both (e.g. initial_variable_weights='mask=500', weight_anneal_steps="
-                             "5000), or neither")
+                             f"5000), or neither{legacy}")
         if self.analytic_kl and self.kind != "elbo":
             raise ValueError(f"objective.analytic_kl={','.join(self.analytic_kl)!r} needs objective.kind='elbo' "
                              f"(got {self.kind!r}): importance weights need sampled densities")

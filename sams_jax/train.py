@@ -313,6 +313,9 @@ def config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
     current = _flatten(json.loads(config.to_json_best_effort()))
     defaults = _flatten(json.loads(base_config().to_json_best_effort()))
     saved = _flatten(saved)
+    if not saved.get("objective.initial_variable_weights") and saved.get("objective.weight_anneal_steps"):
+        # saved before such configs were refused: an annealing without initial weights did nothing
+        saved["objective.weight_anneal_steps"] = 0
     changes = [(field, saved.get(field, defaults.get(field, _UNSET)), value) for field, value in current.items()]
     changes += [(field, value, _UNSET) for field, value in saved.items() if field not in current]
     return [(field, old, new) for field, old, new in changes if old != new]
@@ -412,6 +415,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     """
     distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
+    main_process = is_main_process()
+    _refuse_busy_workdir(workdir, main_process)  # before reading the data, which may take long
     data_source = "config" if data is None else "python"  # python: config.data does not describe the data
     if data is None:
         data = load_data(config.data, config.model.likelihood)
@@ -427,7 +432,6 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     check_model_data(config.model.name, data)  # e.g. SVAE+ accepts one-hot dosages only
     objective = ObjectiveConfig.from_config(config.objective)
 
-    main_process = is_main_process()
     model = create_model(config.model, data.n_genes, data.n_perturbations)
     optimizer = create_optimizer(config.train)
     stats = data.normalization_stats(config.model.normalization)
@@ -682,6 +686,23 @@ def _claim_workdir(workdir: str, main_process: bool = True):
     finally:
         if handle is not None:
             _unlock(handle)
+
+
+def _refuse_busy_workdir(workdir: str, main_process: bool = True) -> None:
+    """:class:`ConfigError` when another run holds an existing ``workdir``'s lock, checked
+    early (the lock itself is taken by :func:`_claim_workdir` once the inputs pass their
+    checks, so that a refused run writes nothing). Every process calls it."""
+    refusal = None
+    if main_process and os.path.isdir(workdir):
+        try:
+            handle = _lock(workdir)
+        except ConfigError as error:
+            refusal = str(error)
+        else:
+            if handle is not None:
+                _unlock(handle)
+    if distributed.any_process(refusal is not None):
+        raise ConfigError(refusal or f"the main process could not use --workdir {workdir!r} (its error says why)")
 
 
 def _lock(workdir: str):

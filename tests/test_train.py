@@ -18,7 +18,7 @@ from sams_jax.config import ConfigError, validate_config
 from sams_jax.data import DataError, load_data
 from sams_jax.models import create_model
 from sams_jax.objective import ObjectiveConfig, check_objective_variables
-from sams_jax.train import (BatchSchedule, ResumeWarning, TrainingDiverged, create_optimizer, create_train_state,
+from sams_jax.train import (BatchSchedule, config_changes, ResumeWarning, TrainingDiverged, create_optimizer, create_train_state,
                             train_and_evaluate, unknown_field_message)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,18 +128,26 @@ def test_cli_unknown_field_is_rejected_on_one_line(tmp_path, override, message):
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_second_run_in_a_work_directory_in_use_is_refused(tiny_config, tmp_path):
+def test_a_second_run_in_a_work_directory_in_use_is_refused(tiny_config, tmp_path, monkeypatch):
     """Two runs in one work directory would overwrite each other's checkpoints: while one
-    holds it, another is a ConfigError naming the holder; the lock goes with the run."""
+    holds it, another is a ConfigError naming the holder, before it reads its data; the
+    lock goes with the run."""
+    import sams_jax.train
     from sams_jax.train import LOCK_FILE, _claim_workdir
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data were read")
 
     workdir = tmp_path / "w"
     workdir.mkdir()
     with _claim_workdir(str(workdir)):
         assert f"process {os.getpid()}" in (workdir / LOCK_FILE).read_text()
-        with pytest.raises(ConfigError, match=rf"--workdir '{workdir}' is in use by another run \(process "
-                                              rf"{os.getpid()} on .*\); two runs in one work directory"):
-            train_and_evaluate(tiny_config, str(workdir))
+        with monkeypatch.context() as patch:
+            patch.setattr(sams_jax.train, "load_data", read_data)
+            with pytest.raises(ConfigError, match=rf"--workdir '{workdir}' is in use by another run \(process "
+                                                  rf"{os.getpid()} on .*\); two runs in one work directory"):
+                train_and_evaluate(tiny_config, str(workdir))
+        assert f"process {os.getpid()}" in (workdir / LOCK_FILE).read_text()  # the holder's record is kept
     assert (workdir / LOCK_FILE).read_text() == ""  # released
     with _claim_workdir(str(workdir)):
         pass
@@ -366,6 +374,21 @@ def test_resume_refuses_or_warns_about_changed_settings(tiny_config, tmp_path):
         train_and_evaluate(changed(train__max_steps=70, train__learning_rate=2e-3, train__data_shards=0), str(tmp_path))
     elapsed = pd.read_csv(tmp_path / "history.csv")["elapsed_s"].to_numpy()  # across the six resumes
     assert len(elapsed) == 7 and np.all(np.diff(elapsed) > 0), elapsed
+
+
+def test_runs_saved_with_an_annealing_that_did_nothing_resume_with_no_annealing(tiny_config):
+    """Configs with weight_anneal_steps but no initial_variable_weights (an annealing that
+    changed nothing) are refused now; runs saved with one resume with weight_anneal_steps=0,
+    while a real annealing is still a change of objective."""
+    saved = json.loads(tiny_config.to_json_best_effort())
+    saved["objective"]["weight_anneal_steps"] = 30
+    assert config_changes(saved, tiny_config) == []
+    saved["objective"]["initial_variable_weights"] = "mask=10"
+    assert [field for field, _, _ in config_changes(saved, tiny_config)] == [
+        "objective.initial_variable_weights", "objective.weight_anneal_steps"]
+    tiny_config.objective.weight_anneal_steps = 30
+    with pytest.raises(ConfigError, match=r"resumes with weight_anneal_steps=0"):
+        validate_config(tiny_config)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
