@@ -56,7 +56,7 @@ from sams_jax.config import (ConfigError, base_config, unknown_field_message, va
 from sams_jax.data import DataError, PerturbationData, load_data, metadata_differences, plate_scale
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.distributed import DataParallel, is_main_process, shard_rows
-from sams_jax.models import check_data as check_model_data, create_model
+from sams_jax.models import check_data as check_model_data, create_model, model_fields
 from sams_jax.objective import (ObjectiveConfig, check_objective_variables, compiler_options, iwelbo_chunk_size,
                                 loss_fn, predictive_iwelbo, split_objective)
 from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
@@ -340,6 +340,10 @@ def _check_resume(saved: dict, config, workdir: str, latest: int, params,
     record them) and now: ``train.data_shards=0`` means one per process, so the batches
     change with the process count, not with the field's value."""
     changes = config_changes(saved, config)
+    if saved.get("model", {}).get("name", config.model.name) == config.model.name:  # fields the model ignores
+        used = set(model_fields(config.model.name))
+        changes = [change for change in changes if not change[0].startswith("model.")
+                   or change[0] == "model.name" or change[0].split(".", 1)[1] in used]
     if shards is not None and shards[0] is not None:
         changes = [change for change in changes if change[0] != "train.data_shards"]
         if shards[0] != shards[1]:

@@ -391,6 +391,27 @@ def test_runs_saved_with_an_annealing_that_did_nothing_resume_with_no_annealing(
         validate_config(tiny_config)
 
 
+def test_resume_ignores_config_fields_the_model_does_not_use(tiny_config, tmp_path):
+    """A field the model ignores (the Beta prior of SAMS-VAE's Bernoulli mask, or
+    beta-Bernoulli's unused mask_prior_prob) may change on resume; one it uses may not."""
+    from sams_jax.train import _check_resume
+
+    def saved_with(**fields):
+        saved = json.loads(tiny_config.to_json_best_effort())
+        saved["model"].update(fields)
+        return saved
+
+    _check_resume(saved_with(mask_beta_a=3.0), tiny_config, "w", 0, None)  # sams_vae: no Beta prior
+    with pytest.raises(ConfigError, match=r"model\.mask_prior_prob=0\.5 in the saved run"):
+        _check_resume(saved_with(mask_prior_prob=0.5), tiny_config, "w", 0, None)
+    tiny_config.model.name = "sams_vae_beta_bernoulli"
+    _check_resume(saved_with(name="sams_vae_beta_bernoulli", mask_prior_prob=0.5), tiny_config, "w", 0, None)
+    with pytest.raises(ConfigError, match=r"model\.mask_beta_a=3\.0 in the saved run, 1\.0 now"):
+        _check_resume(saved_with(name="sams_vae_beta_bernoulli", mask_beta_a=3.0), tiny_config, "w", 0, None)
+    with pytest.raises(ConfigError, match=r"model\.name='sams_vae' in the saved run"):  # another model: all count
+        _check_resume(saved_with(name="sams_vae", mask_beta_a=3.0), tiny_config, "w", 0, None)
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     tiny_config.train.max_steps = 20
     train_and_evaluate(tiny_config, str(tmp_path))

@@ -31,10 +31,11 @@ MODELS = {
 
 
 def model_fields(name: str) -> tuple[str, ...]:
-    """Config fields a model accepts (its module attributes, minus the data sizes)."""
+    """Config fields a model accepts (its module attributes, minus the data sizes and the
+    ones it inherits without using, its ``unused_fields``)."""
     cls = MODELS[name]
-    return tuple(f.name for f in dataclasses.fields(cls)
-                 if f.name not in ("n_genes", "n_perturbations", "parent", "name"))
+    skip = ("n_genes", "n_perturbations", "parent", "name", *getattr(cls, "unused_fields", ()))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in skip)
 
 
 def create_model(model_config, n_genes: int, n_perturbations: int):

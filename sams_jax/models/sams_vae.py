@@ -177,6 +177,7 @@ class SAMSVAEBetaBernoulli(SAMSVAE):
 
     mask_beta_a: float = 1.0
     mask_beta_b: float = 2.0
+    unused_fields = ("mask_prior_prob",)  # inherited and not used: not read from the config
 
     def mask_terms(self, mask):
         return beta_bernoulli_mask_terms(self.mask_logits, mask, self.mask_beta_a, self.mask_beta_b)
