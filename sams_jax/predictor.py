@@ -108,6 +108,11 @@ class Predictor:
         self._iwelbo = jax.jit(partial(predictive_iwelbo, model.apply), static_argnames=("n_particles", "chunk_size"),
                                compiler_options=compiler_options())
 
+    def __repr__(self) -> str:
+        return (f"Predictor(model={self.config.model.name!r}, workdir={self.workdir!r}, step={self.step}, "
+                f"genes={len(self.feature_names)}, perturbations={len(self.perturbation_names)}, "
+                f"control={self.control!r})")
+
     # --- vocabulary -----------------------------------------------------------------
     @property
     def default_scale(self) -> str:
@@ -164,6 +169,8 @@ class Predictor:
                     member, self.perturbation_names, n=5, cutoff=0.5)))[:5]
                 hint = f"closest known names: {close}" if close else \
                     f"known names include {self.perturbation_names[:10]}"
+                if member in self.feature_names or member in (self.feature_symbols or ()):
+                    hint = f"{member!r} is one of the model's genes, not a perturbation ({hint})"
                 if self.control is not None:
                     hint += f"; the control is {self.control!r}"
                 raise InterventionError(
@@ -284,12 +291,15 @@ class Predictor:
 
         interventions = intervention_list(interventions) if interventions is not None else \
             [p for p in self.perturbation_names if p != (control or self.control)]
+        if not interventions:
+            raise InterventionError("no interventions given; name some (e.g. ate(['A', 'A+B'])), or leave "
+                                    "interventions out for every single perturbation")
         control = control or self.control
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")
         with warnings.catch_warnings():  # expectations() warns about these names
             warnings.simplefilter("ignore", InterventionWarning)
-            rows = self.dosages(interventions) if interventions else np.zeros((0, len(self._index)))
+            rows = self.dosages(interventions)
         canonical = [self.intervention_name(row) for row in rows]  # "C+B" is "B+C": one dosage row
         repeated = [name for name, count in collections.Counter(canonical).items() if count > 1]
         if repeated:  # one row per intervention, named as first given: AnnData's obs names must be unique
@@ -413,11 +423,12 @@ class Predictor:
         ``predictor.register(adata, perturbation_key="gene", counts_layer=None)``; pass
         the result to :meth:`iwelbo` or :meth:`latent`). The genes and the perturbation
         vocabulary stay the model's."""
-        from sams_jax.data.anndata_io import from_anndata
+        from sams_jax.data.anndata_io import check_source, from_anndata
 
         unknown = sorted(set(layout) - set(LAYOUT_KEYS))
         if unknown:
             raise TypeError(f"register() got {unknown}; it accepts backed= and the layout keys {list(LAYOUT_KEYS)}")
+        check_source(adata_or_path)  # before the registration's advice, which would not apply
         saved = self.metadata.get("registration")
         registration = self._saved_registration(LAYOUT_KEYS)
         registration.update(layout)
@@ -450,8 +461,9 @@ class Predictor:
         (:meth:`training_data_differences`). A random or task split follows the order of
         the cells, so only the training file, cells in the same order, gives the run's
         splits; anything else is a :class:`DataError` naming what differs."""
-        from sams_jax.data.anndata_io import from_anndata
+        from sams_jax.data.anndata_io import check_source, from_anndata
 
+        check_source(adata_or_path)
         saved = self.metadata.get("registration")
         if not saved:
             raise DataError(f"the run was not trained on an AnnData (its data: {self.metadata.get('name')!r}), so no "

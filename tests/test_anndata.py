@@ -188,7 +188,7 @@ def test_highly_variable_flags_are_checked_and_a_models_genes_taken_by_name():
     assert data.feature_names == kept[::-1]
     np.testing.assert_array_equal(data.x.toarray() if sp.issparse(data.x) else data.x,
                                   counts_of(adata)[:, [adata.var_names.get_loc(g) for g in kept[::-1]]])
-    with pytest.raises(DataError, match=r"genes of feature_names .*1 missing \[.gene1.\], 0 extra.*"
+    with pytest.raises(DataError, match=r"genes of feature_names: 1 missing \[.gene1.\], 0 extra.*"
                                         r"adata\[:, feature_names\]"):
         from_anndata(adata[:, [g for g in adata.var_names if g != "gene1"]].copy(), use_highly_variable=True,
                      feature_names=kept)
@@ -536,6 +536,12 @@ def test_check_compatible_names_missing_extra_genes_and_unknown_perturbations():
     other = make_screen(n_genes=14)[:, 2:].copy()  # gene0, gene1 missing; gene12, gene13 extra
     with pytest.raises(DataError, match=r"2 missing \['gene0', 'gene1'\], 2 extra \['gene12', 'gene13'\]"):
         check_compatible(metadata, other)
+    recased = make_screen()
+    recased.var_names = [name.upper() if name in ("gene3", "gene7") else name for name in recased.var_names]
+    with pytest.raises(DataError, match=r"2 missing \['gene3', 'gene7'\], 2 extra \['GENE3', 'GENE7'\]; 2 of the "
+                                        r"missing genes are in the data in other letter case \(e\.g\. 'GENE3' for "
+                                        r"'gene3'\): rename them"):
+        check_compatible(metadata, recased)
     new = make_screen(labels=["A+G"] * 5 + ["control"] * 5)
     with pytest.raises(DataError, match=r"not in the vocabulary of 6: \['G'\]"):
         check_compatible(metadata, new)

@@ -284,6 +284,18 @@ def test_unknown_intervention_lists_closest_names():
         predictor.dosages(["a+cc"])
     with pytest.raises(InterventionError, match=r"unknown perturbation 'B'.*closest known names: \['b'\]"):
         predictor.dosages(["B"])  # names differing only in case come first
+    with pytest.raises(InterventionError, match=r"unknown perturbation 'g3'.*'g3' is one of the model's genes, not a "
+                                                r"perturbation"):
+        predictor.dosages(["g3"])
+    with pytest.raises(InterventionError, match=r"no interventions given"):
+        predictor.ate([])
+    for source, message in [(np.zeros((3, 5)), "expected an AnnData or the path to a .h5ad file, got ndarray"),
+                            ("/nowhere/x.h5ad", "no file at '/nowhere/x.h5ad'")]:
+        with pytest.raises(DataError) as error:  # no advice about how an AnnData was read: none was
+            predictor.register(source)
+        assert str(error.value).startswith(message) and "was read" not in str(error.value)
+    assert repr(predictor) == ("Predictor(model='sams_vae', workdir='', step=0, genes=5, perturbations=4, "
+                               "control='control')")
 
 
 def test_data_expectations_by_hand_on_both_scales():

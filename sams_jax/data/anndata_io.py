@@ -177,14 +177,9 @@ def read_anndata(adata_or_path, backed: bool = False):
     """An in-memory AnnData, from itself or from a ``.h5ad`` path (``DataError`` when the
     path is missing or not a readable ``.h5ad``); with ``backed``, a path is opened as a
     :class:`BackedAnnData` (counts stay on disk)."""
+    check_source(adata_or_path)
     if isinstance(adata_or_path, (str, os.PathLike)):
         path = os.fspath(adata_or_path)
-        if not path:
-            raise DataError("no AnnData path given; set --config.data.path=/path/to/file.h5ad "
-                            "(or pass the path to PerturbationData.from_anndata)")
-        if not os.path.isfile(path):
-            raise DataError(f"no file at {path!r}; give the path to an AnnData .h5ad file "
-                            "(check the spelling and the working directory)")
         import anndata
 
         try:
@@ -205,9 +200,21 @@ def read_anndata(adata_or_path, backed: bool = False):
             return backed_file
         raise DataError("backed reading needs the path of a .h5ad file, not an in-memory AnnData; pass the path "
                         "(or backed=False)")
-    if not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
-        raise DataError(f"expected an AnnData or the path to a .h5ad file, got {type(adata_or_path).__name__}")
     return adata_or_path
+
+
+def check_source(adata_or_path) -> None:
+    """``DataError`` unless ``adata_or_path`` is an AnnData or the path of an existing file."""
+    if isinstance(adata_or_path, (str, os.PathLike)):
+        path = os.fspath(adata_or_path)
+        if not path:
+            raise DataError("no AnnData path given; set --config.data.path=/path/to/file.h5ad "
+                            "(or pass the path to PerturbationData.from_anndata)")
+        if not os.path.isfile(path):
+            raise DataError(f"no file at {path!r}; give the path to an AnnData .h5ad file "
+                            "(check the spelling and the working directory)")
+    elif not all(hasattr(adata_or_path, field) for field in ("obs", "var", "X", "layers")):
+        raise DataError(f"expected an AnnData or the path to a .h5ad file, got {type(adata_or_path).__name__}")
 
 
 def _duplicated(index: pd.Index) -> list[str]:
@@ -239,14 +246,17 @@ def check_genes(expected: Sequence[str], found: Sequence[str], model: bool = Tru
     missing = [g for g in expected if g not in found_set]
     extra = [g for g in found if g not in expected_set]
     if missing or extra:
-        reference = "genes the model was trained on" if model else \
-            "genes of feature_names (a trained model's, predictor.feature_names, when registering for one)"
+        reference = "genes the model was trained on" if model else "genes of feature_names"
         subset = "adata[:, predictor.feature_names]" if model else "adata[:, feature_names]"
+        by_case = {name.casefold(): name for name in map(str, extra)}
+        recased = [(name, by_case[name.casefold()]) for name in map(str, missing) if name.casefold() in by_case]
+        case = f"; {len(recased)} of the missing genes are in the data in other letter case (e.g. " \
+            f"{recased[0][1]!r} for {recased[0][0]!r}): rename them to the model's names" if recased else ""
         raise DataError(
             f"the genes of this AnnData differ from the {len(expected_set)} {reference}: "
-            f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}; subset it to those genes "
-            f"({subset}); missing genes cannot be imputed, so data without them needs a model trained on its own "
-            "genes")
+            f"{len(missing)} missing {_show(missing)}, {len(extra)} extra {_show(extra)}{case}; subset it to those "
+            f"genes ({subset}); missing genes cannot be imputed, so data without them needs a model trained on its "
+            "own genes")
 
 
 def select_genes(adata, use_highly_variable: bool = False, feature_names: Sequence[str] | None = None,
