@@ -19,6 +19,8 @@ where the file has moved). Writes
   masks and embeddings group the perturbations of one pathway:
   ``pathway_<mask|embedding>_<knn_purity|knn_chance|within_cosine|between_cosine>``
   (:func:`sams_jax.metrics.pathway_grouping`);
+* ``settings.json``: what produced the scores (checkpoint step, data, particle counts, ATE
+  method and scale, control, seed, ...);
 * ``sparse_effects.csv`` (perturbations x basis dimensions: the shifts in the sparse basis)
   and ``sparse_basis.csv`` (latent x basis dimensions: ``W``), for models with embeddings;
 * ``ate.h5ad``: obs = interventions (split membership, cell counts, ``learned``,
@@ -27,8 +29,9 @@ where the file has moved). Writes
   ``data`` (NaN where not observed), ``uns["control"]``;
 * ``top_genes.csv``: the 20 genes of largest |model ATE| per intervention, with the model
   and data ATEs (:func:`top_genes`);
-* PNG plots: ``history.png``, ``ate_scatter.png``, ``mask_probs.png``, ``embeddings.png``,
-  ``sparse_effects.png``, and with pathways ``pathways.png`` (the embeddings' cosine
+* PNG plots: ``history.png``, ``ate_scatter.png`` (the top-20 genes by |data ATE| marked),
+  ``mask_probs.png``, ``embeddings.png``, ``sparse_effects.png`` (the perturbations in one
+  order), and with pathways ``pathways.png`` (the embeddings' cosine
   similarity among the pathways' perturbations, grouped by pathway).
 
 Data ATEs use all cells of the data set (control cells included, whatever their split,
@@ -52,6 +55,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from collections import Counter
 
@@ -71,7 +75,7 @@ from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarn
 
 TOP_K = 20
 TOP_GENES = 20  # top_genes.csv: genes per intervention
-OUTPUTS = ("metrics.json", "metrics.csv", "ate.h5ad", "top_genes.csv", "sparse_effects.csv", "sparse_basis.csv",
+OUTPUTS = ("metrics.json", "metrics.csv", "settings.json", "ate.h5ad", "top_genes.csv", "sparse_effects.csv", "sparse_basis.csv",
            "history.png",
            "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png",
            "pathways.png")  # what a run writes
@@ -200,7 +204,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
              sparse_basis_restarts: int = 8,
              data=None, data_path: str | None = None,
              write: bool = True, pathways: dict[str, list[str]] | str | None = None,
-             ate_metrics_over: str = "observed") -> dict[str, float]:
+             ate_metrics_over: str = "observed", verbose: bool = False) -> dict[str, float]:
     """Score a run's checkpoint and write ``<workdir>/eval/`` (see the module docstring);
     ``write=False`` returns the metrics and writes nothing (comparing runs from Python).
 
@@ -212,11 +216,15 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
     metrics; default: the data file's ``uns["pathways"]`` where it has them.
     ``ate_metrics_over``: the interventions of each split's ATE metrics, ``"observed"``
     (default; SPEC 5, the paper's: every intervention observed in the split) or
-    ``"learned"`` (only those whose every member had training cells)."""
+    ``"learned"`` (only those whose every member had training cells). ``verbose``: say on
+    stderr what is being computed (the command line does)."""
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if verbose else (lambda message: None)
     if ate_metrics_over not in ATE_METRICS_OVER:
         raise EvaluationError(f"ate_metrics_over={ate_metrics_over!r} is not allowed; choose one of "
                               f"{list(ATE_METRICS_OVER)}")
+    given = data
     predictor = load(workdir, checkpoint)
+    say(f"evaluating {workdir}: checkpoint step {predictor.step} ({checkpoint})")
     from_python = predictor.metadata.get("data_source") == "python"
     registered = bool(predictor.metadata.get("registration"))  # the Python data were registered from an AnnData
     backed = bool(predictor.config.data.get("backed"))  # a file read backed at training is read backed here too
@@ -243,6 +251,12 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         check_perturbations(predictor.perturbation_names, data.perturbation_names)
         check_trained_data(predictor, data, given=True)
     check_features(predictor.feature_names, data.feature_names)
+    if data_path is not None or isinstance(given, (str, os.PathLike)):  # what settings.json records
+        data_description = os.path.abspath(os.fspath(data_path if data_path is not None else given))
+    elif given is not None:
+        data_description = f"{type(given).__name__} passed from Python ({data.name})"
+    else:
+        data_description = predictor.config.data.get("path") or f"{data.name} (rebuilt from the saved config.data)"
     control = control or predictor.control
     scale = ate_scale or predictor.default_scale
     check_ate_scale(predictor.config.model.likelihood, scale)
@@ -266,6 +280,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             extra = [name for name in extra if name not in as_control]
 
     results: dict[str, float] = {}
+    say(f"held-out IWELBO: {sum(int(data.mask(split).sum()) for split in SPLITS):,} cells x {iwelbo_particles} "
+        "particles")
     per_cell = {split: predictor.iwelbo(data, iwelbo_particles, seed, split=split)
                 for split in SPLITS if data.mask(split).any()}
     for split, values in per_cell.items():
@@ -277,6 +293,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         names, rows, membership, n_cells = observed_interventions(predictor, data, control_row)
         extra = [e for e in extra if e not in names]
         all_names = [control, *names, *extra]
+        say(f"ATEs: {len(names) + len(extra)} interventions x {ate_particles} particles ({ate_method} estimator, "
+            f"{scale} scale, control {control!r})")
         model_means = predictor.expectations([control, *names], n_particles=ate_particles, scale=scale,
                                              method=ate_method, seed=seed)
         model_ate = model_means[1:] - model_means[0]
@@ -325,6 +343,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         results["mcc"] = metrics_lib.mean_correlation_coefficient(
             data.truth["z_basal"][test], predictor.latent(data, seed=seed, split="test"))
 
+    if sparse_basis_restarts and hasattr(predictor.model, "embedding_means"):
+        say(f"sparse basis: {sparse_basis_restarts} restarts")
     basis = _sparse_basis(predictor, seed, sparse_basis_restarts)
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "embedding_means"):
         scores = metrics_lib.mask_scores(data.truth["mask"], basis.mask.to_numpy()) if basis is not None else \
@@ -349,6 +369,13 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         pd.DataFrame(basis.weights, index=pd.Index(predictor.embeddings().columns, name="latent"),
                      columns=basis.effects.columns).to_csv(os.path.join(out_dir, "sparse_basis.csv"))
     metrics_lib.write_json(os.path.join(out_dir, "metrics.json"), results)
+    metrics_lib.write_json(os.path.join(out_dir, "settings.json"), {
+        "workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint), "checkpoint_step": predictor.step,
+        "data": data_description, "iwelbo_particles": iwelbo_particles, "ate_particles": ate_particles,
+        "ate_method": ate_method, "ate_scale": scale, "control": control, "interventions": extra,
+        "ate_metrics_over": ate_metrics_over, "seed": seed, "sparse_basis_restarts": sparse_basis_restarts,
+        "pathways": pathways if isinstance(pathways, str) else ("given" if pathways else None),
+        "sams_jax_version": _version(), "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:
         _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles, ate_metrics_over)
@@ -357,7 +384,9 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         _, n_observed, _, _, _, _, model_ate, data_ate, scored = ate or no_ate  # scored: those of the ATE metrics
         _write_plots(out_dir, workdir, predictor, np.asarray(data_ate)[scored],
                      np.asarray(model_ate)[:n_observed][scored], basis,
-                     f"control {control!r}, {scale} scale, Pearson r {results.get('ATE_pearsonr-all', np.nan):.3f}")
+                     f"checkpoint step {predictor.step}, control {control!r}, {scale} scale, {ate_method} "
+                     f"estimator, {ate_particles:,} particles, Pearson r {results.get('ATE_pearsonr-all', np.nan):.3f}",
+                     data.truth["mask"].mean() if data.truth is not None and "mask" in data.truth else None)
         if pathway_labels is not None:
             from sams_jax import plots as plots_lib
 
@@ -368,7 +397,17 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                 pathway_vectors[name], pathway_labels, os.path.join(out_dir, "pathways.png"),
                 f"{'Embedding means' if name == 'embedding' else 'Mask probabilities'}: cosine similarity of the "
                 f"pathways' perturbations; 5-nearest-neighbour purity {purity:.2f} (chance {chance:.2f})")
+    say(f"wrote {out_dir}{os.sep}: {', '.join(name for name in OUTPUTS if os.path.exists(os.path.join(out_dir, name)))}")
     return results
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sams_jax")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
@@ -484,30 +523,44 @@ def top_genes(ate, n: int = TOP_GENES) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, ate_settings: str = "") -> None:
-    """The evaluation's PNGs; ``ate_settings`` completes the ATE scatter's title."""
+def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, ate_settings: str = "",
+                 true_mask_density: float | None = None) -> None:
+    """The evaluation's PNGs; ``ate_settings`` completes the ATE scatter's title. The
+    heatmaps show the perturbations in one order: by the similarity of their expected
+    latent shifts (:meth:`Predictor.shifts`; the mask probabilities for a model without
+    embeddings)."""
     from sams_jax import plots
 
     history_path = os.path.join(workdir, "history.csv")
     if os.path.exists(history_path):
         plots.plot_history(pd.read_csv(history_path), os.path.join(out_dir, "history.png"),
-                           predictor.config.objective.get("kind", "elbo"))
+                           predictor.config.objective.get("kind", "elbo"), true_mask_density)
     if len(data_ate):
         plots.plot_ate_scatter(data_ate, model_ate, metrics_lib.top_k_genes(data_ate, TOP_K),
                                os.path.join(out_dir, "ate_scatter.png"),
-                               f"Model vs data ATE of {len(data_ate)} interventions ({ate_settings})")
-    if hasattr(predictor.model, "mask_probs"):
+                               f"Model vs data ATE of {len(data_ate)} interventions ({ate_settings})",
+                               top_label=f"top-{TOP_K} genes by |data ATE|")
+    has_mask, has_embeddings = hasattr(predictor.model, "mask_probs"), hasattr(predictor.model, "embedding_means")
+    if not (has_mask or has_embeddings):
+        return
+    rows, note = plots.heatmap_rows(predictor.shifts() if has_embeddings else predictor.mask_probs(),
+                                    measure="expected shift" if has_embeddings else "q(mask = 1)")
+    order = "rows ordered by the similarity of the expected shifts" if has_embeddings else \
+        "rows ordered by the similarity of the mask probabilities"
+    rows = (rows, f"{note}, {order}" if note else order)
+    if has_mask:
         plots.plot_heatmap(predictor.mask_probs(), os.path.join(out_dir, "mask_probs.png"),
                            "Which latent dimensions each perturbation moves: q(mask = 1)", cmap="Greys",
-                           value_range=(0.0, 1.0), value_label="probability the mask is on")
-    if hasattr(predictor.model, "embedding_means"):
+                           value_range=(0.0, 1.0), value_label="probability the mask is on", rows=rows)
+    if has_embeddings:
         plots.plot_heatmap(predictor.embeddings(), os.path.join(out_dir, "embeddings.png"),
                            "Embedding means: each perturbation's latent shift where its mask is on", cmap="RdBu_r",
-                           center=True, value_label="latent shift")
+                           center=True, value_label="latent shift", rows=rows)
     if basis is not None:
         plots.plot_heatmap(basis.effects, os.path.join(out_dir, "sparse_effects.png"),
                            f"Shifts in the sparse basis; dots: |shift|\u00a0>\u00a0{basis.threshold:.2f}", cmap="RdBu_r",
-                           center=True, xlabel="sparse basis dimension", marked=basis.mask, value_label="latent shift")
+                           center=True, xlabel="sparse basis dimension", marked=basis.mask, value_label="latent shift",
+                           rows=rows)
 
 
 def main(argv=None) -> None:
@@ -557,7 +610,7 @@ def main(argv=None) -> None:
         results = evaluate(args.workdir, args.checkpoint, args.iwelbo_particles, args.ate_particles, args.ate_scale,
                            args.ate_method, args.control, extra, args.seed, plots=not args.no_plots,
                            sparse_basis_restarts=args.sparse_basis_restarts, data_path=args.data_path,
-                           pathways=args.pathways, ate_metrics_over=args.ate_metrics_over)
+                           pathways=args.pathways, ate_metrics_over=args.ate_metrics_over, verbose=True)
     except (CheckpointError, FileNotFoundError, DataError, InterventionError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

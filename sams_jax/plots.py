@@ -28,17 +28,32 @@ def similarity_order(values: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(np.nan_to_num(values), method="average", metric="euclidean"))
 
 
-def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo"):
+def heatmap_rows(frame: pd.DataFrame, max_rows: int = 200, measure: str = "values") -> tuple[pd.Index, str]:
+    """The rows of ``frame`` (perturbations x dims) a heatmap shows, in similarity order:
+    all, or the ``max_rows`` of largest summed absolute value; with a note for the title
+    where rows were left out (``measure`` names the values there), else ``""``."""
+    values = frame.to_numpy()
+    keep = np.arange(values.shape[0])
+    note = ""
+    if values.shape[0] > max_rows:  # keep the most active perturbations
+        note = f"the {max_rows} of {values.shape[0]} perturbations with the largest sum of |{measure}|"
+        keep = np.sort(np.argsort(-np.abs(values).sum(1))[:max_rows])
+    return frame.index[keep[similarity_order(values[keep])]], note
+
+
+def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo", true_mask_density: float | None = None):
     """Training and validation loss per step (``objective``: the run's ``objective.kind``,
     which names the loss on the axis), and beside it, where ``history`` has them (simulations
-    of models with a mask), the learned mask's density and F1 against the truth. Returns
-    the figure's axes."""
+    of models with a mask), the learned mask's density and F1 against the truth, with the
+    true mask's density (``true_mask_density``) as a dashed line. Few rows (20 or fewer)
+    get markers. Returns the figure's axes."""
     plt = _pyplot()
     mask_columns = [c for c in ("mask_density", "mask_f1") if c in history and history[c].notna().any()]
+    marker = "o" if len(history) <= 20 else None
     fig, axes = plt.subplots(1, 2 if mask_columns else 1, figsize=(11 if mask_columns else 6, 4), squeeze=False)
     ax = axes[0, 0]
-    ax.plot(history["step"], history["train_loss"], label="train (window mean)")
-    ax.plot(history["step"], history["val_loss"], label="validation")
+    ax.plot(history["step"], history["train_loss"], label="train (window mean)", marker=marker)
+    ax.plot(history["step"], history["val_loss"], label="validation", marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss (minus {'IWELBO' if objective == 'iwelbo' else 'ELBO'} per cell)")
     ax.legend()
@@ -46,7 +61,10 @@ def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo"):
     if mask_columns:
         masks = axes[0, 1]
         for column in mask_columns:
-            masks.plot(history["step"], history[column], label=column.replace("_", " "))
+            masks.plot(history["step"], history[column], label=column.replace("_", " "), marker=marker)
+        if true_mask_density is not None:
+            masks.axhline(true_mask_density, color="0.3", ls="--", lw=0.8,
+                          label=f"true mask density ({true_mask_density:.3f})")
         masks.set_xlabel("step")
         masks.set_ylim(0, 1)
         masks.legend()
@@ -58,13 +76,14 @@ def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo"):
 
 
 def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarray, path: str,
-                     title: str = "ATE: model vs data") -> None:
-    """data_ate, model_ate ``[I, G]``; top ``[I, G]`` bool (top DE genes per intervention)."""
+                     title: str = "ATE: model vs data", top_label: str = "top DE genes") -> None:
+    """data_ate, model_ate ``[I, G]``; top ``[I, G]`` bool (top DE genes per intervention,
+    ``top_label`` in the legend)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     keep = np.isfinite(data_ate) & np.isfinite(model_ate)
     ax.scatter(data_ate[keep & ~top], model_ate[keep & ~top], s=3, alpha=0.3, color="0.6", label="other genes")
-    ax.scatter(data_ate[keep & top], model_ate[keep & top], s=5, alpha=0.6, color="C3", label="top-20 DE genes")
+    ax.scatter(data_ate[keep & top], model_ate[keep & top], s=5, alpha=0.6, color="C3", label=top_label)
     lo = float(np.nanmin([data_ate[keep].min(), model_ate[keep].min()])) if keep.any() else -1.0
     hi = float(np.nanmax([data_ate[keep].max(), model_ate[keep].max()])) if keep.any() else 1.0
     ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, label="model = data")
@@ -80,22 +99,21 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
                  max_rows: int = 200, value_range: tuple[float, float] | None = None,
                  xlabel: str = "latent dimension", marked: pd.DataFrame | None = None,
-                 value_label: str = "") -> None:
-    """Perturbations (rows, ordered by similarity; at most ``max_rows``, those of largest
-    summed absolute value, as the title then says) x latent dims; entries where ``marked``
-    (same shape, booleans) is true get a dot. The title wraps to the figure's width;
-    ``value_label`` names the colour bar."""
+                 value_label: str = "", rows: tuple[pd.Index, str] | None = None) -> None:
+    """Perturbations (rows) x latent dims; entries where ``marked`` (same shape, booleans)
+    is true get a dot. ``rows``: the rows to show, in order, with a note for the title
+    (:func:`heatmap_rows`, e.g. one order for several heatmaps); default: ordered by
+    similarity, at most ``max_rows`` (those of largest summed absolute value, as the title
+    then says). The title wraps to the figure's width; ``value_label`` names the colour
+    bar."""
     plt = _pyplot()
-    values = frame.to_numpy()
-    dots = np.zeros(values.shape, bool) if marked is None else marked.to_numpy(bool)
-    if values.shape[0] > max_rows:  # keep the most active perturbations
-        title = f"{title}; the {max_rows} of {values.shape[0]} perturbations with the largest sum of |values|"
-        keep = np.sort(np.argsort(-np.abs(values).sum(1))[:max_rows])
-        values, index, dots = values[keep], frame.index[keep], dots[keep]
-    else:
-        index = frame.index
-    order = similarity_order(values)
-    values, index, dots = values[order], np.asarray(index)[order], dots[order]
+    index, note = rows if rows is not None else heatmap_rows(frame, max_rows)
+    if note:
+        title = f"{title}; {note}"
+    positions = frame.index.get_indexer(index)
+    values = frame.to_numpy()[positions]
+    dots = (np.zeros(frame.shape, bool) if marked is None else marked.to_numpy(bool))[positions]
+    index = np.asarray(index)
     # a quarter inch per latent dimension up to 16 inches (K = 100: narrower columns, not a
     # 27-inch strip), at least 3.5 inches tall for a few perturbations
     height = min(max(2 + 0.12 * values.shape[0], 3.5), 30)

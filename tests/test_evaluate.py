@@ -474,6 +474,13 @@ def test_evaluate_command_end_to_end(trained):
     for name in ("history.png", "ate_scatter.png", "mask_probs.png", "embeddings.png", "metrics.csv",
                  "sparse_effects.png", "sparse_effects.csv", "sparse_basis.csv"):
         assert (out / name).stat().st_size > 0
+    settings = json.loads((out / "settings.json").read_text())  # what produced the scores
+    assert settings["checkpoint"] == "best" and settings["checkpoint_step"] == ate.uns["checkpoint_step"]
+    assert (settings["iwelbo_particles"], settings["ate_particles"], settings["ate_method"], settings["ate_scale"],
+            settings["interventions"], settings["seed"]) == (8, 64, "paper", "mean", ["1+2", "3+4"], 0)
+    step = settings["checkpoint_step"]
+    assert f"checkpoint step {step} (best)" in result.stderr and "ATEs: 7 interventions x 64 particles" in \
+        result.stderr and f"wrote {out}{os.sep}: metrics.json" in result.stderr
     bad = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
                           "--interventions", "1+nope"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown perturbation 'nope'" in bad.stderr and "Traceback" not in bad.stderr
@@ -643,7 +650,8 @@ def test_evaluate_unlearned_perturbations_and_runs_without_control(trained, monk
         results = evaluate_lib.evaluate(str(workdir), iwelbo_particles=2, plots=False, data=data,
                                         sparse_basis_restarts=0)
     assert np.isfinite(results["IWELBO-test"]) and not any(name.startswith("ATE") for name in results)
-    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json", "settings.json"]
+    assert json.loads((out / "settings.json").read_text())["data"].startswith("PerturbationData passed from Python")
     predictor.config.model.likelihood = "library_nb"  # evaluate refuses the mean scale for it
     with pytest.raises(evaluate_lib.EvaluationError, match="perturbseq"):
         evaluate_lib.evaluate(str(workdir), ate_scale="mean", data=data)
@@ -863,6 +871,31 @@ def test_heatmap_size_is_bounded_for_many_latent_dimensions(tmp_path):
     assert width <= 16 * 120 and height >= 3.5 * 120  # K = 100 in at most 16 inches; a few rows still readable
 
 
+def test_heatmaps_share_one_row_order(tmp_path, monkeypatch):
+    """heatmap_rows orders rows by similarity (similar rows adjacent) and keeps the most
+    active ones beyond max_rows; plot_heatmap shows the rows it is given, in that order."""
+    from sams_jax import plots
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 5
+    values = np.concatenate([centres[i % 3] + 0.01 * rng.normal(size=(1, 6)) for i in range(9)])
+    frame = pd.DataFrame(values, index=[f"p{i}" for i in range(9)])
+    rows, note = plots.heatmap_rows(frame)
+    groups = [int(name[1:]) % 3 for name in rows]
+    assert note == "" and sorted(rows) == sorted(frame.index)
+    assert sum(a != b for a, b in zip(groups, groups[1:])) == 2  # three contiguous groups
+    kept, note = plots.heatmap_rows(pd.DataFrame(-np.arange(1.0, 10.0)[:, None] * np.ones((9, 6)), index=frame.index),
+                                    max_rows=4, measure="expected shift")
+    assert sorted(kept) == ["p5", "p6", "p7", "p8"]
+    assert note == "the 4 of 9 perturbations with the largest sum of |expected shift|"
+    shown = {}
+    monkeypatch.setattr("matplotlib.axes.Axes.set_yticks", lambda self, ticks, labels=None, **kw: shown.update(
+        labels=list(labels)))
+    other = pd.DataFrame(rng.uniform(size=(9, 6)), index=frame.index)  # another frame, the same order
+    plots.plot_heatmap(other, str(tmp_path / "h.png"), "other", rows=(kept, "some rows"))
+    assert shown["labels"] == list(kept)
+
+
 def test_history_plot_names_the_objective_and_shows_the_mask_where_recorded(tmp_path):
     from sams_jax import plots
 
@@ -871,5 +904,8 @@ def test_history_plot_names_the_objective_and_shows_the_mask_where_recorded(tmp_
     loss, masks = plots.plot_history(history, str(tmp_path / "h.png"), "iwelbo")
     assert loss.get_ylabel() == "loss (minus IWELBO per cell)"
     assert [line.get_label() for line in masks.get_lines()] == ["mask density", "mask f1"]
+    loss, masks = plots.plot_history(history, str(tmp_path / "h.png"), "iwelbo", true_mask_density=0.133)
+    assert masks.get_lines()[-1].get_label() == "true mask density (0.133)"
+    assert masks.get_lines()[-1].get_ydata()[0] == pytest.approx(0.133)
     (alone,) = plots.plot_history(history.drop(columns=["mask_density", "mask_f1"]), str(tmp_path / "h2.png"))
     assert alone.get_ylabel() == "loss (minus ELBO per cell)"
