@@ -28,17 +28,37 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")  # those that change XLA's CPU code
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ``CPU_FEATURES`` it has (from ``/proc/cpuinfo``)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return cpu, [feature for feature in CPU_FEATURES if feature in flags]
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes; above the core count, the figures of
+    a CPU run are low), or None where the system does not say."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine() -> dict:
+    cpu, features = cpu_description()
     device = jax.devices()[0]
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-            "device": getattr(device, "device_kind", str(device)), "local_devices_present": jax.local_device_count(),
-            "jax": jax.__version__}
+    return {"cpu": cpu, "cpu_features": features, "cpu_count": os.cpu_count(), "load_average": load_average(),
+            "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+            "local_devices_present": jax.local_device_count(), "jax": jax.__version__}
 
 
 def matmul_rate(n: int | None = None, repeats: int = 10) -> float:

@@ -11,7 +11,8 @@ and Norman-scale synthetic screens) and ``ate_throughput.py`` (simulation and Re
 scale). ``--quick`` runs few dispatches and particles on the default simulation only
 (the screens need several GB of memory and minutes to simulate; name them in ``--configs``
 to include them). The markdown table starts with the machine: CPU, cores, JAX version,
-date and ``XLA_FLAGS`` (simulated CPU devices share the CPU's cores).
+date, ``XLA_FLAGS`` (simulated CPU devices share the CPU's cores) and the load average
+the benchmark processes saw, with a warning where it exceeded the cores.
 """
 
 from __future__ import annotations
@@ -57,38 +58,60 @@ def run(script: str, args: list[str], backend: str, timeout: float | None = None
     return rows if isinstance(rows, list) else [rows]
 
 
-def machine_line() -> str:
-    """The machine the figures come from, for the top of the table."""
+def machine_line(rows: list[dict] = ()) -> str:
+    """The machine the figures come from, for the top of the table: CPU model, the features
+    that change XLA's CPU code, cores, JAX, date, and the highest load average seen by the
+    benchmark processes (``rows``), with a warning where it exceeded the cores."""
     import datetime
-    import platform
 
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   cpu)
+    sys.path.insert(0, HERE)
+    from common import cpu_description, load_average
+
+    cpu, features = cpu_description()
     flags = os.environ.get("XLA_FLAGS", "")
-    return (f"Machine: {cpu}, {os.cpu_count()} cores; JAX {jax.__version__}; {datetime.date.today().isoformat()}"
-            + (f"; XLA_FLAGS={flags}" if flags else "") + ".")
+    loads = [r["load_average"] for r in rows if r.get("load_average") is not None] or \
+        [load for load in [load_average()] if load is not None]
+    busy = ""
+    if loads and max(loads) > (os.cpu_count() or 1):
+        busy = (f" **Busy machine: load average up to {max(loads):.1f} on {os.cpu_count()} cores; the CPU figures "
+                "(the matmul rate included) are lower than on an idle machine.**")
+    return (f"Machine: {cpu} ({', '.join(features) or 'no AVX2/AVX-512/SVE'}), {os.cpu_count()} cores; JAX "
+            f"{jax.__version__}; {datetime.date.today().isoformat()}"
+            + (f"; XLA_FLAGS={flags}" if flags else "")
+            + (f"; load average {min(loads):.1f}-{max(loads):.1f}" if loads else "") + "." + busy)
+
+
+def _gflops(value) -> str:
+    return "-" if value is None else f"{value / 1e9:,.0f}"
 
 
 def markdown(train_rows: list[dict], eval_rows: list[dict]) -> str:
-    lines = [machine_line(), "", "FLOP/step: the step's XLA FLOPs summed over its devices; % of matmul: achieved "
-             "FLOP/s over the measured float32 matmul rate times the device count.", "",
-             "| backend | device | devices | config | batch | cells/s | steps/s | compile s | FLOP/step | "
-             "% of matmul | peak RSS MB | peak device MB |", "|" + "---|" * 12]
+    lines = [machine_line([*train_rows, *eval_rows]), "",
+             "FLOP/step: the step's XLA FLOPs summed over its devices; GFLOP/s: achieved; matmul GFLOP/s: the "
+             "float32 matrix-multiply rate measured in the same process, per device; % of matmul: achieved over "
+             "matmul times the device count.", "",
+             "| backend | device | devices | config | batch | cells/s | steps/s | compile s | FLOP/step | GFLOP/s | "
+             "matmul GFLOP/s | % of matmul | peak RSS MB | peak device MB |", "|" + "---|" * 14]
     for r in train_rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['num_devices']} | {r['config']} | {r['batch_size']} | "
                      f"{r['cells_per_s']:,.0f} | {r['steps_per_s']:,.1f} | {r['compile_s']:.1f} | "
-                     f"{r['flops_per_step']:.3g} | {100 * r['fraction_of_matmul']:.0f} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['flops_per_step']:.3g} | {_gflops(r.get('flops_per_s'))} | "
+                     f"{_gflops(r.get('matmul_flops_per_s'))} | {100 * r['fraction_of_matmul']:.0f} | "
+                     f"{r['peak_rss_mb']:,.0f} | "
                      f"{'-' if r['peak_device_mb'] is None else format(r['peak_device_mb'], ',.0f')} |")
-    lines += ["", "| backend | device | task | IWELBO cells x particles | IWELBO s | ATE interventions x particles | "
-              "ATE s | peak RSS MB |", "|" + "---|" * 8]
+    lines += ["", "| backend | device | task | IWELBO cells x particles | IWELBO s | IWELBO compile s | IWELBO "
+              "GFLOP/s (% of matmul) | ATE interventions x particles | ATE s | ATE compile s | ATE GFLOP/s (% of "
+              "matmul) | matmul GFLOP/s | peak RSS MB |", "|" + "---|" * 13]
     for r in eval_rows:
+        rates = {name: f"{_gflops(r.get(f'{name}_flops_per_s'))} "
+                       f"({100 * r.get(f'{name}_fraction_of_matmul', float('nan')):.0f}%)" for name in ("iwelbo", "ate")}
         lines.append(f"| {r['backend']} | {r['device']} | {r['task']} | {r['n_cells']:,} x {r['iwelbo_particles']} | "
-                     f"{r['iwelbo_s']:.3g} | {r['n_interventions']} x {r['ate_particles']} | {r['ate_s']:.3g} | "
-                     f"{r['peak_rss_mb']:,.0f} |")
+                     f"{r['iwelbo_s']:.3g} | {r.get('iwelbo_compile_s', float('nan')):.1f} | {rates['iwelbo']} | "
+                     f"{r['n_interventions']} x {r['ate_particles']} | {r['ate_s']:.3g} | "
+                     f"{r.get('ate_compile_s', float('nan')):.1f} | {rates['ate']} | "
+                     f"{_gflops(r.get('matmul_flops_per_s'))} | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -119,11 +119,14 @@ def benchmark(config, n_dispatches: int = 20, num_devices: int = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--config", default="configs/simulation.py")
+    parser.add_argument("--config", default="configs/simulation.py",
+                        help="a configs/*.py file, or a benchmark scale: replogle_scale, norman_scale")
     parser.add_argument("--batch-size", type=int, nargs="*", default=None,
                         help="batch sizes to measure (default: the config's)")
-    parser.add_argument("--steps-per-dispatch", type=int, default=None)
-    parser.add_argument("--dispatches", type=int, default=20)
+    parser.add_argument("--steps-per-dispatch", type=int, default=None,
+                        help="training steps per jitted call (default: the config's train.steps_per_dispatch)")
+    parser.add_argument("--dispatches", type=int, default=20,
+                        help="timed calls after the compiling one (cells/s and steps/s are over these)")
     parser.add_argument("--num-devices", type=int, nargs="*", default=[1],
                         help="data-parallel device counts to measure")
     parser.add_argument("--compute-dtype", nargs="*", default=None, choices=["float32", "bfloat16"],
