@@ -390,7 +390,7 @@ def test_pair_members_outside_a_fixed_vocabulary():
 def test_perturbation_without_training_cells_warns():
     adata = make_screen()
     adata.obs["split"] = np.where(adata.obs["perturbation"].str.contains("F"), "test", "train")  # F, A+F, B+F
-    with pytest.warns(DataWarning, match=r"1 perturbations have no training cells: \['F'\].*excluded from ATE"):
+    with pytest.warns(DataWarning, match=r"1 perturbations have no training cells: \['F'\].*model ATEs are the prior.s"):
         data = from_anndata(adata, split_key="split")
     assert data.cells_per_perturbation("train")[SINGLES.index("F")] == 0
 

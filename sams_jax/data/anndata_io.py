@@ -978,7 +978,7 @@ FEW_TRAINING_CELLS = 5  # _check_training_coverage: fewer training cells than th
 
 def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> None:
     """Control cells in the training split (ATEs need them); warnings for perturbations
-    without training cells (their embeddings stay at the prior; excluded from ATE metrics)
+    without training cells (their embeddings stay at the prior, so their model ATEs are the prior's)
     and for those with fewer than ``FEW_TRAINING_CELLS``."""
     if data.control is not None and not (is_control & (data.split == "train")).any():
         per_split = {s: int((is_control & (data.split == s)).sum()) for s in SPLITS}
@@ -990,7 +990,9 @@ def _check_training_coverage(data: PerturbationData, is_control: np.ndarray) -> 
     untrained = names[trained_cells == 0]
     if len(untrained):
         warnings.warn(f"{len(untrained)} perturbations have no training cells: {_show(untrained)}; their effects "
-                      "are not learned (they stay at the prior) and they are excluded from ATE metrics",
+                      "are not learned (they stay at the prior), so their model ATEs are the prior's (evaluate "
+                      "counts them in the ATE metrics, as the paper does; --ate-metrics-over learned leaves them "
+                      "out)",
                       DataWarning, stacklevel=3)
     few = (trained_cells > 0) & (trained_cells < FEW_TRAINING_CELLS)
     if few.any():
