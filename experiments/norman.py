@@ -21,7 +21,8 @@ LAYERS = (1,)  # encoder and decoder depths of the grid; the paper's sweep (SPEC
 def add_layers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=runner.int_list, default=list(LAYERS),
                         help="encoder and decoder depths (x 400 units) to run, e.g. 1,2,4 for the paper's sweep; "
-                             "each depth d > 1 adds the models <model>_L<d> (default: 1, the configs' depth)")
+                             "each depth d > 1 adds the models <model>_L<d>, and --models sams_vae then runs "
+                             "sams_vae_L<d> too (default: 1, the configs' depth)")
 
 
 def variants(task: str, layers) -> tuple[runner.Variant, ...]:
@@ -50,6 +51,9 @@ def make_grid(name: str, task: str, fraction_field: str, args: argparse.Namespac
     grid_variants = variants(task, [1, *layers])
     if getattr(args, "models", None) is None and 1 not in layers:
         args.models = [variant.name for variant in variants(task, layers)]  # run the depths asked for
+    elif getattr(args, "models", None) and layers != [1]:  # a model named plainly runs at every depth asked for
+        args.models = list(dict.fromkeys(name if name not in MODELS or depth == 1 else f"{name}_L{depth}"
+                                         for name in args.models for depth in dict.fromkeys(layers)))
     common = dict(seed_fields=("seed", "data.split_seed"), fraction_field=fraction_field, reference="sams_vae")
     if args.smoke:
         path = args.out / "data" / "norman_like.h5ad"

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -514,7 +515,7 @@ def run_cell(directory: str) -> None:
     from absl import logging
 
     from sams_jax.config import ConfigError
-    from sams_jax.data import load_data
+    from sams_jax.data import DataError, load_data
     from sams_jax.evaluate import evaluate
     from sams_jax.train import ResumeError, train_and_evaluate
 
@@ -524,14 +525,17 @@ def run_cell(directory: str) -> None:
     config = ml_collections.ConfigDict(spec["config"])
     options = spec["evaluation"]
     start = time.perf_counter()
-    data = load_data(config.data, config.model.likelihood)
+    try:
+        data = load_data(config.data, config.model.likelihood)
+    except (DataError, ConfigError) as error:  # the runner's own words, without a traceback
+        sys.exit(f"error: {_runner_message(error)}")
     try:
         train_metrics = train_and_evaluate(config, str(directory), data=data)
     except ResumeError as error:  # the folder holds this cell's run with other --set values
         sys.exit(f"error: {error}\n(the experiment runner's --workdir of this cell is {directory}: for other --set "
                  "values use a new --out, or repeat the earlier ones)")
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    except (ConfigError, DataError) as error:
+        sys.exit(f"error: {_runner_message(error)}")
     print("train:", json.dumps(train_metrics, sort_keys=True), flush=True)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],
@@ -586,6 +590,12 @@ def _mixed_runs_note(runs) -> str:
         if len(options) > 1:
             notes.append("the runs were evaluated with different particle counts, ATE methods or ATE metric "
                          f"interventions (runs.csv, columns {', '.join(f'`{c}`' for c in EVALUATION_COLUMNS)})")
+        else:  # one evaluation for all: say where it is not the paper's
+            paper = Evaluation()
+            differ = [f"{column}={runs[column].iloc[0]} (the paper's: {getattr(paper, column)})"
+                      for column in EVALUATION_COLUMNS if str(runs[column].iloc[0]) != str(getattr(paper, column))]
+            if differ:
+                notes.append(f"the runs were evaluated with {', '.join(differ)}")
     return "".join(f"**Note:** {note}.\n\n" for note in notes)
 
 
@@ -795,6 +805,9 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    from sams_jax.train import cli_format_warning
+
+    warnings.formatwarning = cli_format_warning  # "warning: ...", without the source line
     args.data = getattr(args, "data", None)
     args.fractions = getattr(args, "fractions", None)
     if args.out is None:
@@ -839,7 +852,8 @@ def main(name: str, make_grid: Callable[[argparse.Namespace], Grid], description
         if args.data and cells:  # a file in another layout fails here, once, without reading its counts
             from sams_jax.data.anndata_io import check_layout
 
-            check_layout(ml_collections.ConfigDict(cells[0].config).data)
+            first = ml_collections.ConfigDict(cells[0].config)
+            check_layout(first.data, first.model.likelihood)
     except (KeyError, ValueError, FileNotFoundError) as error:
         parser.error(_runner_message(error))
     out = args.out.resolve()

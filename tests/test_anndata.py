@@ -618,6 +618,15 @@ def test_norman_ood_task_from_a_file(norman_path):
     again = from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
                          task="norman_ood", frac_combinations_train=0.5, split_seed=3)
     np.testing.assert_array_equal(again.split, data.split)
+    with warnings.catch_warnings():  # the paper's fractions keep test pairs all unseen (<= 0.75) or all seen (1)
+        warnings.filterwarnings("error", message=".*test pairs training pairs too")
+        for fraction in (0.75, 1.0):
+            from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                         task="norman_ood", frac_combinations_train=fraction)
+    with pytest.warns(DataWarning, match=r"frac_combinations_train=0\.9 makes [12] of the 3 test pairs training "
+                                         r"pairs too.*up to frac_combinations_train=0\.75"):
+        from_anndata(norman_path, perturbation_key="guide_identity", guide_column_pattern="guide_",
+                     task="norman_ood", frac_combinations_train=0.9)
 
 
 def test_norman_data_efficiency_subsamples_training_pair_cells(norman_path):

@@ -151,6 +151,17 @@ def test_data_in_another_layout_is_refused_before_any_cell_starts(capsys, tmp_pa
     assert "obs has the column 'guide_identity' of the curated Norman et al. 2019 file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no cell started
     assert norman_ood.main(["--data", str(tmp_path / "norman.h5ad"), "--out", str(tmp_path / "out"), "--list"]) == 0
+    # normalised values under a count likelihood: found in the first cells, once, before any cell starts
+    normalised = anndata.read_h5ad(tmp_path / "norman.h5ad")
+    normalised.layers["counts"] = np.log1p(np.asarray(normalised.layers["counts"].todense()
+                                                      if hasattr(normalised.layers["counts"], "todense")
+                                                      else normalised.layers["counts"]))
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    with pytest.raises(SystemExit) as exit_info:
+        norman_ood.main(["--data", str(tmp_path / "normalised.h5ad"), "--out", str(tmp_path / "out"), "--list"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "layer 'counts' (its first" in error and "non-integer values" in error
+    assert "--set data.counts_layer=<layer>" in error
 
 
 def test_default_workers_sized_by_cores_and_memory(monkeypatch):
@@ -395,6 +406,13 @@ def test_norman_layers_option_adds_deeper_models(tmp_path, capsys):
     listed = capsys.readouterr().out.split()
     assert {name for name in listed if name not in ("todo", "done")} == \
         {f"{model}_L2-f{f:g}-s0" for model in norman.MODELS for f in (0, 1)}
+    # a model named plainly runs at every depth asked for
+    assert norman_ood.main(["--smoke", "--layers", "1,2", "--models", "sams_vae", "--seeds", "0", "--fractions", "0",
+                            "--out", str(tmp_path / "o3"), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["todo", "sams_vae-f0-s0", "todo", "sams_vae_L2-f0-s0"]
+    assert norman_ood.main(["--smoke", "--layers", "2", "--models", "sams_vae", "--seeds", "0", "--fractions", "0",
+                            "--out", str(tmp_path / "o3"), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["todo", "sams_vae_L2-f0-s0"]
     args = _args(layers=[2], models=None)
     grid = norman_ood.make_grid(args)
     assert [v.name for v in grid.variants][:4] == list(norman.MODELS) and grid.reference == "sams_vae"
@@ -425,6 +443,13 @@ def test_tables_gather_runs_finished_with_other_evaluation_options(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "1 of 1 runs finished" in text and "trained with other settings than asked for now (train.max_steps" in text
     assert json.loads(runner.collect(grid.cells(), tmp_path)["settings"].iloc[0]) == {}  # as asked: nothing noted
+    assert "evaluated with" not in text  # the paper's evaluation
+    spec = cell.spec()
+    spec["evaluation"]["ate_particles"] = 32  # one evaluation for all runs, not the paper's: table.md says so
+    (directory / "done.json").write_text(json.dumps(dict(spec, metrics={"IWELBO-test": -1.0}, seconds=1.0)))
+    runner.aggregate(dataclasses.replace(grid, evaluation=runner.Evaluation(ate_particles=32)), tmp_path,
+                     echo=lambda text: None)
+    assert "the runs were evaluated with ate_particles=32 (the paper's: 2500)" in (tmp_path / "table.md").read_text()
     older = dict(cell.spec(), metrics={"IWELBO-test": -1.0}, seconds=1.0)  # written before a field existed
     del older["config"]["data"]["gene_symbols_key"]
     (directory / "done.json").write_text(json.dumps(older))

@@ -644,6 +644,16 @@ def assign_splits(obs: pd.DataFrame, conditions: Conditions, split_key: str | No
     try:
         if task == "norman_ood":
             _warn_pairs_in_both_orders(conditions)
+            train_pairs, test_pairs = splits_lib.split_combinations(
+                conditions.labels, conditions.n_members, frac_combinations_train, frac_combinations_test, split_seed)
+            seen = set(train_pairs) & set(test_pairs)
+            if seen and len(seen) < len(test_pairs):
+                warnings.warn(f"data.frac_combinations_train={frac_combinations_train} makes {len(seen)} of the "
+                              f"{len(test_pairs)} test pairs training pairs too, so the test split mixes pairs seen "
+                              "in training with unseen ones; the OOD task keeps them apart up to "
+                              f"frac_combinations_train={1 - frac_combinations_test:g} (1 - frac_combinations_test), "
+                              "and at 1 every test pair is seen (the paper's fractions: 0, 0.25, 0.5, 0.75, 1)",
+                              DataWarning, stacklevel=3)
             return splits_lib.norman_ood_split(conditions.labels, conditions.n_members, frac_combinations_train,
                                                frac_combinations_test, split_seed)
         if task == "norman_data_efficiency":
@@ -959,7 +969,7 @@ def _gene_symbols(var: pd.DataFrame, key: str | None, columns: np.ndarray,
     if key not in var.columns:
         raise DataError(f"var has no column {key!r} (each gene's display name, e.g. its symbol); var columns: "
                         f"{_show(var.columns, 40)}; pass gene_symbols_key=<column> (--config.data.gene_symbols_key="
-                        "<column>), or leave it unset to use var_names")
+                        "<column>), or an empty one to use var_names (--config.data.gene_symbols_key='')")
     values = var[key].iloc[columns]
     return [name if pd.isna(value) or str(value) == "" else _symbol_text(value)
             for value, name in zip(values, gene_names)]
@@ -1027,13 +1037,17 @@ _WHERE_TO_GET = {
 }
 
 
-def check_layout(data_config) -> None:
+LAYOUT_SAMPLE_CELLS = 2_000  # check_layout: the cells whose values it reads
+
+
+def check_layout(data_config, likelihood: str | None = None) -> None:
     """``DataError`` when the ``.h5ad`` file of ``config.data`` does not have the layout
     the config registers (missing file or obs column, control label, malformed labels,
     counts layer, split values, highly variable genes, duplicated names), found from its
-    ``obs`` and ``var`` alone, without reading the counts: a quick check before many runs
-    of an experiment start (their registration checks the values too). Every problem found
-    is in the one error (a file in another layout has several)."""
+    ``obs`` and ``var``, and, given a count ``likelihood``, when the first
+    ``LAYOUT_SAMPLE_CELLS`` cells' values are not counts (normalised data): a quick check
+    before many runs of an experiment start (their registration checks every value).
+    Every problem found is in the one error (a file in another layout has several)."""
     path, settings = _registration_settings(data_config)
     adata = read_anndata(path, backed=True)
     problems: list[str] = []
@@ -1063,6 +1077,10 @@ def check_layout(data_config) -> None:
     layer = settings["counts_layer"]
     if layer and layer not in adata.layers or not layer and not adata._has_x:
         attempt(lambda: _matrix(adata, layer))  # its error names the layers there are
+    elif likelihood in COUNT_LIKELIHOODS:  # normalised values would fail every run, each after reading the file
+        sample = np.arange(min(LAYOUT_SAMPLE_CELLS, adata.n_obs))
+        attempt(lambda: check_values(_matrix(adata, layer).subset(sample), likelihood, adata.obs_names[sample],
+                                     f"{'layer ' + repr(layer) if layer else 'X'} (its first {len(sample):,} cells)"))
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
