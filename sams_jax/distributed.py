@@ -121,7 +121,20 @@ def _check_port_free(address: str) -> None:
 
 
 # settings that may differ between the processes of one run
-PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids")
+# may differ between the processes of a run (train.progress: only process 0 shows progress)
+PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids", "train.progress")
+
+
+def preempted(sync_id: int) -> bool:
+    """Whether every process of a multi-process run has reached the point at which to save
+    and stop after a preemption notice (SIGTERM to any process: JAX's preemption service,
+    on in every multi-process run, catches it and the processes agree on the point);
+    ``sync_id`` counts the calls, the same in every process. Always False for one process."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(sync_id)
 
 
 def any_process(flag: bool) -> bool:
@@ -158,14 +171,42 @@ def check_same_config(config, workdir: str = "") -> None:
             node = node.get(parent, {})
         node.pop(name, None)
     settings["workdir"] = os.path.abspath(workdir) if workdir else ""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).digest()
-    digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
-    differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
-    if differ:
-        raise ConfigError(f"the processes of this run have different configs: processes {differ} differ from "
-                          "process 0 (e.g. another --config.seed, --config.train.max_steps or --workdir); start "
-                          "every process with the same config, overrides and --workdir (only "
-                          "train.distributed.process_id and local_device_ids may differ)")
+    fields = _flat_fields(settings)  # {"train.max_steps": "30", ...}
+
+    def digest(text: str, size: int) -> np.ndarray:
+        return np.frombuffer(hashlib.sha256(text.encode()).digest()[:size], np.uint8)
+
+    summary = np.concatenate([digest(json.dumps(fields, sort_keys=True), 32), digest(" ".join(fields), 32)])
+    summaries = np.asarray(multihost_utils.process_allgather(summary))  # [processes, 64]
+    differ = [p for p in range(summaries.shape[0]) if not np.array_equal(summaries[p], summaries[0])]
+    if not differ:
+        return
+    named = ""
+    if all(np.array_equal(row[32:], summaries[0, 32:]) for row in summaries):  # the same fields: compare each
+        per_field = np.stack([digest(value, 8) for value in fields.values()])  # [fields, 8]
+        gathered = np.asarray(multihost_utils.process_allgather(per_field))  # [processes, fields, 8]
+        names = [name for i, name in enumerate(fields) if (gathered[:, i] != gathered[0, i]).any()]
+        mine = ", ".join(f"{name}={fields[name]}" for name in names[:10])
+        named = f" in {', '.join(names[:10])}{' ...' if len(names) > 10 else ''} (this process, " \
+            f"{jax.process_index()}: {mine})"
+    raise ConfigError(f"the processes of this run have different configs: processes {differ} differ from "
+                      f"process 0{named or ' (e.g. another --config.seed, --config.train.max_steps or --workdir)'}; "
+                      "start every process with the same config, overrides and --workdir (only "
+                      "train.distributed.process_id, local_device_ids and train.progress may differ)")
+
+
+def _flat_fields(settings: dict, prefix: str = "") -> dict[str, str]:
+    """``{"section.field": JSON of its value}`` of a nested config dict, in sorted order."""
+    import json
+
+    flat = {}
+    for key in sorted(settings):
+        value = settings[key]
+        if isinstance(value, dict):
+            flat.update(_flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
+    return flat
 
 
 def is_main_process() -> bool:

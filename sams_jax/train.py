@@ -72,6 +72,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the step and the last good checkpoint."""
 
 
+class Preempted(RuntimeError):
+    """A multi-process run stopped on a preemption notice (SIGTERM), after saving a
+    checkpoint at the step every process reached; ``step`` is that step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on a preemption notice (SIGTERM) at step {step}, after saving a checkpoint there")
+        self.step = step
+
+
 class ResumeError(ConfigError):
     """The work directory holds a run that this configuration or these data cannot resume
     (other settings, other data, more steps than ``train.max_steps``)."""
@@ -415,7 +424,8 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     :func:`sams_jax.distributed.initialize` (the CLI does); each keeps its own shards of
     the training cells on its devices, and only process 0 writes ``history.csv`` and
     ``metrics.json`` (checkpoints are written together, by Orbax). Every process
-    returns the same metrics.
+    returns the same metrics. A preemption notice (SIGTERM to any process) makes every
+    process save a checkpoint at a step they agree on and raise :class:`Preempted`.
     """
     distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
@@ -560,8 +570,9 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         window_seconds, window_cells, compiled_sizes = 0.0, 0, set()
         run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # resumed: the time so far
         last_val = history[-1]["val_loss"] if history else float("nan")
+        interrupted = False
         try:
-            for _, n_steps in plan(step):
+            for dispatch, (_, n_steps) in enumerate(plan(step)):
                 dispatch_start = time.perf_counter()
                 new_state, losses = run_dispatch(state, step, n_steps)
                 losses = np.asarray(losses)
@@ -596,6 +607,10 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                         print(f"step {step:,}/{max_steps:,}: train loss {figures['loss']}, val loss {figures['val']}, "
                               f"{figures['cells_s']} cells/s", file=sys.stderr, flush=True)
                     window_losses, window_seconds, window_cells = [], 0.0, 0
+                if distributed.preempted(dispatch):  # SIGTERM to a process of a multi-process run
+                    if checkpointer.latest_step() != step:
+                        checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
+                    raise Preempted(step)
             bar.close()
             if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
                 checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
@@ -609,11 +624,15 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                     results[f"{split}/loss"] = float(split_loss(best_state.variables, split))
             results["best_step"] = int(best)
             results["steps"] = int(step)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             if prefetcher is not None:
                 prefetcher.close()
             bar.close()
-            checkpointer.close()
+            if not (interrupted and jax.process_count() > 1):  # closing would wait for the other processes
+                checkpointer.close()
         if main_process:
             metrics_lib.write_json(os.path.join(workdir, "metrics.json"), results)
         return results
@@ -746,14 +765,14 @@ def _unlock(handle) -> None:
 
 
 def _saved_steps(workdir: str) -> list[int]:
-    """The steps of the finished checkpoints in ``workdir``."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    """The steps of the finished checkpoints in ``workdir`` (their folders, named by the
+    step once Orbax has finished writing them; read without Orbax, which would synchronise
+    the processes of a multi-process run)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
         return []
-    checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        return sorted(checkpointer.steps())
-    finally:
-        checkpointer.close()
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def main(argv) -> None:
@@ -771,11 +790,19 @@ def main(argv) -> None:
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as error:
+        print(f"{error}; run the same command again to resume from it", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a process ended by the signal
     except KeyboardInterrupt:
         saved = _saved_steps(workdir)
         kept = f"its checkpoints (last: step {saved[-1]}) are kept" if saved else "no checkpoint had been written"
+        others = "; the other processes of this run stop when JAX notices this one is gone (its heartbeat, " \
+            "about 100 s), or interrupt them too" if jax.process_count() > 1 else ""
         print(f"\ninterrupted: {kept}; run the same command again to resume from the last checkpoint (the resumed "
-              "run ends with the same parameters as an uninterrupted one)", file=sys.stderr)
+              f"run ends with the same parameters as an uninterrupted one){others}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:  # exit without the collective clean-up, which would wait for the others
+            sys.stdout.flush()
+            os._exit(130)
         sys.exit(130)
     if distributed.is_main_process():
         print(json.dumps(metrics_lib.json_safe(results), indent=2, sort_keys=True))

@@ -9,6 +9,7 @@ metrics up to float rounding (the gradient sum runs in a different order).
 
 import json
 import os
+import re
 import pathlib
 import socket
 import subprocess
@@ -111,10 +112,17 @@ def test_two_processes_match_one_process(tmp_path):
      "train.data_shards=3 must be a multiple of the number of processes (2)"),
     ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0, "data_placement": "host"},
      "supports a single process only; this run has 2 processes"),
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0, "batch_size": 31},
+     "train.batch_size=31 must be a multiple of the data shards (2: train.data_shards, or one per process) and of "
+     "the devices of all processes; e.g. train.batch_size=30"),
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0, "backed": True},
+     "data.backed=True with train.data_placement='auto' streams the training cells from the host"),
 ])
 def test_bad_distributed_settings_are_clear_errors(tiny_config, monkeypatch, fields, message):
     monkeypatch.delenv(distributed.ENV_FLAG, raising=False)
-    train_fields = {key: fields.pop(key) for key in ("data_shards", "data_placement") if key in fields}
+    train_fields = {key: fields.pop(key) for key in ("data_shards", "data_placement", "batch_size") if key in fields}
+    if fields.pop("backed", False):
+        tiny_config.data.update(backed=True, source="anndata", path="screen.h5ad")
     tiny_config.train.update(train_fields)
     tiny_config.train.distributed.update(fields)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -188,6 +196,7 @@ MISMATCH_DRIVER = textwrap.dedent("""
     config = test_config.get_config()
     if mode == "mismatch":
         config.seed = process_id  # a mistake: the processes disagree
+        config.train.progress = process_id == 0  # allowed: only process 0 shows progress
     config.train.distributed.update(coordinator_address=address, num_processes=2, process_id=process_id)
     try:
         distributed.initialize(config)
@@ -218,7 +227,8 @@ def test_processes_with_different_configs_stop_with_a_config_error(tmp_path):
     """Another seed in one process (other data, other parameters) is found before any work:
     every process stops with a ConfigError, nothing is written."""
     for stdout in _two_processes_stopping(tmp_path / "run", "mismatch"):
-        assert "CONFIG ERROR: the processes of this run have different configs: processes [1] differ" in stdout
+        assert "CONFIG ERROR: the processes of this run have different configs: processes [1] differ from " \
+            "process 0 in seed (this process, " in stdout
     assert not (tmp_path / "run").exists()
 
 
@@ -232,6 +242,68 @@ def test_processes_of_a_run_into_a_work_directory_in_use_all_stop(tmp_path):
         first, second = _two_processes_stopping(workdir, "same")
     assert f"CONFIG ERROR: --workdir '{workdir}' is in use by another run (process {os.getpid()}" in first
     assert f"CONFIG ERROR: the main process could not use --workdir '{workdir}'" in second
+
+
+def _start_two_training_processes(workdir, *flags) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    env.pop(distributed.ENV_FLAG, None)
+    address, prefix = f"localhost:{_free_port()}", "--config.train.distributed"
+    return [subprocess.Popen([sys.executable, "-m", "sams_jax.train", "--config", "configs/test.py", "--workdir",
+                              str(workdir), f"{prefix}.coordinator_address={address}", f"{prefix}.num_processes=2",
+                              f"{prefix}.process_id={i}", "--config.train.max_steps=1000000",
+                              "--config.train.eval_every=100", *flags],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def _wait_for_history(workdir, procs, seconds: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not (workdir / "history.csv").exists():
+        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), \
+            [proc.communicate()[1][-2000:] for proc in procs if proc.poll() is not None]
+        time.sleep(0.5)
+
+
+def test_sigterm_to_one_process_saves_a_checkpoint_and_stops_every_process(tmp_path):
+    """A preemption notice (SIGTERM, as SLURM sends) to one process of a multi-process run:
+    the processes agree on a step, save a checkpoint there and stop (exit code 143), and
+    the same command resumes from it; Ctrl-C on one process stops it at once with its
+    message (the others stop on JAX's heartbeat), not in a collective for ever."""
+    import signal
+
+    workdir = tmp_path / "run"
+    procs = _start_two_training_processes(workdir)
+    try:
+        _wait_for_history(workdir, procs)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    steps = []
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 143, stderr[-3000:]
+        found = re.search(r"stopped on a preemption notice \(SIGTERM\) at step (\d+), after saving a checkpoint "
+                          r"there; run the same command again to resume from it", stderr)
+        assert found, stderr[-3000:]
+        steps.append(int(found.group(1)))
+    assert steps[0] == steps[1] and (workdir / "checkpoints" / str(steps[0])).is_dir()
+
+    interrupted = tmp_path / "interrupted"
+    procs = _start_two_training_processes(interrupted)
+    try:
+        _wait_for_history(interrupted, procs)
+        procs[1].send_signal(signal.SIGINT)
+        _, stderr = procs[1].communicate(timeout=30)  # at once, not after the others
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert procs[1].returncode == 130, stderr[-3000:]
+    assert "interrupted: its checkpoints (last: step" in stderr and "the other processes of this run stop" in stderr
 
 
 def test_cluster_flag_outside_a_cluster_is_a_config_error():
