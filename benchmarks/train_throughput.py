@@ -152,8 +152,9 @@ def main() -> None:
         for num_devices in args.num_devices:
             for batch_size in args.batch_size or [config.train.batch_size]:
                 config.train.batch_size = batch_size
+                before = machine()  # the load average before this benchmark's own threads
                 row = {"config": os.path.basename(args.config), **benchmark(config, args.dispatches, num_devices),
-                       **machine()}
+                       **before}
                 print(json.dumps(row))
                 results.append(row)
     rate = matmul_rate()  # after the training, so peak_device_mb is the model's, not this product's

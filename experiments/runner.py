@@ -520,6 +520,9 @@ def run_cell(directory: str) -> None:
     from sams_jax.train import ResumeError, train_and_evaluate
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    from sams_jax.train import cli_format_warning
+
+    warnings.formatwarning = cli_format_warning  # the cell's log: "warning: ..." lines
     directory = pathlib.Path(directory)
     spec = json.loads((directory / "cell.json").read_text())
     config = ml_collections.ConfigDict(spec["config"])

@@ -120,7 +120,6 @@ def _check_port_free(address: str) -> None:
                               "train.distributed.coordinator_address)") from None
 
 
-# settings that may differ between the processes of one run
 # may differ between the processes of a run (train.progress: only process 0 shows progress)
 PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_device_ids", "train.progress")
 
@@ -128,12 +127,15 @@ PER_PROCESS_FIELDS = ("train.distributed.process_id", "train.distributed.local_d
 def preempted(sync_id: int) -> bool:
     """Whether every process of a multi-process run has reached the point at which to save
     and stop after a preemption notice (SIGTERM to any process: JAX's preemption service,
-    on in every multi-process run, catches it and the processes agree on the point);
-    ``sync_id`` counts the calls, the same in every process. Always False for one process."""
-    if jax.process_count() == 1:
-        return False
+    on in every run that joined ``jax.distributed``, one process included, catches it and
+    the processes agree on the point); ``sync_id`` counts the calls, the same in every
+    process. False where the service is not running (no ``jax.distributed``, or
+    ``jax_enable_preemption_service`` off)."""
+    from jax._src import distributed as jax_distributed
     from jax.experimental import multihost_utils
 
+    if jax_distributed.global_state.client is None or jax_distributed.global_state.preemption_sync_manager is None:
+        return False
     return multihost_utils.reached_preemption_sync_point(sync_id)
 
 

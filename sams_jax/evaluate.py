@@ -374,7 +374,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         "data": data_description, "iwelbo_particles": iwelbo_particles, "ate_particles": ate_particles,
         "ate_method": ate_method, "ate_scale": scale, "control": control, "interventions": extra,
         "ate_metrics_over": ate_metrics_over, "seed": seed, "sparse_basis_restarts": sparse_basis_restarts,
-        "pathways": pathways if isinstance(pathways, str) else ("given" if pathways else None),
+        "pathways": (os.fspath(pathways) if isinstance(pathways, (str, os.PathLike)) else "given from Python"
+                     if pathways else "the data file's uns['pathways']" if pathway_labels is not None else None),
         "sams_jax_version": _version(), "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:

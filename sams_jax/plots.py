@@ -111,6 +111,8 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     if note:
         title = f"{title}; {note}"
     positions = frame.index.get_indexer(index)
+    if (positions < 0).any():
+        raise ValueError(f"rows {list(np.asarray(index)[positions < 0][:5])} are not in the frame's index")
     values = frame.to_numpy()[positions]
     dots = (np.zeros(frame.shape, bool) if marked is None else marked.to_numpy(bool))[positions]
     index = np.asarray(index)

@@ -289,11 +289,13 @@ class Predictor:
         """
         import anndata
 
-        interventions = intervention_list(interventions) if interventions is not None else \
+        named = interventions is not None
+        interventions = intervention_list(interventions) if named else \
             [p for p in self.perturbation_names if p != (control or self.control)]
         if not interventions:
             raise InterventionError("no interventions given; name some (e.g. ate(['A', 'A+B'])), or leave "
-                                    "interventions out for every single perturbation")
+                                    "interventions out for every single perturbation" if named
+                                    else "the vocabulary has no perturbation besides the control")
         control = control or self.control
         if control is None:
             raise InterventionError("this model's data has no control label; pass control=...")

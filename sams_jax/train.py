@@ -607,9 +607,10 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                         print(f"step {step:,}/{max_steps:,}: train loss {figures['loss']}, val loss {figures['val']}, "
                               f"{figures['cells_s']} cells/s", file=sys.stderr, flush=True)
                     window_losses, window_seconds, window_cells = [], 0.0, 0
-                if distributed.preempted(dispatch):  # SIGTERM to a process of a multi-process run
-                    if checkpointer.latest_step() != step:
-                        checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
+                if distributed.preempted(dispatch):  # SIGTERM to a process of a run that joined jax.distributed
+                    if checkpointer.latest_step() != step:  # to resume from; never the best (no validation
+                        # here: the best stays an evaluation step's, as in an uninterrupted run)
+                        checkpointer.save(step, state, float("inf"), config_dict, metadata)
                     raise Preempted(step)
             bar.close()
             if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
@@ -716,11 +717,13 @@ def _refuse_busy_workdir(workdir: str, main_process: bool = True) -> None:
     early (the lock itself is taken by :func:`_claim_workdir` once the inputs pass their
     checks, so that a refused run writes nothing). Every process calls it."""
     refusal = None
-    if main_process and os.path.isdir(workdir):
+    if main_process and os.path.isfile(os.path.join(workdir, LOCK_FILE)):  # else no run holds it
         try:
             handle = _lock(workdir)
         except ConfigError as error:
             refusal = str(error)
+        except OSError:  # left to _claim_workdir, whose error says what is wrong with the directory
+            handle = None
         else:
             if handle is not None:
                 _unlock(handle)
@@ -796,11 +799,12 @@ def main(argv) -> None:
     except KeyboardInterrupt:
         saved = _saved_steps(workdir)
         kept = f"its checkpoints (last: step {saved[-1]}) are kept" if saved else "no checkpoint had been written"
+        several = jax.distributed.is_initialized() and jax.process_count() > 1
         others = "; the other processes of this run stop when JAX notices this one is gone (its heartbeat, " \
-            "about 100 s), or interrupt them too" if jax.process_count() > 1 else ""
+            "about a minute), or interrupt them too" if several else ""
         print(f"\ninterrupted: {kept}; run the same command again to resume from the last checkpoint (the resumed "
               f"run ends with the same parameters as an uninterrupted one){others}", file=sys.stderr, flush=True)
-        if jax.process_count() > 1:  # exit without the collective clean-up, which would wait for the others
+        if several:  # exit without the collective clean-up, which would wait for the others
             sys.stdout.flush()
             os._exit(130)
         sys.exit(130)

@@ -291,6 +291,17 @@ def test_sigterm_to_one_process_saves_a_checkpoint_and_stops_every_process(tmp_p
         assert found, stderr[-3000:]
         steps.append(int(found.group(1)))
     assert steps[0] == steps[1] and (workdir / "checkpoints" / str(steps[0])).is_dir()
+    # the same run resumes from it (here on one process); the best checkpoint stays an evaluation step's
+    resume_to = (steps[0] // 100 + 1) * 100
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    env.pop(distributed.ENV_FLAG, None)
+    resumed = subprocess.run([sys.executable, "-m", "sams_jax.train", "--config", "configs/test.py", "--workdir",
+                              str(workdir), f"--config.train.max_steps={resume_to}", "--config.train.eval_every=100"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == resume_to and metrics["best_step"] % 100 == 0
 
     interrupted = tmp_path / "interrupted"
     procs = _start_two_training_processes(interrupted)

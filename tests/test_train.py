@@ -152,6 +152,12 @@ def test_a_second_run_in_a_work_directory_in_use_is_refused(tiny_config, tmp_pat
     with _claim_workdir(str(workdir)):
         pass
     assert sorted(path.name for path in workdir.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
+    from sams_jax.train import _refuse_busy_workdir
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _refuse_busy_workdir(str(other))  # no lock file: no run holds it, and none is created
+    assert list(other.iterdir()) == []
 
 
 def test_cli_config_file_that_fails_to_load_or_unusable_workdir_is_one_line(tmp_path):
