@@ -73,8 +73,9 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """A multi-process run stopped on a preemption notice (SIGTERM), after saving a
-    checkpoint at the step every process reached; ``step`` is that step."""
+    """A run that joined ``jax.distributed`` (several processes, or one under a cluster
+    scheduler) stopped on a preemption notice (SIGTERM), after saving a checkpoint at the
+    step every process reached; ``step`` is that step."""
 
     def __init__(self, step: int):
         super().__init__(f"stopped on a preemption notice (SIGTERM) at step {step}, after saving a checkpoint there")
@@ -424,8 +425,9 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     :func:`sams_jax.distributed.initialize` (the CLI does); each keeps its own shards of
     the training cells on its devices, and only process 0 writes ``history.csv`` and
     ``metrics.json`` (checkpoints are written together, by Orbax). Every process
-    returns the same metrics. A preemption notice (SIGTERM to any process) makes every
-    process save a checkpoint at a step they agree on and raise :class:`Preempted`.
+    returns the same metrics. In a run that joined ``jax.distributed``, a preemption notice
+    (SIGTERM to any process) during training makes every process save a checkpoint at a
+    step they agree on and raise :class:`Preempted`.
     """
     distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
