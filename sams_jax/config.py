@@ -300,16 +300,13 @@ def _check_distributed(config) -> None:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the data shards "
                           f"({shards}: train.data_shards, or one per process) and of the devices of all processes; "
                           f"e.g. train.batch_size={config.train.batch_size - config.train.batch_size % shards or shards}")
-    if n_processes > 1 and config.data.get("backed") and config.train.get("data_placement", "auto") == "auto":
-        raise ConfigError("data.backed=True with train.data_placement='auto' streams the training cells from the "
-                          f"host, which supports a single process only; this run has {n_processes} processes. Set "
-                          "train.data_placement='device' (each process keeps its own shards on its devices), or run "
-                          "one process")
-    if n_processes > 1 and config.train.get("data_placement") == "host":
-        raise ConfigError(f"train.data_placement='host' streams the training cells from the host, which supports "
-                          f"a single process only; this run has {n_processes} processes. Set "
-                          "train.data_placement='device' (each process keeps its own shards on its devices), or run "
-                          "one process")
+    placement = config.train.get("data_placement", "auto")
+    streams = "train.data_placement='host'" if placement == "host" else \
+        "data.backed=True with train.data_placement='auto'" if placement == "auto" and config.data.get("backed") else ""
+    if n_processes > 1 and streams:
+        raise ConfigError(f"{streams} streams the training cells from the host, which supports a single process "
+                          f"only; this run has {n_processes} processes. Set train.data_placement='device' (each "
+                          "process keeps its own shards on its devices), or run one process")
 
 
 def _check_shards(n_shards: int, n_processes: int) -> None:

@@ -63,6 +63,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from sams_jax import __version__ as sams_jax_version
 from sams_jax import metrics as metrics_lib
 from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
@@ -75,8 +76,8 @@ from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarn
 
 TOP_K = 20
 TOP_GENES = 20  # top_genes.csv: genes per intervention
-OUTPUTS = ("metrics.json", "metrics.csv", "settings.json", "ate.h5ad", "top_genes.csv", "sparse_effects.csv", "sparse_basis.csv",
-           "history.png",
+OUTPUTS = ("metrics.json", "metrics.csv", "settings.json", "ate.h5ad", "top_genes.csv", "sparse_effects.csv",
+           "sparse_basis.csv", "history.png",
            "ate_scatter.png", "mask_probs.png", "embeddings.png", "sparse_effects.png",
            "pathways.png")  # what a run writes
 
@@ -376,7 +377,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         "ate_metrics_over": ate_metrics_over, "seed": seed, "sparse_basis_restarts": sparse_basis_restarts,
         "pathways": (os.fspath(pathways) if isinstance(pathways, (str, os.PathLike)) else "given from Python"
                      if pathways else "the data file's uns['pathways']" if pathway_labels is not None else None),
-        "sams_jax_version": _version(), "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        "sams_jax_version": sams_jax_version, "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     pd.Series(results, name="value").rename_axis("metric").to_csv(os.path.join(out_dir, "metrics.csv"))
     if ate is not None:
         _write_ate(out_dir, predictor, *ate, control, scale, ate_method, ate_particles, ate_metrics_over)
@@ -400,15 +401,6 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
                 f"pathways' perturbations; 5-nearest-neighbour purity {purity:.2f} (chance {chance:.2f})")
     say(f"wrote {out_dir}{os.sep}: {', '.join(name for name in OUTPUTS if os.path.exists(os.path.join(out_dir, name)))}")
     return results
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sams_jax")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
@@ -546,8 +538,7 @@ def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, a
         return
     rows, note = plots.heatmap_rows(predictor.shifts() if has_embeddings else predictor.mask_probs(),
                                     measure="expected shift" if has_embeddings else "q(mask = 1)")
-    order = "rows ordered by the similarity of the expected shifts" if has_embeddings else \
-        "rows ordered by the similarity of the mask probabilities"
+    order = f"rows ordered by the similarity of the {'expected shifts' if has_embeddings else 'mask probabilities'}"
     rows = (rows, f"{note}, {order}" if note else order)
     if has_mask:
         plots.plot_heatmap(predictor.mask_probs(), os.path.join(out_dir, "mask_probs.png"),

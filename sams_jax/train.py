@@ -702,11 +702,12 @@ def _claim_workdir(workdir: str, main_process: bool = True):
             handle = _lock(workdir)
         except ConfigError as error:
             refusal = str(error)
-    failed = distributed.any_process(refusal is not None)
-    if failed:
+    try:
+        _refuse_in_every_process(refusal, workdir)
+    except ConfigError:
         if handle is not None:
             _unlock(handle)
-        raise ConfigError(refusal or f"the main process could not use --workdir {workdir!r} (its error says why)")
+        raise
     try:
         yield
     finally:
@@ -729,6 +730,12 @@ def _refuse_busy_workdir(workdir: str, main_process: bool = True) -> None:
         else:
             if handle is not None:
                 _unlock(handle)
+    _refuse_in_every_process(refusal, workdir)
+
+
+def _refuse_in_every_process(refusal: str | None, workdir: str) -> None:
+    """:class:`ConfigError` in every process when the main process refused ``workdir``
+    (``refusal``: its reason; None elsewhere). Every process calls it (a collective)."""
     if distributed.any_process(refusal is not None):
         raise ConfigError(refusal or f"the main process could not use --workdir {workdir!r} (its error says why)")
 
