@@ -143,11 +143,11 @@ def test_split_key_path_input_and_library_size_key(tmp_path):
     assert data.name == "screen"
     # counts: a library size is a total count, never below the counts of the genes modelled
     adata.obs["n_counts"] = np.log1p(totals)
-    from_anndata(adata, library_size_key="n_counts", likelihood="normal")  # values, not counts: not checked
+    from_anndata(adata, split_key="split", library_size_key="n_counts", likelihood="normal")  # values, not counts: not checked
     with pytest.raises(DataError, match=rf"obs\['n_counts'\] is smaller than the cell's summed counts.*in "
                                         rf"{adata.n_obs} cells \(e.g. cell0: {np.log1p(totals[0]):g} < {totals[0]:g}\)"
                                         r".*log-scaled"):
-        from_anndata(adata, library_size_key="n_counts", likelihood="library_nb")
+        from_anndata(adata, split_key="split", library_size_key="n_counts", likelihood="library_nb")
 
 
 def test_guide_columns_of_the_curated_norman_file_equal_the_labels():
