@@ -517,7 +517,7 @@ def run_cell(directory: str) -> None:
     from sams_jax.config import ConfigError
     from sams_jax.data import DataError, load_data
     from sams_jax.evaluate import evaluate
-    from sams_jax.train import ResumeError, train_and_evaluate
+    from sams_jax.train import Preempted, ResumeError, train_and_evaluate
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
     from sams_jax.train import cli_format_warning
@@ -539,6 +539,9 @@ def run_cell(directory: str) -> None:
                  "values use a new --out, or repeat the earlier ones)")
     except (ConfigError, DataError) as error:
         sys.exit(f"error: {_runner_message(error)}")
+    except Preempted as error:  # SIGTERM (e.g. the runner stopped): the checkpoint is saved, the cell resumes
+        print(f"{error}; the runner resumes this cell from it", file=sys.stderr, flush=True)
+        sys.exit(143)
     print("train:", json.dumps(train_metrics, sort_keys=True), flush=True)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(str(directory), iwelbo_particles=options["iwelbo_particles"],

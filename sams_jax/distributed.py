@@ -29,7 +29,9 @@ which is how the two-process test checks itself against a single process.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -131,12 +133,59 @@ def preempted(sync_id: int) -> bool:
     the processes agree on the point); ``sync_id`` counts the calls, the same in every
     process. False where the service is not running (no ``jax.distributed``, or
     ``jax_enable_preemption_service`` off)."""
-    from jax._src import distributed as jax_distributed
     from jax.experimental import multihost_utils
 
-    if jax_distributed.global_state.client is None or jax_distributed.global_state.preemption_sync_manager is None:
+    if not _preemption_service_running():
         return False
     return multihost_utils.reached_preemption_sync_point(sync_id)
+
+
+def _preemption_service_running() -> bool:
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client is not None \
+        and jax_distributed.global_state.preemption_sync_manager is not None
+
+
+class PreemptionNotices:
+    """Preemption notices (SIGTERM) during training, asked after each dispatch with
+    :meth:`received`; :meth:`close` when the training loop ends.
+
+    In a run that joined ``jax.distributed``, JAX's preemption service catches SIGTERM and
+    the processes agree on the step (:func:`preempted`). Elsewhere (one process, created in
+    the main thread) a Python handler, installed from here to :meth:`close`, records the
+    notice, says so on stderr and puts the previous handler back, so that a second SIGTERM
+    acts as it would have (by default: the process ends at once). A SIGTERM already ignored
+    (``SIG_IGN``) stays ignored."""
+
+    def __init__(self):
+        self._notice = False
+        self._previous = None
+        self._installed = False
+        if _preemption_service_running() or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN:
+            return
+        self._previous = signal.SIG_DFL if previous is None else previous  # None: not set from Python
+        signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+
+    def _handle(self, signum, frame) -> None:
+        self._notice = True
+        self.close()
+        print("sams_jax: SIGTERM received: saving a checkpoint after the current dispatch, then stopping (a second "
+              "SIGTERM stops at once)", file=sys.stderr, flush=True)
+
+    def received(self, sync_id: int) -> bool:
+        """Whether to save a checkpoint and stop now; ``sync_id`` counts the calls (the same
+        in every process of a multi-process run)."""
+        return self._notice or preempted(sync_id)
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 def any_process(flag: bool) -> bool:

@@ -73,9 +73,9 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """A run that joined ``jax.distributed`` (several processes, or one under a cluster
-    scheduler) stopped on a preemption notice (SIGTERM), after saving a checkpoint at the
-    step every process reached; ``step`` is that step."""
+    """Training stopped on a preemption notice (SIGTERM), after saving a checkpoint at the
+    step reached (in a multi-process run: the step every process reached); ``step`` is
+    that step."""
 
     def __init__(self, step: int):
         super().__init__(f"stopped on a preemption notice (SIGTERM) at step {step}, after saving a checkpoint there")
@@ -425,9 +425,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
     :func:`sams_jax.distributed.initialize` (the CLI does); each keeps its own shards of
     the training cells on its devices, and only process 0 writes ``history.csv`` and
     ``metrics.json`` (checkpoints are written together, by Orbax). Every process
-    returns the same metrics. In a run that joined ``jax.distributed``, a preemption notice
-    (SIGTERM to any process) during training makes every process save a checkpoint at a
-    step they agree on and raise :class:`Preempted`.
+    returns the same metrics. A preemption notice (SIGTERM; in a multi-process run, to any
+    process) during training saves a checkpoint at the step reached (one every process
+    agrees on) and raises :class:`Preempted`; called in the main thread of a process
+    outside ``jax.distributed``, this installs a SIGTERM handler for the training loop's
+    duration (see :class:`sams_jax.distributed.PreemptionNotices`).
     """
     distributed.check_same_config(config, workdir)  # first: every process reaches it, whatever its config
     validate_config(config)
@@ -573,6 +575,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
         run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # resumed: the time so far
         last_val = history[-1]["val_loss"] if history else float("nan")
         interrupted = False
+        notices = distributed.PreemptionNotices()  # SIGTERM: a checkpoint, then Preempted
         try:
             for dispatch, (_, n_steps) in enumerate(plan(step)):
                 dispatch_start = time.perf_counter()
@@ -609,11 +612,12 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
                         print(f"step {step:,}/{max_steps:,}: train loss {figures['loss']}, val loss {figures['val']}, "
                               f"{figures['cells_s']} cells/s", file=sys.stderr, flush=True)
                     window_losses, window_seconds, window_cells = [], 0.0, 0
-                if distributed.preempted(dispatch):  # SIGTERM to a process of a run that joined jax.distributed
+                if notices.received(dispatch):
                     if checkpointer.latest_step() != step:  # to resume from; never the best (no validation
                         # here: the best stays an evaluation step's, as in an uninterrupted run)
                         checkpointer.save(step, state, float("inf"), config_dict, metadata)
                     raise Preempted(step)
+            notices.close()  # from here on SIGTERM acts as it would have (every checkpoint is saved)
             bar.close()
             if checkpointer.latest_step() is None:  # max_steps == 0: keep the initial state
                 checkpointer.save(step, state, float(split_loss(state.variables)), config_dict, metadata)
@@ -631,6 +635,7 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             interrupted = True
             raise
         finally:
+            notices.close()
             if prefetcher is not None:
                 prefetcher.close()
             bar.close()

@@ -318,6 +318,49 @@ def test_resumed_run_equals_uninterrupted_run_and_is_deterministic(tiny_config, 
     assert not np.array_equal(np.asarray(other.params["mask_logits"]), np.asarray(full.params["mask_logits"]))
 
 
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
+    """A preemption notice (SIGTERM, as SLURM sends) to a single-process run: a checkpoint
+    at the step reached (never the best: no validation there), exit code 143 and a line
+    that says so; the same config resumes from it to the same parameters, bit for bit, as
+    a run that was never stopped."""
+    import signal
+    import time
+
+    workdir = tmp_path / "preempted"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "sams_jax.train", "--config", "configs/test.py", "--workdir",
+                                str(workdir), "--config.train.max_steps=1000000", "--config.train.eval_every=100"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "history.csv").exists():
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1][-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "sams_jax: SIGTERM received: saving a checkpoint after the current dispatch" in stderr
+    found = re.search(r"stopped on a preemption notice \(SIGTERM\) at step (\d+), after saving a checkpoint there; "
+                      r"run the same command again to resume from it", stderr)
+    assert found and "Traceback" not in stderr, stderr[-3000:]
+    stopped_at = int(found.group(1))
+    assert stopped_at % 10 == 0 and stopped_at >= 100  # after a dispatch of train.steps_per_dispatch=10 steps
+    checkpointer = Checkpointer(str(workdir), read_only=True)
+    assert checkpointer.latest_step() == stopped_at and checkpointer.best_step() % 100 == 0
+    checkpointer.close()
+
+    tiny_config.train.update(max_steps=(stopped_at // 100 + 2) * 100, eval_every=100)
+    resumed = train_and_evaluate(tiny_config, str(workdir))
+    uninterrupted = train_and_evaluate(tiny_config, str(tmp_path / "uninterrupted"))
+    assert resumed == uninterrupted
+    a, b = _latest_params(workdir, tiny_config), _latest_params(tmp_path / "uninterrupted", tiny_config)
+    assert int(a.step) == int(b.step) == tiny_config.train.max_steps
+    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
 def test_checkpoint_round_trip_and_best_checkpoint(tiny_config, tmp_path):
     tiny_config.train.max_steps = 60
     train_and_evaluate(tiny_config, str(tmp_path))
