@@ -32,6 +32,17 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the allowed values."""
 
 
+def flat_fields(tree: dict, prefix: str = "") -> dict:
+    """``{"section.field": value}`` of a nested config dict (e.g. a config's JSON), in its order."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def base_config() -> ml_collections.ConfigDict:
     """All fields, at the defaults of the paper's code (SPEC 1-3, 5)."""
     config = ml_collections.ConfigDict()

@@ -212,7 +212,7 @@ def check_same_config(config, workdir: str = "") -> None:
 
     from jax.experimental import multihost_utils
 
-    from sams_jax.config import ConfigError
+    from sams_jax.config import ConfigError, flat_fields
 
     settings = json.loads(config.to_json_best_effort())
     for field in PER_PROCESS_FIELDS:
@@ -222,7 +222,8 @@ def check_same_config(config, workdir: str = "") -> None:
             node = node.get(parent, {})
         node.pop(name, None)
     settings["workdir"] = os.path.abspath(workdir) if workdir else ""
-    fields = _flat_fields(settings)  # {"train.max_steps": "30", ...}
+    fields = {name: json.dumps(value, sort_keys=True) for name, value in flat_fields(settings).items()}
+    # {"train.max_steps": "30", ...}, in the config's order (the same in every process whose fields are the same)
 
     def digest(text: str, size: int) -> np.ndarray:
         return np.frombuffer(hashlib.sha256(text.encode()).digest()[:size], np.uint8)
@@ -244,20 +245,6 @@ def check_same_config(config, workdir: str = "") -> None:
                       f"process 0{named or ' (e.g. another --config.seed, --config.train.max_steps or --workdir)'}; "
                       "start every process with the same config, overrides and --workdir (only "
                       "train.distributed.process_id, local_device_ids and train.progress may differ)")
-
-
-def _flat_fields(settings: dict, prefix: str = "") -> dict[str, str]:
-    """``{"section.field": JSON of its value}`` of a nested config dict, in sorted order."""
-    import json
-
-    flat = {}
-    for key in sorted(settings):
-        value = settings[key]
-        if isinstance(value, dict):
-            flat.update(_flat_fields(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
-    return flat
 
 
 def is_main_process() -> bool:

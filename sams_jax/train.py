@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from sams_jax import distributed, metrics as metrics_lib
 from sams_jax.checkpoint import Checkpointer
-from sams_jax.config import (ConfigError, base_config, unknown_field_message, validate_against_data,
+from sams_jax.config import (ConfigError, base_config, flat_fields, unknown_field_message, validate_against_data,
                              validate_config)
 from sams_jax.data import DataError, PerturbationData, load_data, metadata_differences, plate_scale
 from sams_jax.data import matrix as matrix_lib
@@ -306,23 +306,13 @@ OPTIMISATION_FIELDS = ("learning_rate", "weight_decay", "grad_clip_norm", "mask_
 _UNSET = "<unset>"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
     """``(field, saved value, current value)`` of every field (``"model.n_latent"``) that
     differs from a saved run, in the current config's order. A field the saved run does
     not have (added in a later version) counts as its default."""
-    current = _flatten(json.loads(config.to_json_best_effort()))
-    defaults = _flatten(json.loads(base_config().to_json_best_effort()))
-    saved = _flatten(saved)
+    current = flat_fields(json.loads(config.to_json_best_effort()))
+    defaults = flat_fields(json.loads(base_config().to_json_best_effort()))
+    saved = flat_fields(saved)
     if not saved.get("objective.initial_variable_weights") and saved.get("objective.weight_anneal_steps"):
         # saved before such configs were refused: an annealing without initial weights did nothing
         saved["objective.weight_anneal_steps"] = 0
