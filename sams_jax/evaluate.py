@@ -10,7 +10,8 @@ where the file has moved). Writes
 
 * ``metrics.json`` / ``metrics.csv``: ``IWELBO-<split>``; ``ATE_pearsonr-<split>``,
   ``ATE_r2-<split>``, ``ATE_pearsonr_top20-<split>``, ``ATE_r2_top20-<split>`` (split in
-  all / train / val / test: the interventions observed in that split); PerturBench-style
+  train / val / test: the interventions observed in that split; all: those of the data
+  set, cells in no split included); PerturBench-style
   ``cosine_logfc``, ``cosine_logfc_rank``, ``rmse_average``, ``rmse_rank`` per split; and for
   simulations ``mask_precision``, ``mask_recall``, ``mask_f1``, ``mcc`` and the mask read in the
   sparse basis (``sams_jax.basis``): ``sparse_basis_precision``, ``sparse_basis_recall``,
@@ -37,9 +38,11 @@ where the file has moved). Writes
 Data ATEs use all cells of the data set (control cells included, whatever their split,
 and the cells a task leaves out of every split, such as the Norman tasks' left-out pair
 cells, which registration keeps with split ``""`` for this alone);
-the metrics of a split are computed over the interventions observed in that split, so
-under a random split of cells (every intervention in every split) the four splits give
-the same ATE metrics; they differ with intervention-level (out-of-distribution) splits.
+the metrics of a split are computed over the interventions observed in that split, and
+``all`` over every intervention of the data set (those of cells in no split too, as in the
+paper's code), so under a random split of cells (every intervention in every split) the
+four give the same ATE metrics; they differ with intervention-level (out-of-distribution)
+splits.
 An intervention with a member that has no training cells (its effect is the prior's, never
 learned; ``ate.h5ad``'s ``learned`` column) counts in the ATE metrics like any other, as
 SPEC 5 and the paper's code count every observed intervention, with a warning;
@@ -69,7 +72,6 @@ from sams_jax.ate import data_expectations
 from sams_jax.checkpoint import CheckpointError
 from sams_jax.data import SPLITS, DataError, PerturbationData, load_data
 from sams_jax.data.anndata_io import DataWarning, read_uns, write_h5ad
-from sams_jax.data.splits import NO_SPLIT
 from sams_jax.likelihoods import LIBRARY_LIKELIHOODS
 from sams_jax.predictor import (LAYOUT_KEYS, InterventionError, InterventionWarning, Predictor, check_features,
                                 check_perturbations, check_scale, load, training_data_differences)
@@ -96,18 +98,19 @@ class EvaluationWarning(UserWarning):
 
 
 def observed_interventions(predictor: Predictor, data: PerturbationData, control_row: np.ndarray):
-    """Unique dosage rows of the cells in a split, other than the control (the data's
-    control cells, all-zero rows, are an intervention when ``control_row`` is another and
-    the data have a control label): ``(names,
-    rows [I, T], membership {split: [I] bool}, n_cells [I])``; ``n_cells``: all cells of the
-    data with the row (those of no split too: the data ATE's cells);
+    """Unique dosage rows of the data's cells, other than the control (the data's control
+    cells, all-zero rows, are an intervention when ``control_row`` is another and the data
+    have a control label): ``(names, rows [I, T], membership {split: [I] bool}, n_cells
+    [I])``. The cells of no split count (e.g. the Norman OOD task's pairs that are neither
+    training nor test pairs): the ``all`` scores cover them, as the paper's code, which
+    scores every intervention of the data set; ``membership[split]``: a cell of the row is
+    in that split; ``n_cells``: all cells with the row (the data ATE's cells);
     ``membership["learned"]``: every member has training cells."""
     rows, inverse, counts = np.unique(data.dosages, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    in_a_split = np.isin(np.arange(len(rows)), inverse[data.split != NO_SPLIT])
     # with another control, the data's control cells (all-zero rows) too, where the data name them (a control label)
     named = np.any(rows != 0, axis=1) | (predictor.control is not None)
-    keep = in_a_split & ~np.all(rows == control_row, axis=1) & named
+    keep = ~np.all(rows == control_row, axis=1) & named
     # singles before pairs, each in vocabulary order
     keep = sorted(np.nonzero(keep)[0], key=lambda i: (np.count_nonzero(rows[i]), tuple(np.nonzero(rows[i])[0])))
     keep = np.asarray(keep, dtype=np.int64)

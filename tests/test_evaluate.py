@@ -224,9 +224,11 @@ def test_ate_chunk_sizes_bound_the_chunk():
             assert -(-n_particles // particles) == -(-n_particles // most)  # no more chunks than needed
 
 
-def test_observed_interventions_are_those_of_the_splits_with_all_their_cells():
+def test_observed_interventions_are_those_of_the_data_set_with_all_their_cells():
     """Cells a task leaves out of every split (split "") add to an intervention's cells (its
-    data ATE averages all of them, SPEC 5) but make no intervention observed by themselves."""
+    data ATE averages all of them, SPEC 5); an intervention with such cells alone is scored
+    in the "all" metrics (the paper's code scores every intervention of the data set), in
+    no split's."""
     from sams_jax.evaluate import observed_interventions
 
     predictor, _ = _linear_predictor()
@@ -238,8 +240,9 @@ def test_observed_interventions_are_those_of_the_splits_with_all_their_cells():
                             library_size=np.ones(len(labels), np.float32), control="control")
     data.validate()
     names, rows, membership, n_cells = observed_interventions(predictor, data, predictor.dosages(["control"])[0])
-    assert names == ["a", "b"] and n_cells.tolist() == [3, 5]  # c: left-out cells only
-    assert membership["train"].tolist() == [True, False] and membership["test"].tolist() == [False, True]
+    assert names == ["a", "b", "c"] and n_cells.tolist() == [3, 5, 2]  # c: left-out cells only
+    assert membership["train"].tolist() == [True, False, False]
+    assert membership["test"].tolist() == [False, True, False] and not membership["val"].any()
 
 
 def test_gpu_chunks_estimate_the_closed_form_ates_too():
