@@ -21,7 +21,7 @@ import sams_jax
 from sams_jax import metrics
 from sams_jax.ate import data_expectations, transform
 from sams_jax.checkpoint import CheckpointError
-from sams_jax.data import DataError, PerturbationData, simulate
+from sams_jax.data import DataError, PerturbationData, load_data, simulate
 from sams_jax.models import SAMSVAE
 from sams_jax.predictor import InterventionError, InterventionWarning, Predictor
 from sams_jax.train import train_and_evaluate
@@ -317,6 +317,29 @@ def test_data_expectations_by_hand_on_both_scales():
     np.testing.assert_allclose(transform(jnp.asarray(x[:1]), "perturbseq"), cell([1, 3])[None], rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["paper", "crn"])
+def test_model_expectations_on_the_perturbseq_scale_transform_each_cell_before_the_mean(method):
+    """SPEC 5: each generated cell is scaled to 10,000 counts and log2(x + 1)'d, then the
+    cells are averaged. A model whose cells are [3, 1] or [1, 3] (times any library size)
+    with probability 1/2 has E[f(x)] = (f([3, 1]) + f([1, 3])) / 2 = 12.08 for both genes;
+    transforming the mean cell instead would give f([2, 2]) = 12.29."""
+    from sams_jax.ate import model_expectations
+
+    def apply_fn(variables, cells, library_size, max_active, rngs, method):  # the model's generate
+        assert method == "generate"
+        first = jax.random.bernoulli(rngs["local"], 0.5, cells.shape[:1])[:, None]
+        x = jnp.where(first, jnp.array([3.0, 1.0]), jnp.array([1.0, 3.0]))
+        return x * library_size[:, None] * (1.0 + cells.sum(1, keepdims=True)), None
+
+    dosages = jnp.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    expected = (np.log2(1e4 * 0.75 + 1) + np.log2(1e4 * 0.25 + 1)) / 2
+    values = np.asarray(model_expectations(apply_fn, {}, dosages, jax.random.key(0), n_particles=4_000,
+                                           scale="perturbseq", method=method))
+    assert values.shape == (3, 2)
+    np.testing.assert_allclose(values, expected, atol=0.04)  # Monte-Carlo error: 0.79 / 2 / sqrt(4,000) = 0.006
+    assert abs(np.log2(1e4 * 0.5 + 1) - expected) > 0.2
+
+
 # --- metrics -----------------------------------------------------------------------------
 
 def test_agreement_metrics_match_scipy():
@@ -444,7 +467,7 @@ def test_load_missing_checkpoint_is_clear(tmp_path):
 
 
 def test_evaluate_command_end_to_end(trained):
-    workdir, _ = trained
+    workdir, config = trained
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-m", "sams_jax.evaluate", "--workdir", str(workdir),
                              "--ate-particles", "64", "--iwelbo-particles", "8", "--interventions", "1+2,3+4,2+1"],
@@ -457,6 +480,12 @@ def test_evaluate_command_end_to_end(trained):
                      "rmse_average", "cosine_logfc_rank", "rmse_rank"):
             assert np.isfinite(results[f"{name}-{split}"]), f"{name}-{split}"
     assert {"mask_precision", "mask_recall", "mask_f1", "mcc", "sparse_basis_f1"} <= set(results)
+    # SPEC 5: the learned mask is sigmoid(q mask logits) > 0.5, matched to the true one
+    truth = load_data(config.data).truth
+    predictor = sams_jax.load(str(workdir))
+    probs = jax.nn.sigmoid(np.asarray(predictor.variables["params"]["mask_logits"]))
+    expected = metrics.mask_scores(truth["mask"], np.asarray(probs) > 0.5)
+    assert {name: results[name] for name in expected} == pytest.approx(expected)
     assert results["ATE_pearsonr-all"] > 0.9  # 3,000 steps learn the effects (about 0.99)
     ate = anndata.read_h5ad(out / "ate.h5ad")
     assert list(ate.obs_names) == ["1", "2", "3", "4", "5", "1+2", "3+4"]

@@ -68,6 +68,25 @@ def test_norman_ood_cell_split_follows_the_seed():
         assert np.any(a[pairs_in_both] != b[pairs_in_both])
 
 
+def test_held_out_pairs_are_the_papers_choice():
+    """The pairs of the Norman OOD task as the paper's code picks them (SPEC 6): the
+    distinct pair labels sorted, shuffled in place by ``np.random.default_rng(seed)``; the
+    last ceil(0.25 n) are test pairs, the first floor(f n) training pairs (nested in f)."""
+    conditions, n_members = _norman_like(n_pairs=13)
+    pairs = sorted({c for c, m in zip(conditions, n_members) if m >= 2})
+    for seed in (0, 1, 7):
+        shuffled = np.array(pairs)
+        np.random.default_rng(seed).shuffle(shuffled)
+        earlier = []
+        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+            train, test = splits_lib.split_combinations(conditions, n_members, fraction, 0.25, seed)
+            assert test == shuffled[13 - 4:].tolist()  # ceil(0.25 * 13) = 4
+            assert train == shuffled[:int(fraction * 13)].tolist()  # 0, 3, 6, 9, 13
+            assert train[:len(earlier)] == earlier
+            earlier = train
+        assert not set(splits_lib.split_combinations(conditions, n_members, 0.75, 0.25, seed)[0]) & set(test)
+
+
 def test_norman_ood_split_is_the_documented_composition():
     """norman_ood_split by hand for seed 5: pairs chosen by ``split_combinations(seed)``;
     the pair cells split 80 / 20 and again 80 / 20 by ``shuffle_split(., seed)``, the
