@@ -134,13 +134,20 @@ def test_split_key_path_input_and_library_size_key(tmp_path):
     adata.obs["split"] = np.array(["train", "val", "test"])[np.arange(adata.n_obs) % 3]
     adata.obs["split"] = np.where(adata.obs["perturbation"] == "control", "train", adata.obs["split"])
     totals = counts_of(adata).sum(1)
-    adata.obs["n_counts"] = totals + np.arange(adata.n_obs)  # genes not in the file count too
+    adata.obs["n_counts"] = totals + np.arange(adata.n_obs) % 4  # genes not in the file count too
     path = tmp_path / "screen.h5ad"
     write_h5ad(adata, path)
-    data = PerturbationData.from_anndata(str(path), split_key="split", library_size_key="n_counts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # a little above the row sums: no warning
+        data = PerturbationData.from_anndata(str(path), split_key="split", library_size_key="n_counts")
     np.testing.assert_array_equal(data.split, adata.obs["split"].to_numpy())
-    np.testing.assert_array_equal(data.library_size, totals + np.arange(adata.n_obs))
+    np.testing.assert_array_equal(data.library_size, totals + np.arange(adata.n_obs) % 4)
     assert data.name == "screen"
+    # a whole-transcriptome total (3x the modelled genes' counts) would inflate the expected counts
+    adata.obs["total_counts"] = 3.0 * totals
+    with pytest.warns(DataWarning, match=r"obs\['total_counts'\] is a median 3x the cells' summed counts of the "
+                                         r"modelled genes.*drop library_size_key"):
+        from_anndata(adata, split_key="split", library_size_key="total_counts", likelihood="library_nb")
     # counts: a library size is a total count, never below the counts of the genes modelled
     adata.obs["n_counts"] = np.log1p(totals)
     from_anndata(adata, split_key="split", library_size_key="n_counts", likelihood="normal")  # values, not counts: not checked
@@ -408,7 +415,7 @@ def test_counts_normalised_to_a_fixed_total_warn():
                                          r"lies between 99\d\d and 100\d\d \(within 5% of 1000\d\): these look "
                                          r"normalised.*downsampled to a fixed depth"):
         from_anndata(adata)
-    adata.obs["total"] = 2e4
+    adata.obs["total"] = 1.2e4
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         from_anndata(adata, library_size_key="total")

@@ -829,6 +829,9 @@ def check_not_normalised(row_sums: np.ndarray, what: str, likelihood: str) -> No
                       "are raw counts: then ignore this", DataWarning, stacklevel=3)
 
 
+LIBRARY_SIZE_RATIO_WARNING = 1.5  # library_sizes: a given column above this median multiple of the row sums warns
+
+
 def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str | None,
                   counts: bool = False) -> np.ndarray:
     """``[n_cells]`` float32: ``obs[library_size_key]`` when given, else ``row_sums`` (the
@@ -853,6 +856,16 @@ def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str
                         "library size is a cell's total count over all its genes, so it cannot be smaller (is the "
                         "column log-scaled or normalised?); fix it, or drop library_size_key to use the row sums "
                         "of the counts")
+    expressed = row_sums > 0
+    ratio = float(np.median(values[expressed] / row_sums[expressed])) if counts and expressed.any() else 1.0
+    if ratio > LIBRARY_SIZE_RATIO_WARNING:
+        warnings.warn(f"obs[{library_size_key!r}] is a median {ratio:.2g}x the cells' summed counts of the "
+                      "modelled genes: a library size over more genes (e.g. the whole transcriptome before genes "
+                      "were selected)? The count likelihoods' expected counts over the modelled genes sum to the "
+                      "library size, so the model would expect that many more counts (a worse fit; sampled cells "
+                      "with larger totals than the data's); drop library_size_key to use the row sums of the "
+                      "modelled genes (the paper's), or ignore this for size factors meant so", DataWarning,
+                      stacklevel=3)
     return values.astype(np.float32)
 
 
