@@ -326,13 +326,16 @@ def _check_shards(n_shards: int, n_processes: int) -> None:
                           f"({n_processes}), or 0 (one shard per process)")
 
 
-RAW_COUNT_MIN_MAX = 20  # _warn_normal_on_counts: whole numbers reaching this look like raw counts
+RAW_COUNT_MIN_MAX = 20  # _warn_about_values: whole numbers reaching this look like raw counts
+LOG_VALUES_MAX = 16.0  # _warn_about_values: non-integer values in [0, this] look log-transformed (log1p(1e6) = 13.8)
 
 
-def _warn_normal_on_counts(config, data, n_cells: int = 1_000) -> None:
-    """A ``DataWarning`` when the ``normal`` likelihood is asked of data that look like raw
-    counts (the first ``n_cells`` training cells hold non-negative whole numbers reaching
-    ``RAW_COUNT_MIN_MAX``): a normal on raw counts fits poorly and can diverge."""
+def _warn_about_values(config, data, n_cells: int = 1_000) -> None:
+    """``DataWarning``s about the values of the first ``n_cells`` training cells under the
+    ``normal`` likelihood: non-negative whole numbers reaching ``RAW_COUNT_MIN_MAX`` look
+    like raw counts (a normal fits them poorly and can diverge); non-integer values in
+    ``[0, LOG_VALUES_MAX]`` under ``normalization='log_standardize'`` look log-transformed
+    already (the encoder would see a log of logs)."""
     import warnings
 
     import numpy as np
@@ -345,17 +348,25 @@ def _warn_normal_on_counts(config, data, n_cells: int = 1_000) -> None:
         return
     block = data.x[rows]
     values = np.asarray(block.data if sp.issparse(block) else block)
-    if values.size and values.min() >= 0 and values.max() >= RAW_COUNT_MIN_MAX and np.all(values == np.round(values)):
+    if not values.size or values.min() < 0:
+        return
+    whole = np.all(values == np.round(values))
+    if whole and values.max() >= RAW_COUNT_MIN_MAX:
         warnings.warn(f"model.likelihood='normal', but x looks like raw counts (whole numbers up to "
                       f"{values.max():g} in the first {len(rows):,} training cells); a normal likelihood on raw "
                       "counts fits them poorly and can diverge: use model.likelihood='library_nb' (the paper's for "
                       "counts) or 'poisson', or give log-normalised values", DataWarning, stacklevel=3)
+    elif not whole and values.max() <= LOG_VALUES_MAX and config.model.normalization == "log_standardize":
+        warnings.warn(f"x looks log-transformed already (values from 0 to {values.max():.3g}, not whole numbers, in "
+                      f"the first {len(rows):,} training cells), and model.normalization='log_standardize' feeds "
+                      "the encoder log(1 + x) of them again: set --config.model.normalization=standardize for "
+                      "log-normalised values", DataWarning, stacklevel=3)
 
 
 def validate_against_data(config, data) -> None:
     """Checks that need the data (sizes) or the devices, still before any compilation."""
     n_train = int((data.split == "train").sum())
-    _warn_normal_on_counts(config, data)
+    _warn_about_values(config, data)
     import jax
 
     available = jax.local_device_count()

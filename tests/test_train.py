@@ -524,7 +524,8 @@ def test_mask_learning_rate_applies_to_mask_logits_only():
 
 def test_normal_likelihood_on_raw_counts_is_warned_about(tiny_config):
     """A normal likelihood asked of raw counts (it fits them poorly and can diverge) gets a
-    DataWarning naming the count likelihoods; normal-valued data get none."""
+    DataWarning naming the count likelihoods, and log-normalised values under
+    log_standardize one naming standardize; normal-valued data get none."""
     from sams_jax.config import validate_against_data
     from sams_jax.data.anndata_io import DataWarning
 
@@ -537,6 +538,16 @@ def test_normal_likelihood_on_raw_counts_is_warned_about(tiny_config):
                                          r"model.likelihood='library_nb'"):
         validate_against_data(tiny_config, data)
     tiny_config.model.likelihood = "poisson"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_against_data(tiny_config, data)
+    # log-normalised values (log1p of CP10k) under log_standardize would be logged again
+    tiny_config.model.update(likelihood="normal", normalization="log_standardize")
+    data.x = np.log1p(data.x / np.maximum(data.x.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+    with pytest.warns(DataWarning, match=r"x looks log-transformed already \(values from 0 to [\d.]+, not whole "
+                                         r"numbers.*--config.model.normalization=standardize"):
+        validate_against_data(tiny_config, data)
+    tiny_config.model.normalization = "standardize"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_against_data(tiny_config, data)
