@@ -284,8 +284,8 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
             extra = [name for name in extra if name not in as_control]
 
     results: dict[str, float] = {}
-    say(f"held-out IWELBO: {sum(int(data.mask(split).sum()) for split in SPLITS):,} cells x {iwelbo_particles} "
-        "particles")
+    cells = ", ".join(f"{int(data.mask(split).sum()):,} {split}" for split in SPLITS if data.mask(split).any())
+    say(f"IWELBO per split: {cells} cells x {iwelbo_particles} particles")
     per_cell = {split: predictor.iwelbo(data, iwelbo_particles, seed, split=split)
                 for split in SPLITS if data.mask(split).any()}
     for split, values in per_cell.items():
@@ -347,9 +347,7 @@ def evaluate(workdir: str, checkpoint: str | int = "best", iwelbo_particles: int
         results["mcc"] = metrics_lib.mean_correlation_coefficient(
             data.truth["z_basal"][test], predictor.latent(data, seed=seed, split="test"))
 
-    if sparse_basis_restarts and hasattr(predictor.model, "embedding_means"):
-        say(f"sparse basis: {sparse_basis_restarts} restarts")
-    basis = _sparse_basis(predictor, seed, sparse_basis_restarts)
+    basis = _sparse_basis(predictor, seed, sparse_basis_restarts, say)
     if data.truth is not None and "mask" in data.truth and hasattr(predictor.model, "embedding_means"):
         scores = metrics_lib.mask_scores(data.truth["mask"], basis.mask.to_numpy()) if basis is not None else \
             dict.fromkeys(("mask_precision", "mask_recall", "mask_f1"), float("nan"))  # skipped: null, not left out
@@ -462,12 +460,20 @@ def _pathway_setup(predictor: Predictor, pathways, data_path: str | None):
     return vectors, labels
 
 
-def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int):
+def _sparse_basis(predictor: Predictor, seed: int, n_restarts: int, say=lambda message: None):
     """The sparse basis of the model's shifts (``sams_jax.basis``), or None when
     ``n_restarts`` is 0, for models without embeddings and for shift matrices of rank < K
     (a warning says why)."""
     if n_restarts < 1 or not hasattr(predictor.model, "embedding_means"):
         return None
+    n_perturbations, n_latent = predictor.embeddings().shape  # [T, K]
+    if n_perturbations < n_latent:  # rank < K for certain
+        warnings.warn(f"no sparse basis: the model has K = {n_latent} latent dimensions and only "
+                      f"{n_perturbations} perturbations, and a sparse basis of the latent space needs at least K "
+                      f"(rank K); train with --config.model.n_latent={n_perturbations} or fewer for one, or pass "
+                      "--sparse-basis-restarts 0 to skip it", EvaluationWarning, stacklevel=3)
+        return None
+    say(f"sparse basis: {n_restarts} restarts")
     try:
         return predictor.sparse_basis(n_restarts=n_restarts, seed=seed)
     except ValueError as error:

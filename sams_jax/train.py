@@ -89,7 +89,8 @@ class ResumeError(ConfigError):
 
 class ResumeWarning(UserWarning):
     """A run resumes with other optimisation settings (``train.learning_rate``, ...) than it
-    was trained with so far; the message names the fields, old and new values."""
+    was trained with so far (the message names the fields, old and new values), or a
+    finished run continues to a larger ``train.max_steps``."""
 
 
 @struct.dataclass
@@ -479,6 +480,11 @@ def train_and_evaluate(config, workdir: str, data: PerturbationData | None = Non
             except ConfigError:
                 checkpointer.close()
                 raise
+            finished_at = saved_config.get("train", {}).get("max_steps")
+            if main_process and finished_at is not None and finished_at <= latest < config.train.max_steps:
+                warnings.warn(f"{workdir} holds a finished run of {latest:,} steps: continuing it to "
+                              f"train.max_steps={config.train.max_steps:,} (--config.train.max_steps={latest} "
+                              "evaluates it again without training)", ResumeWarning, stacklevel=2)
             state = checkpointer.restore_state(latest, state)
             history = _read_history(history_path, latest)
 

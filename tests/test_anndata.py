@@ -297,6 +297,11 @@ def test_missing_perturbation_key_lists_obs_columns():
 def test_absent_control_label_lists_the_labels_seen():
     with pytest.raises(DataError, match=r"control label 'ctrl'.*absent.*labels seen.*'control'.*control=<label>"):
         from_anndata(make_screen(), control="ctrl")
+    with pytest.raises(DataError, match=r"control label 'Control'.*absent from obs\['perturbation'\]; did you mean "
+                                        r"\['control'\]\? labels seen"):
+        from_anndata(make_screen(), control="Control")  # letter case
+    with pytest.raises(DataError, match=r"did you mean \['control'\]\?"):
+        from_anndata(make_screen(), control="contrl")
 
 
 def test_no_control_cells_in_training_is_an_error():

@@ -461,6 +461,23 @@ def test_iwelbo_chunk_size_bounds_the_intermediates():
                 or cells == largest
 
 
+def test_sparse_basis_with_fewer_perturbations_than_latent_dimensions_says_how_to_get_one():
+    from sams_jax.evaluate import EvaluationWarning, _sparse_basis
+
+    predictor, _ = _linear_predictor()  # T = 4 perturbations, K = 3: a basis is fitted
+    assert _sparse_basis(predictor, 0, 2) is not None
+    predictor.model = predictor.model.clone(n_latent=6)  # K = 6 > T
+    predictor.variables = predictor.model.init(
+        {"params": jax.random.key(0), "globals": jax.random.key(1), "local": jax.random.key(2)},
+        jnp.zeros((2, 5)), jnp.zeros((2, 4)), jnp.ones(2))
+    said = []
+    with pytest.warns(EvaluationWarning, match=r"no sparse basis: the model has K = 6 latent dimensions and only 4 "
+                                               r"perturbations.*--config.model.n_latent=4 or fewer.*"
+                                               r"--sparse-basis-restarts 0"):
+        assert _sparse_basis(predictor, 0, 8, said.append) is None
+    assert said == []  # not announced before it is refused
+
+
 def test_load_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints"):
         sams_jax.load(str(tmp_path))

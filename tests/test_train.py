@@ -301,7 +301,9 @@ def test_resumed_run_equals_uninterrupted_run_and_is_deterministic(tiny_config, 
     train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     first_row = (tmp_path / "resumed" / "history.csv").read_text().splitlines()[1]
     tiny_config.train.max_steps = 40
-    train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    with pytest.warns(ResumeWarning, match=r"holds a finished run of 20 steps: continuing it to "
+                                           r"train.max_steps=40 \(--config.train.max_steps=20 evaluates it again"):
+        train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "history.csv").read_text().splitlines()[1] == first_row  # rewritten as it was
     full = _latest_params(tmp_path / "full", tiny_config)
     resumed = _latest_params(tmp_path / "resumed", tiny_config)
@@ -401,12 +403,14 @@ def test_resume_refuses_or_warns_about_changed_settings(tiny_config, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             train_and_evaluate(changed(**fields), str(tmp_path))
-    # another learning rate is a warning naming both values; steps_per_dispatch (like max_steps) changes silently
+    # another learning rate is a warning naming both values; steps_per_dispatch changes silently; a larger
+    # max_steps continues the finished run, which is said
     with pytest.warns(ResumeWarning) as record:
         results = train_and_evaluate(changed(train__max_steps=30, train__learning_rate=2e-3,
                                              train__steps_per_dispatch=5), str(tmp_path))
     resume_warnings = [str(w.message) for w in record if issubclass(w.category, ResumeWarning)]
-    assert len(resume_warnings) == 1 and "resumes at step 20" in resume_warnings[0]
+    assert len(resume_warnings) == 2 and "resumes at step 20" in resume_warnings[0]
+    assert "holds a finished run of 20 steps: continuing it to train.max_steps=30" in resume_warnings[1]
     assert "(train.learning_rate=0.001 in the saved run, 0.002 now)" in resume_warnings[0]
     assert results["steps"] == 30
     # the data shards in effect decide the batches (the saved run records them): data_shards=0 is one per
@@ -414,12 +418,12 @@ def test_resume_refuses_or_warns_about_changed_settings(tiny_config, tmp_path):
     with pytest.warns(ResumeWarning, match=r"train\.data_shards \(shards in effect\)=1 in the saved run, 2 now"):
         train_and_evaluate(changed(train__max_steps=40, train__learning_rate=2e-3, train__data_shards=2), str(tmp_path))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ResumeWarning)
+        warnings.filterwarnings("error", ".*data_shards", ResumeWarning)  # (continuing: said)
         train_and_evaluate(changed(train__max_steps=50, train__learning_rate=2e-3, train__data_shards=2), str(tmp_path))
     with pytest.warns(ResumeWarning, match=r"train\.data_shards \(shards in effect\)=2 in the saved run, 1 now"):
         train_and_evaluate(changed(train__max_steps=60, train__learning_rate=2e-3, train__data_shards=1), str(tmp_path))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ResumeWarning)
+        warnings.filterwarnings("error", ".*data_shards", ResumeWarning)  # (continuing: said)
         train_and_evaluate(changed(train__max_steps=70, train__learning_rate=2e-3, train__data_shards=0), str(tmp_path))
     elapsed = pd.read_csv(tmp_path / "history.csv")["elapsed_s"].to_numpy()  # across the six resumes
     assert len(elapsed) == 7 and np.all(np.diff(elapsed) > 0), elapsed

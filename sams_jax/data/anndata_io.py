@@ -39,6 +39,7 @@ time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import warnings
@@ -413,8 +414,11 @@ def _labelled_conditions(obs, perturbation_key, control, control_match, delimite
     parsed = [_parse_label(label, is_control, delimiter, perturbation_key, singles) for label in uniques]
     if require_control and control is not None and not any(len(members) == 0 for members in parsed):
         counts = column.value_counts()
+        folded = [label for label in counts.index if str(label).casefold() == str(control).casefold()]
+        close = folded or difflib.get_close_matches(str(control), [str(label) for label in counts.index], n=3)
+        hint = f"did you mean {_show(close, 3)}? " if close else ""
         raise DataError(f"the control label {control!r} ({control_match} match) is absent from "
-                        f"obs[{perturbation_key!r}]; labels seen (most frequent first): "
+                        f"obs[{perturbation_key!r}]; {hint}labels seen (most frequent first): "
                         f"{_show(counts.index, 20)}; pass control=<label> (--config.data.control=<label>), "
                         "or control=None (--config.data.control='') for a screen without control cells (no ATEs then)")
     names = sorted({m for members in parsed for m in members})
