@@ -1,6 +1,7 @@
 """AnnData in: registration, validation, the paper's splits, the Replogle filter, configs,
 and training end to end on a small synthetic screen written to disk."""
 
+import inspect
 import itertools
 import json
 import math
@@ -757,6 +758,17 @@ def test_paper_config_values():
         (200, 4, 400, 30_000, 100.0, 0.25)
     assert (replogle.model.n_latent, replogle.model.embedding_encoder_n_hidden, replogle.train.max_steps,
             replogle.data.control_match, replogle.data.delimiter) == (100, 200, 150_000, "contains", "")
+    # the rest of SPEC 7's table, inherited from base_config (a change there would change the published runs)
+    for config, embedding_layers in ((norman, 4), (replogle, 2)):
+        model, train = config.model, config.train
+        assert (model.likelihood, model.decoder_n_layers, model.decoder_n_hidden, model.basal_encoder_n_layers,
+                model.basal_encoder_n_hidden, model.embedding_encoder_n_layers, model.mask_prior_prob) == \
+            ("library_nb", 1, 400, 1, 400, embedding_layers, 0.01)
+        assert (train.learning_rate, train.batch_size, config.objective.n_particles,
+                config.eval.iwelbo_n_particles) == (3e-4, 512, 5, 100)
+    from sams_jax.evaluate import evaluate
+    defaults = inspect.signature(evaluate).parameters
+    assert (defaults["iwelbo_particles"].default, defaults["ate_particles"].default) == (100, 2_500)
     norman.data.split_key = "split"
     with pytest.raises(ConfigError, match="both define the splits"):
         validate_config(norman)
