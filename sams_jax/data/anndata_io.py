@@ -857,7 +857,7 @@ def library_sizes(obs: pd.DataFrame, row_sums: np.ndarray, library_size_key: str
         cell = below[0]
         raise DataError(f"obs[{library_size_key!r}] is smaller than the cell's summed counts of the modelled genes in "
                         f"{len(below)} cells (e.g. {obs.index[cell]}: {values[cell]:g} < {row_sums[cell]:g}); a "
-                        "library size is a cell's total count over all its genes, so it cannot be smaller (is the "
+                        "library size counts at least the modelled genes' counts, so it cannot be smaller (is the "
                         "column log-scaled or normalised?); fix it, or drop library_size_key to use the row sums "
                         "of the counts")
     expressed = row_sums > 0
