@@ -253,8 +253,17 @@ def _start_two_training_processes(workdir, *flags) -> list[subprocess.Popen]:
                               str(workdir), f"{prefix}.coordinator_address={address}", f"{prefix}.num_processes=2",
                               f"{prefix}.process_id={i}", "--config.train.max_steps=1000000",
                               "--config.train.eval_every=100", *flags],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_default_sigint)
             for i in range(2)]
+
+
+def _default_sigint() -> None:
+    """Ctrl-C acts in the children even where pytest runs as a background job of a script
+    (which inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_history(workdir, procs, seconds: float = 240) -> None:
