@@ -24,6 +24,7 @@ from sams_jax.likelihoods import LIKELIHOODS
 from sams_jax.models import GUIDES, MODELS
 from sams_jax.nn import COMPUTE_DTYPES
 from sams_jax.objective import OBJECTIVES, ObjectiveConfig
+from sams_jax.streaming import resolve_placement
 
 DATA_PLACEMENTS = ("auto", "device", "host")
 
@@ -147,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.distributed.initialization_timeout = 300  # seconds to wait for all processes
     # where the training cells live: "device" (dense on the device, batches gathered there), "host" (x stays
     # on the host, dense / CSR / backed; each dispatch's batches are densified by a prefetch thread), or
-    # "auto": device when the dense training split fits sams_jax.train.AUTO_DEVICE_MAX_BYTES and x is not backed
+    # "auto": device when the dense training split fits sams_jax.streaming.AUTO_DEVICE_MAX_BYTES and x is not backed
     config.train.data_placement = "auto"
     config.train.prefetch = 2  # host placement: dispatches prepared ahead of the device
 
@@ -375,8 +376,6 @@ def validate_against_data(config, data) -> None:
                           f"{available} local device(s) (0 = all)")
     n_processes = jax.process_count()
     if n_processes > 1:
-        from sams_jax.train import resolve_placement  # train imports this module
-
         if resolve_placement(config.train.data_placement, data) == "host":
             raise ConfigError(
                 f"train.data_placement={config.train.data_placement!r} means streaming the training cells from "

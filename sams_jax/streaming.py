@@ -20,10 +20,25 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sams_jax.data import matrix as matrix_lib
+from sams_jax.data import PerturbationData, matrix as matrix_lib
 
+# data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
+# sizes as float32, per device) is at most this, and x is not backed; larger data stream from the host
+AUTO_DEVICE_MAX_BYTES = 2 * 2 ** 30
 THREAD_NAME = "sams_jax-prefetch"
 _POLL_S = 0.1  # how often a blocked producer or consumer checks for shutdown
+
+
+def resolve_placement(placement: str, data: PerturbationData) -> str:
+    """``"device"`` or ``"host"`` for ``train.data_placement`` (the placements:
+    :mod:`sams_jax.train`)."""
+    if placement != "auto":
+        return placement
+    if data.storage == "backed":
+        return "host"
+    n_train = int((data.split == "train").sum())
+    dense_bytes = 4 * n_train * (data.n_genes + data.n_perturbations + 1)
+    return "device" if dense_bytes <= AUTO_DEVICE_MAX_BYTES else "host"
 
 
 class _Failure:

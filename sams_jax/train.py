@@ -11,7 +11,7 @@ the training cells live is ``train.data_placement``:
   ``[n_steps, B, G]`` from the same indices and puts them on the devices while they run
   the previous dispatch (:mod:`sams_jax.streaming`);
 * ``auto`` (default): ``device`` when ``x`` is not backed and the dense training split
-  fits in ``AUTO_DEVICE_MAX_BYTES``, else ``host``.
+  fits in ``sams_jax.streaming.AUTO_DEVICE_MAX_BYTES``, else ``host``.
 
 Both placements run the same step on the same batches (the same losses and parameters).
 Mini-batch order and per-step random keys are pure functions of ``(seed, step)``, so a
@@ -59,11 +59,8 @@ from sams_jax.distributed import DataParallel, is_main_process, shard_rows
 from sams_jax.models import check_data as check_model_data, create_model, model_fields
 from sams_jax.objective import (ObjectiveConfig, check_objective_variables, compiler_options, iwelbo_chunk_size,
                                 loss_fn, predictive_iwelbo, split_objective)
-from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores
+from sams_jax.streaming import Prefetcher, host_batches, host_cell_scores, resolve_placement
 
-# data_placement="auto" keeps the training split on the device when its dense size (x, dosages and library
-# sizes as float32, per device) is at most this, and x is not backed; larger data stream from the host
-AUTO_DEVICE_MAX_BYTES = 2 * 2 ** 30
 HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "cells_per_s", "elapsed_s"]
 MASK_COLUMNS = ["mask_density", "mask_f1"]  # added for simulations of models with a mask
 
@@ -275,17 +272,6 @@ def make_batch_train_chunk(apply_fn, objective: ObjectiveConfig, optimizer):
         return jax.lax.scan(partial(step, scale=scale, train_key=train_key), state, batches)
 
     return train_chunk
-
-
-def resolve_placement(placement: str, data: PerturbationData) -> str:
-    """``"device"`` or ``"host"`` for ``train.data_placement`` (see the module docstring)."""
-    if placement != "auto":
-        return placement
-    if data.storage == "backed":
-        return "host"
-    n_train = int((data.split == "train").sum())
-    dense_bytes = 4 * n_train * (data.n_genes + data.n_perturbations + 1)
-    return "device" if dense_bytes <= AUTO_DEVICE_MAX_BYTES else "host"
 
 
 def data_parallel_shardings(num_devices: int = 0) -> tuple[NamedSharding, NamedSharding]:

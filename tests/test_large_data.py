@@ -21,9 +21,9 @@ from sams_jax.data import DataError, load_data
 from sams_jax.data import matrix as matrix_lib
 from sams_jax.data.anndata_io import from_anndata, write_h5ad
 from sams_jax.data.matrix import BackedMatrix
-from sams_jax.streaming import THREAD_NAME, Prefetcher
-from sams_jax import train as train_lib
-from sams_jax.train import TrainingDiverged, resolve_placement, train_and_evaluate
+from sams_jax import streaming, train as train_lib
+from sams_jax.streaming import THREAD_NAME, Prefetcher, resolve_placement
+from sams_jax.train import TrainingDiverged, train_and_evaluate
 
 # screen() has a gene that is 0 in every cell on purpose (a constant gene's normalisation)
 pytestmark = pytest.mark.filterwarnings("ignore:1 of .* genes are zero in every cell")
@@ -117,7 +117,7 @@ def test_config_loads_backed_and_checks_placement(tmp_path):
 def test_auto_placement_streams_backed_or_large_data(tmp_path, monkeypatch):
     path = write(screen(), tmp_path / "screen.h5ad")
     assert resolve_placement("auto", from_anndata(path, split_key="split", backed=True)) == "host"
-    monkeypatch.setattr(train_lib, "AUTO_DEVICE_MAX_BYTES", 100)
+    monkeypatch.setattr(streaming, "AUTO_DEVICE_MAX_BYTES", 100)
     assert resolve_placement("auto", from_anndata(path, split_key="split")) == "host"
 
 
