@@ -121,7 +121,7 @@ def scale_config(name: str):
     counts, library-size NB, the paper's model settings for that data set), with the
     progress bar off.
 
-    * ``replogle_scale``: 118,641 cells x 1,187 genes x 681 perturbations; K = 100,
+    * ``replogle_scale``: 118,494 cells (681 x 174; the real file: 118,641) x 1,187 genes x 681 perturbations; K = 100,
       encoder and decoder 1 x 400, correlated guide with a 2 x 200 embedding encoder;
     * ``norman_scale``: 105 perturbations x 500 cells x 5,000 genes; K = 200, 1 x 400,
       embedding encoder 4 x 400.

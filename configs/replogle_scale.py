@@ -2,7 +2,7 @@
 
     python -m sams_jax.train --config configs/replogle_scale.py --workdir runs/replogle_scale
 
-118,641 cells (681 perturbations x 174 cells: 111 train / 28 val / 35 test) x 1,187 genes
+118,494 cells (681 perturbations x 174 cells: 111 train / 28 val / 35 test; the real file: 118,641) x 1,187 genes
 of simulated counts (library-size negative binomial, 10 true latent dimensions), trained
 with the paper's Replogle settings (SPEC 7; ``configs/replogle.py`` holds them for the real
 file): K = 100, encoder and decoder 1 x 400, correlated guide with a 2 x 200 embedding

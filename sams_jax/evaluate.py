@@ -565,7 +565,8 @@ def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, a
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate", description="Evaluate a trained run from its checkpoint: held-out IWELBO, ATEs and their metrics, plots, "
+                                     "written to <workdir>/eval/ (README: 'Evaluation').")
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
     parser.add_argument("--data-path", default=None,
@@ -587,7 +588,7 @@ def main(argv=None) -> None:
     parser.add_argument("--interventions", default="",
                         help="extra interventions to predict, comma-separated, e.g. 'A,B+C'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the IWELBO and ATE draws (default: %(default)s)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--sparse-basis-restarts", type=int, default=8,
                         help="starts of the sparse-basis fit (sams_jax.basis); 0 skips it (about 1 s at K = 15, "
                              "17 s at K = 100 on a 2-core CPU)")

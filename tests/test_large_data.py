@@ -175,6 +175,16 @@ def test_validate_and_training_reject_bad_sparse_values_before_writing(tiny_conf
     data.x.data[-1] = -1.0
     with pytest.raises(DataError, match="needs non-negative counts"):
         data.validate("poisson")
+    # library_nb: each cell's expected counts sum to its library size, so it must not be negative (dense, sparse)
+    data.x.data[-1] = 1.0
+    data.library_size = np.ones(data.x.shape[0], np.float32)  # the normal simulation's row sums are no counts
+    data.library_size[3] = -5.0
+    data.validate("poisson")
+    for x in (data.x, data.x.toarray()):
+        data.x = x
+        with pytest.raises(DataError, match=r"'library_nb' needs non-negative library sizes, but library_size has "
+                                            r"1 negative value\(s\) \(cells at rows \[3\], e.g. -5.0\)"):
+            data.validate("library_nb")
 
 
 # ------------------------------------------------------------------------ training

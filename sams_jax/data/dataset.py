@@ -42,6 +42,19 @@ def _check_finite(key: str, values: np.ndarray) -> None:
         raise _non_finite_error(key, int(bad.sum()), np.unique(np.nonzero(bad)[0])[:5].tolist())
 
 
+def _check_library_size(likelihood: str | None, library_size: np.ndarray) -> None:
+    """Under ``library_nb`` each cell's expected counts sum to its library size: a negative
+    one makes every score NaN (a training run then stopped as diverged); 0 (an empty cell)
+    stays finite, as the mean has a floor."""
+    if likelihood != "library_nb":
+        return
+    bad = np.nonzero(library_size < 0)[0]
+    if bad.size:
+        raise DataError(f"likelihood 'library_nb' needs non-negative library sizes, but library_size has {bad.size} "
+                        f"negative value(s) (cells at rows {bad[:5].tolist()}, e.g. {float(library_size[bad[0]])}); "
+                        "pass each cell's total count, e.g. x.sum(1)")
+
+
 def _count_error(likelihood: str, needed: str, found: str) -> DataError:
     return DataError(f"likelihood {likelihood!r} needs {needed} counts, but x has {found} values; "
                      "pass raw counts (e.g. layers['counts']) or use likelihood='normal'")
@@ -121,6 +134,7 @@ class PerturbationData:
             return
         for key, arr in (("x", self.x), ("dosages", self.dosages), ("library_size", self.library_size)):
             _check_finite(key, arr)
+        _check_library_size(likelihood, self.library_size)
         if likelihood in ("poisson", "library_nb"):
             if (self.x < 0).any():
                 raise _count_error(likelihood, "non-negative", "negative")
@@ -140,6 +154,7 @@ class PerturbationData:
             raise _non_finite_error("x", n_values, rows)
         for key, arr in (("dosages", self.dosages), ("library_size", self.library_size)):
             _check_finite(key, arr)
+        _check_library_size(likelihood, self.library_size)
         if "negative" in found:
             raise _count_error(likelihood, "non-negative", "negative")
         if "non-integer" in found:
