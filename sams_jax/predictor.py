@@ -517,7 +517,7 @@ class Predictor:
     def _streamed(self, data, split: str | None):
         """Cell positions to read in blocks when ``data`` holds a sparse or backed ``x``; else None."""
         if isinstance(data, PerturbationData) and not is_dense(data.x):
-            return data.rows(split) if split else np.arange(data.x.shape[0])
+            return _some_cells(data.rows(split) if split else np.arange(data.x.shape[0]), split)
         return None
 
     def _arrays(self, data, split: str | None = None) -> dict[str, jnp.ndarray]:
@@ -532,6 +532,11 @@ class Predictor:
         if data["x"].shape[1] != len(self.feature_names) or data["dosages"].shape[1] != len(self._index):
             raise DataError(f"x must have {len(self.feature_names)} genes and dosages {len(self._index)} columns; "
                             f"got {data['x'].shape[1]} and {data['dosages'].shape[1]}")
+        n = data["x"].shape[0]
+        for key in ("dosages", "library_size"):
+            if key in data and np.shape(data[key])[0] != n:
+                raise DataError(f"{key} has {np.shape(data[key])[0]} rows but x has {n} cells; pass one row per cell")
+        _some_cells(np.arange(n), split)
         return {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
 
     def iwelbo(self, data, n_particles: int = 100, seed: int = 0, chunk_size: int | None = None,
@@ -624,6 +629,15 @@ def check_scale(likelihood: str, scale: str) -> None:
         raise ValueError(f"ATE scale 'perturbseq' (each cell scaled to 10,000 total counts, then log2(x + 1)) needs "
                          f"counts, but the {likelihood!r} likelihood generates real values (negative ones give NaN); "
                          "use scale='mean' (--ate-scale mean), the default for this likelihood")
+
+
+def _some_cells(cells: np.ndarray, split: str | None) -> np.ndarray:
+    """``cells`` (positions), or a :class:`DataError` when there are none to score."""
+    if len(cells) == 0:
+        where = f"split {split!r} of these data has no cells" if split else "these data have no cells"
+        raise DataError(f"nothing to score: {where}; pass data with cells"
+                        + (" or another split" if split else ""))
+    return cells
 
 
 def _whole_number(value, name: str) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 from scipy import stats
+import scipy.sparse as sp
 
 import sams_jax
 from sams_jax import metrics
@@ -312,7 +313,6 @@ def test_data_expectations_by_hand_on_both_scales():
     cell = lambda v: np.log2(1e4 * np.asarray(v) / np.sum(v) + 1)
     np.testing.assert_allclose(log[0], (cell([1, 3]) + cell([3, 5])) / 2)
     np.testing.assert_allclose(log[2], cell([1, 1]))
-    import scipy.sparse as sp
     np.testing.assert_allclose(data_expectations(sp.csr_matrix(x), dosages, rows, "perturbseq"), log)
     np.testing.assert_allclose(transform(jnp.asarray(x[:1]), "perturbseq"), cell([1, 3])[None], rtol=1e-6)
 
@@ -426,6 +426,16 @@ def test_predictor_api_on_trained_run(trained):
         for call in (predictor.iwelbo, predictor.latent):
             with pytest.raises(ValueError, match="n_particles must be a whole number >= 1, got"):
                 call(data, n_particles=bad_count)
+    # cells whose arrays disagree in length, or no cells at all: errors naming them (a shorter dosages was
+    # cut short silently; an empty split was a ZeroDivisionError, dense, or an empty result, sparse)
+    with pytest.raises(DataError, match=r"dosages has 9 rows but x has 60 cells; pass one row per cell"):
+        predictor.iwelbo({**data.arrays("test"), "dosages": data.arrays("test")["dosages"][:9]})
+    empty = simulate(n_latent=3, n_perturbations=6, n_genes=12, cells_per_perturbation=(4, 0, 1))
+    for stored in (empty.x, sp.csr_matrix(empty.x)):
+        empty.x = stored
+        for call in (predictor.iwelbo, predictor.latent):
+            with pytest.raises(DataError, match=r"nothing to score: split 'val' of these data has no cells"):
+                call(empty, split="val")
     for bad_step in ("first", 3.7, True):
         with pytest.raises(CheckpointError, match=r"checkpoint=.* is not 'best', 'latest' or a step number"):
             sams_jax.load(str(workdir), checkpoint=bad_step)
