@@ -188,6 +188,19 @@ def ate_chunk_sizes(n_genes: int, n_particles: int, intervention_chunk: int | No
     return rows, -(-max(1, n_particles) // n_chunks)
 
 
+def _matching_rows(dosages: np.ndarray, interventions: np.ndarray) -> np.ndarray:
+    """``[n]``: the index of the row of ``interventions`` ``[I, T]`` equal to each row of
+    ``dosages`` ``[n, T]`` (as float32, ``-0.0 == 0.0``), or -1; one sort of the rows, no
+    loop over cells."""
+    rows = [np.asarray(a, np.float32).reshape(-1, interventions.shape[1]) + np.float32(0.0)
+            for a in (interventions, dosages)]  # + 0.0 turns -0.0 into 0.0
+    _, ids = np.unique(np.concatenate(rows), axis=0, return_inverse=True)
+    ids = ids.reshape(-1)
+    lookup = np.full(ids.max(initial=-1) + 1, -1)
+    lookup[ids[:len(rows[0])]] = np.arange(len(rows[0]))
+    return lookup[ids[len(rows[0]):]]
+
+
 def data_expectations(x, dosages: np.ndarray, interventions: np.ndarray, scale: str,
                       cell_chunk: int = 16_384) -> np.ndarray:
     """Mean of ``f(x)`` over the cells whose dosage row equals each intervention row.
@@ -199,8 +212,7 @@ def data_expectations(x, dosages: np.ndarray, interventions: np.ndarray, scale: 
     """
     import scipy.sparse as sp
 
-    keys = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(interventions, np.float32))}
-    group = np.array([keys.get(row.tobytes(), -1) for row in np.ascontiguousarray(dosages, np.float32)])
+    group = _matching_rows(dosages, interventions)
     keep = np.nonzero(group >= 0)[0]
     n_groups = interventions.shape[0]
     sums = np.zeros((n_groups, x.shape[1]), np.float64)

@@ -309,6 +309,8 @@ def test_data_expectations_by_hand_on_both_scales():
     mean = data_expectations(x, dosages, rows, "mean")
     np.testing.assert_allclose(mean[:3], [[2.0, 4.0], [10.0, 0.0], [3.0, 3.0]])
     assert np.all(np.isnan(mean[3]))
+    signed_zeros = np.where(dosages == 0, np.float32(-0.0), dosages)  # -0.0 is no other intervention than 0.0
+    np.testing.assert_array_equal(data_expectations(x, signed_zeros, rows, "mean"), mean)
     log = data_expectations(x, dosages, rows, "perturbseq", cell_chunk=2)
     cell = lambda v: np.log2(1e4 * np.asarray(v) / np.sum(v) + 1)
     np.testing.assert_allclose(log[0], (cell([1, 3]) + cell([3, 5])) / 2)
