@@ -532,3 +532,20 @@ def test_decoder_sees_the_perturbation_offset(small):
         np.testing.assert_allclose(on, by_hand_on, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(off, by_hand_off, rtol=1e-5, atol=1e-4)
         assert (np.abs(np.asarray(on - off)).min() > 1e-3) == differ
+
+
+def test_normalize_input_log_standardize_standardize_and_none():
+    """The encoder input: log_standardize standardises log(1 + x), standardize x itself,
+    and none (zero means, unit scales) leaves x as it is."""
+    from sams_jax.data import normalization_stats, normalize_input
+
+    x = jnp.array([[0.0, 1.0, 3.0]])
+    stats = {"mean": jnp.array([0.1, 0.2, 0.3]), "scale": jnp.array([2.0, 2.0, 2.0])}
+    expected = [[(0.0 - 0.1) / 2, (np.log(2.0) - 0.2) / 2, (np.log(4.0) - 0.3) / 2]]
+    np.testing.assert_allclose(normalize_input(x, stats, "log_standardize"), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(normalize_input(x, stats, "standardize"),
+                               [[(0.0 - 0.1) / 2, (1.0 - 0.2) / 2, (3.0 - 0.3) / 2]], rtol=1e-6, atol=1e-7)
+    none = normalization_stats(np.asarray(x), "none")
+    np.testing.assert_array_equal(none["mean"], np.zeros(3))
+    np.testing.assert_array_equal(none["scale"], np.ones(3))
+    np.testing.assert_array_equal(normalize_input(x, none, "none"), x)

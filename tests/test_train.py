@@ -555,3 +555,52 @@ def test_normal_likelihood_on_raw_counts_is_warned_about(tiny_config):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_against_data(tiny_config, data)
+
+
+def test_weight_decay_is_l2_added_to_the_gradient_before_adam():
+    """train.weight_decay is PyTorch-style L2: wd * p added to the gradient, then Adam.
+    With zero gradients Adam's first step normalises wd * p to -lr * sign(p); over several
+    steps the updates equal optax's add_decayed_weights followed by adam."""
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+
+    from sams_jax.config import base_config
+
+    train = ml_collections.ConfigDict(base_config().train.to_dict())
+    train.update(weight_decay=0.1, learning_rate=1e-3, grad_clip_norm=0.0)
+    optimizer = create_optimizer(train)
+    params = {"w": jnp.array([2.0, -2.0])}
+    updates, _ = optimizer.update({"w": jnp.zeros(2)}, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-1e-3, 1e-3], rtol=1e-4)
+
+    reference = optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-3))
+    state, ref_state = optimizer.init(params), reference.init(params)
+    ours, ref = params, params
+    for key in jax.random.split(jax.random.key(0), 3):
+        grads = {"w": jax.random.normal(key, (2,))}
+        updates, state = optimizer.update(grads, state, ours)
+        ref_updates, ref_state = reference.update(grads, ref_state, ref)
+        np.testing.assert_allclose(updates["w"], ref_updates["w"], rtol=1e-6)
+        ours, ref = optax.apply_updates(ours, updates), optax.apply_updates(ref, ref_updates)
+
+
+def test_checkpointer_keeps_latest_and_best_by_validation_loss(tmp_path):
+    """Steps 1, 2, 3 saved with val losses 3, 1, 2: the best is step 2, the latest step 3,
+    only those two are kept, and restoring the best gives step 2's state."""
+    def state(step):
+        return {"w": np.full((3,), float(step), np.float32), "step": np.asarray(step, np.int32)}
+
+    ckpt = Checkpointer(str(tmp_path))
+    try:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            ckpt.save(step, state(step), loss, {"step": step}, {"note": "x"})
+        assert ckpt.best_step() == 2
+        assert ckpt.latest_step() == 3
+        assert sorted(ckpt.steps()) == [2, 3]
+        restored = ckpt.restore_state(ckpt.best_step(), state(0))
+        np.testing.assert_array_equal(restored["w"], state(2)["w"])
+        assert int(restored["step"]) == 2
+        assert ckpt.restore_json(2)[0] == {"step": 2}
+    finally:
+        ckpt.close()
