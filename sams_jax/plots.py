@@ -1,6 +1,7 @@
-"""Figures of an evaluation (PNG, matplotlib's Agg backend): training history, model vs
-data ATE scatter with each intervention's top DE genes marked, and perturbation x latent
-heatmaps of mask probabilities and embeddings (perturbations ordered by similarity)."""
+"""Figures of an evaluation (PNG, drawn by matplotlib's Agg canvas without pyplot, so a
+notebook's backend is left alone): training history, model vs data ATE scatter with each
+intervention's top DE genes marked, and perturbation x latent heatmaps of mask
+probabilities and embeddings (perturbations ordered by similarity)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import numpy as np
 import pandas as pd
 
 
-def _pyplot():
-    import matplotlib
+def _figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` drawn by matplotlib's Agg canvas directly, without pyplot: the
+    caller's backend (a notebook's, say) stays as it is, and no figure is left open."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    squeeze = kwargs.pop("squeeze", True)
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def similarity_order(values: np.ndarray) -> np.ndarray:
@@ -47,10 +51,9 @@ def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo", true
     of models with a mask), the learned mask's density and F1 against the truth, with the
     true mask's density (``true_mask_density``) as a dashed line. Few rows (20 or fewer)
     get markers. Returns the figure's axes."""
-    plt = _pyplot()
     mask_columns = [c for c in ("mask_density", "mask_f1") if c in history and history[c].notna().any()]
     marker = "o" if len(history) <= 20 else None
-    fig, axes = plt.subplots(1, 2 if mask_columns else 1, figsize=(11 if mask_columns else 6, 4), squeeze=False)
+    fig, axes = _figure(1, 2 if mask_columns else 1, figsize=(11 if mask_columns else 6, 4), squeeze=False)
     ax = axes[0, 0]
     ax.plot(history["step"], history["train_loss"], label="train (window mean)", marker=marker)
     ax.plot(history["step"], history["val_loss"], label="validation", marker=marker)
@@ -71,7 +74,6 @@ def plot_history(history: pd.DataFrame, path: str, objective: str = "elbo", true
         masks.set_title("Learned mask (q > 0.5) against the true mask")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return axes[0]
 
 
@@ -79,8 +81,7 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
                      title: str = "ATE: model vs data", top_label: str = "top DE genes") -> None:
     """data_ate, model_ate ``[I, G]``; top ``[I, G]`` bool (top DE genes per intervention,
     ``top_label`` in the legend)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure(figsize=(5, 5))
     keep = np.isfinite(data_ate) & np.isfinite(model_ate)
     ax.scatter(data_ate[keep & ~top], model_ate[keep & ~top], s=3, alpha=0.3, color="0.6", label="other genes")
     ax.scatter(data_ate[keep & top], model_ate[keep & top], s=5, alpha=0.6, color="C3", label=top_label)
@@ -93,7 +94,6 @@ def plot_ate_scatter(data_ate: np.ndarray, model_ate: np.ndarray, top: np.ndarra
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridis", center: bool = False,
@@ -106,7 +106,6 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     similarity, at most ``max_rows`` (those of largest summed absolute value, as the title
     then says). The title wraps to the figure's width; ``value_label`` names the colour
     bar."""
-    plt = _pyplot()
     index, note = rows if rows is not None else heatmap_rows(frame, max_rows)
     if note:
         title = f"{title}; {note}"
@@ -120,7 +119,7 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     # 27-inch strip), at least 3.5 inches tall for a few perturbations
     height = min(max(2 + 0.12 * values.shape[0], 3.5), 30)
     width = min(max(2 + 0.25 * values.shape[1], 5.0), 16.0)
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig, ax = _figure(figsize=(width, height))
     if value_range is None and center and values.size:
         limit = float(np.abs(values).max())
         value_range = (-limit, limit)
@@ -136,7 +135,6 @@ def plot_heatmap(frame: pd.DataFrame, path: str, title: str, cmap: str = "viridi
     fig.colorbar(image, ax=ax, shrink=0.6, label=value_label or None)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_pathway_similarity(frame: pd.DataFrame, labels: np.ndarray, path: str, title: str) -> None:
@@ -145,19 +143,20 @@ def plot_pathway_similarity(frame: pd.DataFrame, labels: np.ndarray, path: str, 
     :func:`sams_jax.metrics.pathway_labels`), grouped by pathway (each pathway's block
     framed and named): blocks brighter than their surroundings mean the model groups a
     pathway's perturbations."""
+    from matplotlib.patches import Rectangle
+
     from sams_jax.metrics import cosine_similarity
 
-    plt = _pyplot()
     labels = np.asarray(labels, dtype=object)
     order = [i for name in sorted(set(labels) - {""}) for i in np.flatnonzero(labels == name)]
     values = frame.to_numpy(np.float64)[order]
     cosine, names = cosine_similarity(values, values), labels[order]
     size = min(4 + 0.03 * len(order), 14)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig, ax = _figure(figsize=(size + 1.5, size))
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     starts = [0] + [i for i in range(1, len(names)) if names[i] != names[i - 1]] + [len(names)]
     for start, stop in zip(starts[:-1], starts[1:]):
-        ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False, lw=0.8))
+        ax.add_patch(Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False, lw=0.8))
     centres = [(start + stop - 1) / 2 for start, stop in zip(starts[:-1], starts[1:])]
     ax.set_yticks(centres, [names[start] for start in starts[:-1]], fontsize=7)
     ax.set_xticks([])
@@ -165,5 +164,4 @@ def plot_pathway_similarity(frame: pd.DataFrame, labels: np.ndarray, path: str, 
     fig.colorbar(image, ax=ax, shrink=0.6, label="cosine similarity")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 

@@ -927,7 +927,9 @@ def test_heatmap_size_is_bounded_for_many_latent_dimensions(tmp_path):
     from sams_jax import plots
 
     frame = pd.DataFrame(np.random.default_rng(0).uniform(size=(5, 100)), index=[f"p{i}" for i in range(5)])
-    plots.plot_heatmap(frame, str(tmp_path / "wide.png"), "mask probabilities")
+    with matplotlib.rc_context({"backend": "svg"}):  # a user's backend (a notebook's, say) is left as it is
+        plots.plot_heatmap(frame, str(tmp_path / "wide.png"), "mask probabilities")
+        assert matplotlib.rcParams["backend"] == "svg"
     height, width = matplotlib.image.imread(str(tmp_path / "wide.png")).shape[:2]
     assert width <= 16 * 120 and height >= 3.5 * 120  # K = 100 in at most 16 inches; a few rows still readable
 
