@@ -565,8 +565,9 @@ def _write_plots(out_dir, workdir, predictor, data_ate, model_ate, basis=None, a
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate", description="Evaluate a trained run from its checkpoint: held-out IWELBO, ATEs and their metrics, plots, "
-                                     "written to <workdir>/eval/ (README: 'Evaluation').")
+    parser = argparse.ArgumentParser(prog="python -m sams_jax.evaluate",
+                                     description="Evaluate a trained run from its checkpoint: held-out IWELBO, ATEs "
+                                     "and their metrics, plots, written to <workdir>/eval/ (README: 'Evaluation').")
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
     parser.add_argument("--data-path", default=None,
