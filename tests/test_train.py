@@ -90,6 +90,9 @@ def test_cli_end_to_end(tmp_path):
     np.testing.assert_allclose(metrics["val/loss"], best, rtol=1e-6)
     np.testing.assert_allclose(metrics["test/loss"], _split_loss(workdir, metrics["best_step"], "test"), rtol=1e-5)
     assert metrics["test/loss"] != pytest.approx(_split_loss(workdir, metrics["best_step"], "test", scale_of="train"))
+    # ... and validation (the history's and the best checkpoint's) with the validation split's own N_t
+    np.testing.assert_allclose(metrics["val/loss"], _split_loss(workdir, metrics["best_step"], "val"), rtol=1e-5)
+    assert metrics["val/loss"] != pytest.approx(_split_loss(workdir, metrics["best_step"], "val", scale_of="train"))
     # running the same command again resumes from the latest checkpoint: nothing to do
     again = _run_cli("--config", "configs/test.py", "--workdir", str(workdir), "--config.train.max_steps=40")
     assert again.returncode == 0, again.stderr[-3000:]
