@@ -174,6 +174,16 @@ def test_correlated_guide_matches_hand_computation(small):
     loc, scale = by_hand(np.ones((t, k)))
     np.testing.assert_allclose(terms.global_log_q["embedding"],
                                dist.Normal(loc, scale).log_prob(np.asarray(embedding, np.float64)).sum(-1), rtol=1e-5)
+    # a mixed mask (saturated logits): the same keys give the same noise eps (recovered from the all-on draw),
+    # and the guide must see this mask, not ones: shift = (loc + scale * eps) * mask under by_hand(mask)
+    eps = (np.asarray(embedding, np.float64) - loc) / scale
+    variables["params"]["mask_logits"] = jnp.asarray(30.0 * (2 * mask - 1))
+    shift, _, log_q, _ = model.apply(variables, method=lambda module: module.sample_globals(),
+                                     rngs={"globals": jax.random.key(5)})
+    loc, scale = by_hand(mask)
+    np.testing.assert_allclose(shift, (loc + scale * eps) * mask, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(log_q["embedding"], dist.Normal(loc, scale).log_prob(loc + scale * eps).sum(-1),
+                               rtol=1e-5)
 
 
 def test_offset_enters_encoder_unless_mean_field_encoder(small):
