@@ -134,12 +134,12 @@ class PerturbationData:
             return
         for key, arr in (("x", self.x), ("dosages", self.dosages), ("library_size", self.library_size)):
             _check_finite(key, arr)
-        _check_library_size(likelihood, self.library_size)
         if likelihood in ("poisson", "library_nb"):
             if (self.x < 0).any():
                 raise _count_error(likelihood, "non-negative", "negative")
             if not np.array_equal(self.x, np.round(self.x)):
                 raise _count_error(likelihood, "integer", "non-integer")
+        _check_library_size(likelihood, self.library_size)  # after the counts, whose sums they may be
 
     def _validate_blocks(self, likelihood: str | None) -> None:
         """The value checks of :meth:`validate` for sparse or backed ``x``, one block of
@@ -154,11 +154,11 @@ class PerturbationData:
             raise _non_finite_error("x", n_values, rows)
         for key, arr in (("dosages", self.dosages), ("library_size", self.library_size)):
             _check_finite(key, arr)
-        _check_library_size(likelihood, self.library_size)
         if "negative" in found:
             raise _count_error(likelihood, "non-negative", "negative")
         if "non-integer" in found:
             raise _count_error(likelihood, "integer", "non-integer")
+        _check_library_size(likelihood, self.library_size)
 
     def mask(self, split: str) -> np.ndarray:  # [n_cells] bool
         if split not in SPLITS:
